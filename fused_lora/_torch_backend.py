@@ -1,0 +1,38 @@
+"""The CPU path: cuBLAS/MKL-style GEMMs written into the output buffer, no M x N temporaries.
+
+Same contract as fused_lora._triton_backend: forward returns (y, S), backward returns (dX, dA, dB).
+"""
+from __future__ import annotations
+
+import torch
+
+from .dropout import dropout_keep_mask, keep_scale
+
+
+def _keep_scaled(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
+    return keep.to(x.dtype).mul_(keep_scale(dropout_p))
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    x_lora = x * _keep_scaled(x, dropout_p, seed) if dropout_p > 0.0 else x  # transient, not saved
+    s = torch.mm(x_lora, lora_A.t())
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    y.addmm_(s, lora_B.t(), alpha=scaling)
+    return y, s
+
+
+def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
+    ds = torch.mm(dy, lora_B).mul_(scaling)
+    dB = torch.mm(dy.t(), s).mul_(scaling) if need_dB else None
+    dx = dA = None
+    if need_dx:
+        dx = torch.mm(dy, weight)
+        if dropout_p > 0.0:
+            dx.add_(torch.mm(ds, lora_A).mul_(_keep_scaled(x, dropout_p, seed)))
+        else:
+            dx.addmm_(ds, lora_A)
+    if need_dA:
+        x_lora = x * _keep_scaled(x, dropout_p, seed) if dropout_p > 0.0 else x
+        dA = torch.mm(ds.t(), x_lora)
+    return dx, dA, dB

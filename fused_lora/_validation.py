@@ -1,0 +1,60 @@
+"""Input checks shared by every backend: each error names the tensor and the shape it should have."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .dropout import MAX_SEED
+
+MAX_RANK = 256
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ALL_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *,
+                      dtypes=KERNEL_DTYPES, max_rank: int | None = MAX_RANK) -> None:
+    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d) for d in dtypes)
+            raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are {names}")
+    for name, t in tensors.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share x's dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on device {t.device} but x is on {x.device}; all tensors must be on one device")
+
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have shape (..., {K}) to match weight (N={N}, K={K}), got {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape ({N},) to match weight (N={N}, K={K}), got {tuple(bias.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must have shape (r, {K}) to match weight's in_features, got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A must have shape (r, {K}) with r >= 1, got {tuple(lora_A.shape)}")
+    if max_rank is not None and r > max_rank:
+        raise ValueError(f"lora_A has rank r={r}; fused_lora supports 1 <= r <= {max_rank} "
+                         f"(lora_A must be (r, {K}) with r <= {max_rank})")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must have shape ({N}, {r}) to match weight's out_features and lora_A's rank "
+                         f"r={r}, got {tuple(lora_B.shape)}")
+    if x.numel() // max(K, 1) >= 2**31 or K >= 2**31 or N >= 2**31:
+        raise ValueError(f"x has shape {tuple(x.shape)}: fused_lora needs fewer than 2**31 rows, columns and outputs")
+
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite Python float, got {scaling!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")

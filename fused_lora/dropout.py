@@ -1,0 +1,82 @@
+"""The LoRA-branch dropout mask, as a pure function of (seed, row, column).
+
+The kernels draw the keep-mask with Philox-4x32-10 (``tl.philox``) using the counter
+(column, row, 0, 0) and the 64-bit seed as key, and keep an element when the top 24 bits of
+the first output word are >= ``drop_threshold(p)``.  Because the mask depends only on the
+element's coordinates, forward and backward kernels with different tilings draw the same
+mask, and this module reproduces it bit for bit in plain PyTorch (int64 arithmetic).
+"""
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+# Rows per chunk when building a mask: bounds the int64 temporaries to ~8 MiB each.
+_ELEMENTS_PER_CHUNK = 1 << 20
+MAX_SEED = (1 << 63) - 1
+
+
+def drop_threshold(p: float) -> int:
+    """Integer threshold on 24 random bits: an element is dropped when its bits are < this."""
+    return int(round(p * (1 << 24)))
+
+
+def keep_scale(p: float) -> float:
+    return 1.0 / (1.0 - p)
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * b for a 32-bit constant a and uint32 values b (in int64)."""
+    b_hi = b >> 16
+    b_lo = b & 0xFFFF
+    p_hi = a * b_hi  # < 2**48
+    p_lo = a * b_lo  # < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox_first_word(seed: int, c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
+    """First output word of Philox-4x32-10 with counter (c0, c1, 0, 0), as int64 in [0, 2**32).
+
+    Matches ``tl.philox(seed, c0, c1, 0, 0)[0]`` for uint32 counters.
+    """
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Boolean (rows, cols) keep-mask, identical to the one the kernels draw for this seed and p."""
+    mask = torch.empty(rows, cols, dtype=torch.bool, device=device)
+    if rows == 0 or cols == 0:
+        return mask
+    threshold = drop_threshold(p)
+    col = torch.arange(cols, dtype=torch.int64, device=device)
+    step = max(1, _ELEMENTS_PER_CHUNK // cols)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        row = torch.arange(start, stop, dtype=torch.int64, device=device)
+        c0 = col.expand(stop - start, cols)
+        c1 = row[:, None].expand(stop - start, cols)
+        word = philox_first_word(seed, c0, c1)
+        mask[start:stop] = (word >> 8) >= threshold
+    return mask
+
+
+def draw_seed() -> int:
+    """A fresh seed from torch's default CPU generator, so torch.manual_seed makes runs repeatable."""
+    return int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64).item())

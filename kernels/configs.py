@@ -1,0 +1,109 @@
+"""Tile configurations the launchers choose from, per kernel, dtype, padded rank and token regime.
+
+Every function here is pure (no CUDA queries), so the ahead-of-time report can enumerate exactly
+what the launchers can pick: see ``all_launch_configs``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+MAX_RANK = 256
+PADDED_RANKS = (16, 32, 64, 128, 256)
+# At or below this many tokens the forward and dX GEMMs are bound by reading W (decode-like).
+FEW_TOKENS = 64
+# Fusing the shrink into the forward GEMM re-reads A once per N tile: R / BLOCK_N of W's bytes.
+# With BLOCK_N = 64 and R <= 32 that is at most half of W's traffic, and A (<= 32 x K) stays in L2.
+FUSE_SHRINK_MAX_RANK = 32
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BLOCK_M: int
+    BLOCK_N: int = 0  # unused by kernels without an N tile
+    BLOCK_K: int = 0  # unused by kernels without a K tile
+    GROUP_M: int = 0  # 0: the kernel has no grouped launch order
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def constexprs(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k.isupper() and v}
+
+    def launch_options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def padded_rank(r: int) -> int:
+    """Rank padded to a power of two >= 16: tl.dot needs every dimension >= 16."""
+    return max(16, 1 << (max(r, 1) - 1).bit_length())
+
+
+def rank_chunk(R: int) -> int:
+    """Rank slice of the S B^T and dS A dots: 64 keeps their operand tiles at 16 KiB (bf16)."""
+    return min(R, 64)
+
+
+def _wide(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32
+
+
+def fwd_config(M: int, R: int, dtype: torch.dtype) -> tuple[TileConfig, bool]:
+    """(config, fuse_shrink) for _lora_fwd_kernel."""
+    k = 32 if _wide(dtype) else 64
+    if M <= FEW_TOKENS:
+        # Few tokens: time is the read of W. BLOCK_N = 64 gives N / 64 programs (64 for N = 4096)
+        # and BLOCK_M = 64 is the smallest M tile that one warpgroup's wgmma covers on sm_90.
+        # One launch instead of two (shrink fused in) when the rank is small enough (see above).
+        return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=2 * k, num_warps=4, num_stages=3), \
+            R <= FUSE_SHRINK_MAX_RANK
+    # Many tokens: compute-bound GEMM. 128 x 128 x 64 with 8 warps and 3 stages compiles to
+    # HGMMA with no spills on sm_90 (kernel-design notes); 128 x 256 spilled there.
+    return TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=k, GROUP_M=8, num_warps=8, num_stages=3), False
+
+
+def shrink_config(R: int, dtype: torch.dtype) -> TileConfig:
+    # The (64, R) fp32 accumulator is 64 registers per thread at R = 128 on 4 warps; 8 warps above 64.
+    return TileConfig(BLOCK_M=64, BLOCK_K=32 if _wide(dtype) else 64,
+                      num_warps=4 if R <= 64 else 8, num_stages=3)
+
+
+def bwd_dy_config(R: int, dtype: torch.dtype) -> TileConfig:
+    # Two (64, R) fp32 accumulators live at once (dS and the dB partial): 8 warps above R = 64.
+    return TileConfig(BLOCK_M=64, BLOCK_N=32 if _wide(dtype) else 64,
+                      num_warps=4 if R <= 64 else 8, num_stages=3)
+
+
+def bwd_dx_config(M: int, dtype: torch.dtype) -> TileConfig:
+    n = 32 if _wide(dtype) else 64
+    if M <= FEW_TOKENS:
+        # Few tokens: bound by reading W; narrow K tiles spread W over K / 64 programs.
+        return TileConfig(BLOCK_M=64, BLOCK_K=64, BLOCK_N=2 * n, num_warps=4, num_stages=3)
+    return TileConfig(BLOCK_M=128, BLOCK_K=128, BLOCK_N=n, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def bwd_da_config(R: int, dtype: torch.dtype) -> TileConfig:
+    # (64, R) fp32 accumulator per program, as in the shrink kernel.
+    return TileConfig(BLOCK_M=32 if _wide(dtype) else 64, BLOCK_K=64,
+                      num_warps=4 if R <= 64 else 8, num_stages=3)
+
+
+def da_split(M: int, K: int, block_m: int, block_k: int, num_sms: int) -> tuple[int, int]:
+    """(splits over M, row blocks per split) for dA: about two programs per SM in total."""
+    m_blocks = max(1, -(-M // block_m))
+    k_blocks = max(1, -(-K // block_k))
+    splits = max(1, min(m_blocks, (2 * num_sms) // k_blocks))
+    per_split = -(-m_blocks // splits)
+    return -(-m_blocks // per_split), per_split
+
+
+def all_launch_configs(dtype: torch.dtype):
+    """Yield (kernel_name, R, config, extra_constexprs) for every choice the launchers can make."""
+    for R in PADDED_RANKS:
+        yield "_lora_shrink_kernel", R, shrink_config(R, dtype), {}
+        for M in (1, FEW_TOKENS + 1):
+            cfg, fuse = fwd_config(M, R, dtype)
+            yield "_lora_fwd_kernel", R, cfg, {"FUSE_SHRINK": fuse, "R_CHUNK": rank_chunk(R)}
+            yield "_lora_bwd_dx_kernel", R, bwd_dx_config(M, dtype), {"R_CHUNK": rank_chunk(R)}
+        yield "_lora_bwd_dy_kernel", R, bwd_dy_config(R, dtype), {}
+        yield "_lora_bwd_da_kernel", R, bwd_da_config(R, dtype), {}

@@ -1,0 +1,22 @@
+"""Importing the package touches neither triton nor CUDA."""
+import subprocess
+import sys
+
+CHECK = """
+import sys, torch
+import fused_lora
+assert 'triton' not in sys.modules, 'importing fused_lora imported triton'
+assert not torch.cuda.is_initialized(), 'importing fused_lora initialised CUDA'
+layer = fused_lora.LoRALinear(8, 4, r=2)
+layer(torch.randn(2, 8)).sum().backward()
+assert 'triton' not in sys.modules, 'the CPU path imported triton'
+assert not torch.cuda.is_initialized()
+print('ok')
+"""
+
+
+def test_import_touches_no_gpu():
+    env = {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,118 @@
+"""Each kernel launcher against its formula in torch (same dtype) and in fp64."""
+import pytest
+import torch
+
+from fused_lora.dropout import dropout_keep_mask
+from fused_lora.kernels import configs, ops
+from numerics import assert_within_torch_error, make_inputs
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+RANKS = [1, 7, 16, 64, 256]
+SEED = 31
+
+
+def _keep(M, K, p, dtype):
+    if p == 0:
+        return torch.ones(M, K, dtype=dtype)
+    return dropout_keep_mask(SEED, M, K, p).to(dtype) / (1 - p)
+
+
+def _check(name, got, formula, args, dtype):
+    """formula(*args) evaluated at dtype (plain torch) and in fp64 bounds the kernel's error."""
+    low = formula(*[a.to(dtype) if a.is_floating_point() else a for a in args])
+    ref = formula(*[a.double() if a.is_floating_point() else a for a in args])
+    assert_within_torch_error(name, got.to(dtype), low, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_shrink(dtype, r, p):
+    x, _, _, a, _ = make_inputs((70,), 83, 8, r, dtype)
+    s = ops.lora_shrink(x, a, dropout_p=p, seed=SEED)
+    keep = _keep(70, 83, p, torch.float64)
+    _check("S", s, lambda x, a, keep: (x * keep.to(x.dtype)) @ a.t(), (x, a, keep), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,r,fuse", [(3, 7, True), (3, 7, False), (50, 64, True), (127, 1, False),
+                                      (127, 256, False)])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_fwd(dtype, M, r, fuse, p):
+    x, w, b, a, bb = make_inputs((M,), 70, 45, r, dtype)
+    y, s = ops.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=fuse)
+    keep = _keep(M, 70, p, torch.float64)
+    _check("S", s, lambda x, a, keep: (x * keep.to(x.dtype)) @ a.t(), (x, a, keep), dtype)
+    # y from the kernel's own S: the expand and base GEMM against torch on that S.
+    _check("y", y, lambda x, w, b, s, bb: x @ w.t() + b + 0.9 * (s @ bb.t()), (x, w, b, s, bb), dtype)
+
+
+def test_fwd_chooses_regime():
+    assert configs.fwd_config(1, 16, torch.bfloat16)[1] is True
+    assert configs.fwd_config(1, 64, torch.bfloat16)[1] is False
+    assert configs.fwd_config(configs.FEW_TOKENS + 1, 16, torch.bfloat16)[1] is False
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bwd_dy(dtype, r, deterministic):
+    M, N = 133, 75
+    _, _, _, _, bb = make_inputs((M,), 8, N, r, dtype)
+    g = torch.Generator().manual_seed(5)
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    s = torch.randn(M, r, generator=g).to(dtype)
+    ds, db = ops.lora_bwd_dy(dy, bb, s, 1.5, deterministic=deterministic)
+    _check("dS", ds, lambda dy, bb: 1.5 * dy @ bb, (dy, bb), dtype)
+    _check("dB", db, lambda dy, s: 1.5 * dy.t() @ s, (dy, s), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,r", [(3, 1), (127, 7), (127, 256), (200, 64)])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_bwd_dx(dtype, M, r, p):
+    K, N = 91, 66
+    _, w, _, a, _ = make_inputs((M,), K, N, r, dtype)
+    g = torch.Generator().manual_seed(6)
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    ds = torch.randn(M, r, generator=g).to(dtype)
+    dx = ops.lora_bwd_dx(dy, w, ds, a, dropout_p=p, seed=SEED)
+    keep = _keep(M, K, p, torch.float64)
+    _check("dX", dx, lambda dy, w, ds, a, keep: dy @ w + keep.to(dy.dtype) * (ds @ a), (dy, w, ds, a, keep), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,r", [(3, 7), (127, 16), (300, 256), (700, 1)])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bwd_da(dtype, M, r, p, deterministic):
+    K = 70
+    x, _, _, _, _ = make_inputs((M,), K, 8, r, dtype)
+    ds = torch.randn(M, r, generator=torch.Generator().manual_seed(8)).to(dtype)
+    da = ops.lora_bwd_da(ds, x, dropout_p=p, seed=SEED, deterministic=deterministic)
+    keep = _keep(M, K, p, torch.float64)
+    _check("dA", da, lambda ds, x, keep: ds.t() @ (x * keep.to(x.dtype)), (ds, x, keep), dtype)
+
+
+def test_da_split_covers_all_rows():
+    for M in (1, 63, 64, 65, 700, 10_000):
+        splits, per_split = configs.da_split(M, 4096, 64, 64, num_sms=132)
+        m_blocks = -(-M // 64)
+        assert splits * per_split >= m_blocks > (splits - 1) * per_split
+
+
+def test_padded_rank():
+    assert [configs.padded_rank(r) for r in (1, 7, 16, 17, 64, 100, 256)] == [16, 16, 16, 32, 64, 128, 256]
+
+
+def test_input_precision_follows_allow_tf32():
+    matmul = torch.backends.cuda.matmul
+    original = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert ops._input_precision(torch.float32) == "ieee"
+        matmul.allow_tf32 = True
+        assert ops._input_precision(torch.float32) == "tf32"
+        assert ops._input_precision(torch.bfloat16) == "tf32"  # ignored by 16-bit dots
+    finally:
+        matmul.allow_tf32 = original
