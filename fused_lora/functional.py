@@ -12,7 +12,7 @@ from .dropout import draw_seed
 BACKENDS = ("triton", "torch", "reference")
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -22,11 +22,11 @@ def select_backend(x: torch.Tensor) -> str:
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"FUSED_LORA_BACKEND={forced!r}; expected one of {', '.join(BACKENDS)}")
-        if forced == "triton" and not (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
+        if forced == "triton" and not (x.is_cuda or (interpreting() and x.device.type == "cpu")):
             raise RuntimeError(f"FUSED_LORA_BACKEND=triton needs CUDA tensors, or CPU tensors with "
                                f"TRITON_INTERPRET=1; x is on {x.device}")
         return forced
-    if x.is_cuda or (_interpreting() and x.device.type == "cpu"):
+    if x.is_cuda or (interpreting() and x.device.type == "cpu"):
         return "triton"
     return "torch"
 

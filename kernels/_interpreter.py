@@ -4,13 +4,7 @@ The interpreter stores bf16 as uint16 bit patterns and hands them to np.matmul u
 bf16 dot returns garbage (measured: triton 3.9.0). Casts are correct, and our kernels do no bf16
 elementwise math, so widening bf16 dot operands to fp32 (bits << 16) is enough.
 """
-import os
-
 import numpy as np
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def install_bf16_dot_fix() -> None:

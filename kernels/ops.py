@@ -11,7 +11,10 @@ import torch
 import triton
 
 from . import configs
-from ._interpreter import install_bf16_dot_fix, interpreting
+from fused_lora.dropout import drop_threshold, keep_scale
+from fused_lora.functional import interpreting
+
+from ._interpreter import install_bf16_dot_fix
 from ._lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
 from ._lora_fwd import _lora_fwd_kernel, _lora_shrink_kernel
 
@@ -36,14 +39,12 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _prepare(dtype: torch.dtype) -> None:
+def _prepare() -> None:
     if interpreting():
         install_bf16_dot_fix()
 
 
 def _dropout_args(dropout_p: float, seed: int) -> dict:
-    from fused_lora.dropout import drop_threshold, keep_scale
-
     if dropout_p > 0.0:
         return dict(seed=seed, drop_threshold=drop_threshold(dropout_p),
                     keep_scale=keep_scale(dropout_p), APPLY_DROPOUT=True)
@@ -59,7 +60,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, *, dropout_p: float = 0.0
         return s
     if K == 0:
         return s.zero_()
-    _prepare(x.dtype)
+    _prepare()
     R = configs.padded_rank(r)
     cfg = configs.shrink_config(R, x.dtype)
     _lora_shrink_kernel[(triton.cdiv(M, cfg.BLOCK_M),)](
@@ -91,7 +92,7 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: floa
         s = torch.empty((M, r), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return y, s
-    _prepare(x.dtype)
+    _prepare()
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
     _lora_fwd_kernel[grid](
         x, weight, bias if bias is not None else y, s, lora_A, lora_B, y, M, N, K, r,
@@ -111,7 +112,7 @@ def lora_bwd_dy(dy, lora_B, s, scaling: float, *, deterministic: bool | None = N
     ds = torch.empty((M, r), device=dy.device, dtype=s.dtype)
     if M == 0 or N == 0:
         return ds.zero_(), torch.zeros((N, r), device=dy.device, dtype=torch.float32)
-    _prepare(dy.dtype)
+    _prepare()
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     R = configs.padded_rank(r)
@@ -136,7 +137,7 @@ def lora_bwd_dx(dy, weight, ds, lora_A, *, dropout_p: float = 0.0, seed: int = 0
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0 or K == 0:
         return dx
-    _prepare(dy.dtype)
+    _prepare()
     R = configs.padded_rank(r)
     cfg = configs.bwd_dx_config(M, dy.dtype)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(K, cfg.BLOCK_K),)
@@ -156,7 +157,7 @@ def lora_bwd_da(ds, x, *, dropout_p: float = 0.0, seed: int = 0, deterministic: 
     r = ds.shape[1]
     if M == 0 or K == 0:
         return torch.zeros((r, K), device=x.device, dtype=torch.float32)
-    _prepare(x.dtype)
+    _prepare()
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     R = configs.padded_rank(r)
