@@ -86,7 +86,9 @@ def _lora_bwd_dx_kernel(
 
     # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass.
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in tl.static_range(0, R, R_CHUNK):
+    # A runtime loop, not pipelined: one rank slice's operands are live at a time (an unrolled
+    # static_range kept every slice's loads in flight and spilled at R = 256).
+    for r0 in tl.range(0, R, R_CHUNK, num_stages=1):
         offs_r = r0 + tl.arange(0, R_CHUNK)
         ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
                      mask=mask_m[:, None] & (offs_r[None, :] < r), other=0.0)  # (BLOCK_M, R_CHUNK)

@@ -110,7 +110,9 @@ def _lora_fwd_kernel(
         lora = tl.dot(s, b, input_precision=INPUT_PRECISION)
     else:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in tl.static_range(0, R, R_CHUNK):
+        # A runtime loop, not pipelined: one rank slice's operands are live at a time (an unrolled
+        # static_range kept every slice's loads in flight and spilled at R = 256).
+        for r0 in tl.range(0, R, R_CHUNK, num_stages=1):
             offs_r = r0 + tl.arange(0, R_CHUNK)
             s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                         mask=mask_m[:, None] & (offs_r[None, :] < r), other=0.0)  # (BLOCK_M, R_CHUNK)

@@ -40,8 +40,12 @@ def padded_rank(r: int) -> int:
 
 
 def rank_chunk(R: int) -> int:
-    """Rank slice of the S B^T and dS A dots: 64 keeps their operand tiles at 16 KiB (bf16)."""
-    return min(R, 64)
+    """Rank slice of the S B^T and dS A dots: 32 keeps their operand tiles at 16 KiB even in fp32.
+
+    fp32 dots without tf32 run on FMA, which holds a whole K = R_CHUNK slice of both operands in
+    registers: a 64 slice spilled there (kernel_report), a 32 slice does not.
+    """
+    return min(R, 32)
 
 
 def _wide(dtype: torch.dtype) -> bool:
@@ -50,42 +54,59 @@ def _wide(dtype: torch.dtype) -> bool:
 
 def fwd_config(M: int, R: int, dtype: torch.dtype) -> tuple[TileConfig, bool]:
     """(config, fuse_shrink) for _lora_fwd_kernel."""
-    k = 32 if _wide(dtype) else 64
     if M <= FEW_TOKENS:
         # Few tokens: time is the read of W. BLOCK_N = 64 gives N / 64 programs (64 for N = 4096)
         # and BLOCK_M = 64 is the smallest M tile that one warpgroup's wgmma covers on sm_90.
         # One launch instead of two (shrink fused in) when the rank is small enough (see above).
-        return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=2 * k, num_warps=4, num_stages=3), \
-            R <= FUSE_SHRINK_MAX_RANK
+        # 8 warps: with 4 the fused variant spilled on sm_80 (kernel_report); fp32 (FMA) needs K = 32.
+        return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if _wide(dtype) else 128, num_warps=8,
+                          num_stages=3), R <= FUSE_SHRINK_MAX_RANK
+    if _wide(dtype):
+        # fp32 without tf32 runs on FMA: 128 x 128 x 32 spilled at every rank; 64 x 64 x 32 on 8 warps
+        # needs at most 128 registers (kernel_report).
+        return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3), False
     # Many tokens: compute-bound GEMM. 128 x 128 x 64 with 8 warps and 3 stages compiles to
     # HGMMA with no spills on sm_90 (kernel-design notes); 128 x 256 spilled there.
-    return TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=k, GROUP_M=8, num_warps=8, num_stages=3), False
+    return TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False
 
 
 def shrink_config(R: int, dtype: torch.dtype) -> TileConfig:
     # The (64, R) fp32 accumulator is 64 registers per thread at R = 128 on 4 warps; 8 warps above 64.
-    return TileConfig(BLOCK_M=64, BLOCK_K=32 if _wide(dtype) else 64,
+    # fp32 (FMA) holds a K slice of both operands in registers: BLOCK_K = 32 spilled at R = 256.
+    return TileConfig(BLOCK_M=64, BLOCK_K=16 if _wide(dtype) else 64,
                       num_warps=4 if R <= 64 else 8, num_stages=3)
 
 
 def bwd_dy_config(R: int, dtype: torch.dtype) -> TileConfig:
-    # Two (64, R) fp32 accumulators live at once (dS and the dB partial): 8 warps above R = 64.
-    return TileConfig(BLOCK_M=64, BLOCK_N=32 if _wide(dtype) else 64,
-                      num_warps=4 if R <= 64 else 8, num_stages=3)
+    # Two (BLOCK_M, R) fp32 accumulators live at once (dS and the dB partial): 8 warps above R = 64.
+    if _wide(dtype):
+        # FMA: the dB dot's K is BLOCK_M; 64 x 32 spilled from R = 64 on, 32 x 32 on 8 warps does not.
+        return TileConfig(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)
+    if R <= 64:
+        return TileConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    # R >= 128: BLOCK_N = 64 spilled on sm_80 (16 B at R = 128 with r % 16 != 0; 136 B at R = 256) and
+    # on sm_90 at R = 256 with r % 16 != 0 (232 B); 32 does not. Cost on sm_90: the dB dot's M is
+    # BLOCK_N = 32 < 64, so it runs as mma.sync (HMMA) next to the dS dot's wgmma (kernel_report).
+    return TileConfig(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3)
 
 
 def bwd_dx_config(M: int, dtype: torch.dtype) -> TileConfig:
-    n = 32 if _wide(dtype) else 64
+    if _wide(dtype):
+        # fp32 without tf32 runs on FMA: 64 x 64 x 64 (4 warps) and 128 x 128 x 32 spilled; these do not.
+        if M <= FEW_TOKENS:
+            return TileConfig(BLOCK_M=64, BLOCK_K=64, BLOCK_N=32, num_warps=8, num_stages=3)
+        return TileConfig(BLOCK_M=128, BLOCK_K=64, BLOCK_N=32, GROUP_M=8, num_warps=8, num_stages=3)
     if M <= FEW_TOKENS:
         # Few tokens: bound by reading W; narrow K tiles spread W over K / 64 programs.
-        return TileConfig(BLOCK_M=64, BLOCK_K=64, BLOCK_N=2 * n, num_warps=4, num_stages=3)
-    return TileConfig(BLOCK_M=128, BLOCK_K=128, BLOCK_N=n, GROUP_M=8, num_warps=8, num_stages=3)
+        return TileConfig(BLOCK_M=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3)
+    return TileConfig(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def bwd_da_config(R: int, dtype: torch.dtype) -> TileConfig:
-    # (64, R) fp32 accumulator per program, as in the shrink kernel.
+    # (64, R) fp32 accumulator per program, as in the shrink kernel. fp32 (FMA): 4 warps spilled
+    # from R = 64 on (kernel_report), so always 8.
     return TileConfig(BLOCK_M=32 if _wide(dtype) else 64, BLOCK_K=64,
-                      num_warps=4 if R <= 64 else 8, num_stages=3)
+                      num_warps=8 if _wide(dtype) or R > 64 else 4, num_stages=3)
 
 
 def da_split(M: int, K: int, block_m: int, block_k: int, num_sms: int) -> tuple[int, int]:

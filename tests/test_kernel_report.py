@@ -1,0 +1,228 @@
+"""Ahead-of-time checks of every kernel configuration the launchers can pick (no GPU needed).
+
+Each (kernel, arch, dtype, config) is compiled for sm_80 and sm_90 by fused_lora.kernel_report and
+read back with cuobjdump: no spills, shared memory within the per-block opt-in limit, and the
+expected matrix instructions (wgmma on sm_90 for fp16/bf16).
+
+All records come from one compile pass shared by the tests (a module-scoped fixture, in parallel
+worker processes). The default matrix is every launcher config with 16-aligned arguments plus the
+unaligned-rank variant at R = 16 (r = 8 and other ranks below 16 that are not multiples of 16);
+FUSED_LORA_AOT_FULL=1 compiles the unaligned-rank variant at every R too (twice the compiles).
+Cold (empty Triton cache) the default pass takes about 4 minutes on 2 cores, warm about 15 seconds.
+
+The conftest runs tests under TRITON_INTERPRET=1; the report compiles in worker processes started
+without it, so these tests work either way.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fused_lora import kernel_report as kr
+
+pytestmark = pytest.mark.aot
+
+
+def _toolchain_missing() -> str | None:
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return "triton is not installed"
+    bin_dir = os.path.join(spec.submodule_search_locations[0], "backends", "nvidia", "bin")
+    for tool in ("ptxas", "cuobjdump"):
+        if not os.path.exists(os.path.join(bin_dir, tool)):
+            return f"triton's NVIDIA backend has no {tool} ({bin_dir})"
+    return None
+
+
+_missing = _toolchain_missing()
+if _missing:
+    pytest.skip(f"AOT compile unavailable: {_missing}", allow_module_level=True)
+
+FULL = os.environ.get("FUSED_LORA_AOT_FULL", "0") not in ("", "0")
+
+
+def _jobs() -> list[dict]:
+    if FULL:
+        return kr.launch_jobs(alignments=("aligned", "rank"))
+    return kr.launch_jobs(alignments=("aligned",)) + kr.launch_jobs(alignments=("rank",), ranks=(16,))
+
+
+JOBS = _jobs()
+IDS = [kr.job_id(j) for j in JOBS]
+HOPPER_HALF = [i for i, j in zip(IDS, JOBS) if j["arch"] == 90 and j["dtype"] in ("fp16", "bf16")]
+
+
+@pytest.fixture(scope="module")
+def records() -> dict[str, dict]:
+    recs = kr.run_jobs(JOBS, processes=os.cpu_count())
+    return {kr.job_id(r): r for r in recs}
+
+
+def _describe(r: dict) -> str:
+    keys = ("registers", "spill_bytes", "stack_bytes", "local_bytes", "shared_bytes", "dynamic_shared",
+            "static_shared", "shared_limit", "mma", "expected_mma", "sass_counts", "error")
+    return json.dumps({k: r.get(k) for k in keys})
+
+
+# --------------------------------------------------------------------------------------------
+# Every record
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rid", IDS)
+def test_compiles(records, rid):
+    r = records[rid]
+    assert r["error"] is None, f"{rid}: {r['error']}"
+
+
+@pytest.mark.parametrize("rid", IDS)
+def test_no_spills(records, rid):
+    r = records[rid]
+    assert r["error"] is None, r["error"]
+    assert r["spill_bytes"] == 0, f"{rid} spills: {_describe(r)}"
+    assert r["sass_counts"]["STL"] == 0, f"{rid} stores to local memory: {_describe(r)}"
+
+
+@pytest.mark.parametrize("rid", IDS)
+def test_shared_memory_fits(records, rid):
+    r = records[rid]
+    assert r["error"] is None, r["error"]
+    assert r["shared_limit"] == kr.SHARED_LIMIT[r["arch"]]
+    assert r["shared_bytes"] == r["dynamic_shared"] + r["static_shared"]
+    assert r["shared_bytes"] <= kr.SHARED_LIMIT[r["arch"]], f"{rid} needs too much shared memory: {_describe(r)}"
+
+
+@pytest.mark.parametrize("rid", IDS)
+def test_matrix_instructions(records, rid):
+    """wgmma (HGMMA) on sm_90 and mma.sync (HMMA) on sm_80 for fp16/bf16; FMA for fp32 without tf32."""
+    r = records[rid]
+    assert r["error"] is None, r["error"]
+    assert r["mma"] == r["expected_mma"], f"{rid}: {r['mma']}, expected {r['expected_mma']}: {_describe(r)}"
+
+
+# The dB dot of _lora_bwd_dy_kernel is (BLOCK_N x BLOCK_M) @ (BLOCK_M x R): its M is BLOCK_N, and wgmma
+# needs M >= 64. Its configs use BLOCK_N = 32 from R = 128 on because 64 spilled (on sm_80, and on
+# sm_90 for r % 16 != 0 at R = 256): that dot stays on mma.sync. Strict, so a fix shows up as XPASS.
+def _mma_sync_expected(job: dict) -> str | None:
+    if job["kernel"] == "_lora_bwd_dy_kernel" and job["config"].get("BLOCK_N", 64) < 64:
+        return "dB dot with M = BLOCK_N < 64 cannot use wgmma (BLOCK_N = 64 spills)"
+    return None
+
+
+@pytest.mark.parametrize("rid", [
+    pytest.param(i, marks=pytest.mark.xfail(strict=True, reason=_mma_sync_expected(j)))
+    if _mma_sync_expected(j) else i
+    for i, j in zip(IDS, JOBS) if i in HOPPER_HALF])
+def test_no_mma_sync_next_to_wgmma_on_hopper(records, rid):
+    r = records[rid]
+    assert r["error"] is None, r["error"]
+    assert not r["hmma_with_wgmma"], f"{rid}: a dot runs as mma.sync next to wgmma: {_describe(r)}"
+
+
+def test_matrix_covers_every_launch_choice():
+    by = {}
+    for j in JOBS:
+        by.setdefault((j["arch"], j["dtype"]), set()).add((j["kernel"], j["config"]["R"]))
+    assert set(by) == {(a, d) for a in kr.ARCHS for d in kr.DTYPES}
+    for combos in by.values():
+        assert combos == {(k, R) for k in kr.KERNELS for R in (16, 32, 64, 128, 256)}
+    assert len(set(IDS)) == len(IDS)
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+
+REQUIRED_KEYS = {"kernel", "arch", "dtype", "config", "registers", "spill_bytes", "shared_bytes", "mma"}
+
+
+def test_cli_json_under_interpreter(records):
+    """`python -m fused_lora.kernel_report --json` prints the records, even with TRITON_INTERPRET=1."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "fused_lora.kernel_report", "--json", "--arch", "90", "--dtype", "bf16",
+           "--kernel", "_lora_shrink_kernel", "--align", "aligned"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert isinstance(data, list) and len(data) == 5  # one per padded rank
+    for r in data:
+        assert REQUIRED_KEYS <= set(r)
+        assert (r["kernel"], r["arch"], r["dtype"]) == ("_lora_shrink_kernel", 90, "bf16")
+        assert {"R", "BLOCK_M", "BLOCK_K", "num_warps", "num_stages"} <= set(r["config"])
+        same = records[kr.job_id(r)]  # the same compile as the shared pass
+        assert {k: r[k] for k in REQUIRED_KEYS} == {k: same[k] for k in REQUIRED_KEYS}
+    assert sorted(r["config"]["R"] for r in data) == [16, 32, 64, 128, 256]
+
+
+def test_table(records):
+    table = kr.format_table(list(records.values()))
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["kernel", "sm", "dtype"] and "limit" in lines[0]
+    assert len(lines) == len(records) + 2
+
+
+def test_import_is_cheap():
+    code = ("import sys, fused_lora; before = set(sys.modules); import fused_lora.kernel_report; "
+            "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('triton', 'torch') "
+            "or m.startswith('fused_lora.kernels')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces, without compiling
+# --------------------------------------------------------------------------------------------
+
+class _Param:
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
+class _FakeKernel:
+    __name__ = "_fake_kernel"
+
+    def __init__(self, args, constexprs):
+        self.arg_names = list(args) + list(constexprs)
+        self.params = [_Param(a, False) for a in args] + [_Param(c, True) for c in constexprs]
+
+
+def test_build_signature():
+    k = _FakeKernel(["x_ptr", "db_ptr", "M", "r", "stride_xm", "stride_xk", "stride_sm", "stride_sr",
+                     "seed", "drop_threshold", "scaling"], ["R", "BLOCK_M"])
+    sig, cx, attrs = kr.build_signature(k, "bf16", {"R": 16, "BLOCK_M": 64}, "aligned")
+    assert sig == {"x_ptr": "*bf16", "db_ptr": "*fp32", "M": "i32", "r": "i32", "stride_xm": "i32",
+                   "stride_xk": "constexpr", "stride_sm": "i32", "stride_sr": "constexpr", "seed": "i64",
+                   "drop_threshold": "i32", "scaling": "fp32", "R": "constexpr", "BLOCK_M": "constexpr"}
+    assert cx == {"R": 16, "BLOCK_M": 64, "stride_xk": 1, "stride_sr": 1}
+    hinted = {k.arg_names[i[0]] for i in attrs}
+    assert hinted == {"x_ptr", "db_ptr", "M", "r", "stride_xm", "stride_sm"}
+    _, _, attrs = kr.build_signature(k, "bf16", {"R": 16, "BLOCK_M": 64}, "rank")
+    assert {k.arg_names[i[0]] for i in attrs} == {"x_ptr", "db_ptr", "M", "stride_xm"}
+    _, _, attrs = kr.build_signature(k, "bf16", {"R": 16, "BLOCK_M": 64}, "none")
+    assert attrs == {}
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        kr.build_signature(k, "bf16", {"R": 16}, "aligned")
+    with pytest.raises(ValueError, match="GROUP_M"):
+        kr.build_signature(k, "bf16", {"R": 16, "BLOCK_M": 64, "GROUP_M": 8}, "aligned")
+
+
+def test_parse_res_usage_and_sass():
+    usage = kr.parse_res_usage("\nResource usage:\n Common:\n  GLOBAL:0\n Function _k:\n"
+                               "  REG:187 STACK:16 SHARED:1024 LOCAL:0 CONSTANT[0]:664 TEXTURE:0\n")
+    assert (usage["REG"], usage["STACK"], usage["SHARED"], usage["LOCAL"]) == (187, 16, 1024, 0)
+    sass = ("        /*0100*/   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12].tnspB, R24 ;\n"
+            "        /*0110*/   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n"
+            "        /*0120*/   FFMA R1, R2, R3, R4 ;\n")
+    k = kr.classify_sass(sass)
+    assert k["mma"] == "wgmma" and k["hmma_with_wgmma"]
+    assert kr.classify_sass(sass.split("\n", 1)[1])["mma"] == "mma"
+    assert kr.classify_sass("  FFMA R1, R2, R3, R4 ;\n")["mma"] == "fma"
+    assert kr.classify_sass("  IADD3 R1, R2, R3, RZ ;\n")["mma"] == "none"
+    assert kr.SHARED_LIMIT == {80: 166912, 90: 232448}
+    assert kr.expected_mma(90, "bf16") == "wgmma" and kr.expected_mma(80, "fp16") == "mma"
+    assert kr.expected_mma(90, "fp32", "ieee") == "fma" and kr.expected_mma(90, "fp32", "tf32") == "wgmma"
