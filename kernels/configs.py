@@ -94,7 +94,8 @@ def bwd_dx_config(M: int, dtype: torch.dtype) -> TileConfig:
     if _wide(dtype):
         # fp32 without tf32 runs on FMA: 64 x 64 x 64 (4 warps) and 128 x 128 x 32 spilled; these do not.
         if M <= FEW_TOKENS:
-            return TileConfig(BLOCK_M=64, BLOCK_K=64, BLOCK_N=32, num_warps=8, num_stages=3)
+            # BLOCK_K = 64 spilled 8 B on sm_80 with triton 3.7.1 (torch 2.13's pin); 32 does not.
+            return TileConfig(BLOCK_M=64, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=3)
         return TileConfig(BLOCK_M=128, BLOCK_K=64, BLOCK_N=32, GROUP_M=8, num_warps=8, num_stages=3)
     if M <= FEW_TOKENS:
         # Few tokens: bound by reading W; narrow K tiles spread W over K / 64 programs.
