@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._dropout import _dropout_keep
+from ._common import _dropout_keep, _grouped_tile_ids
 
 
 @triton.jit
@@ -70,14 +70,7 @@ def _lora_bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    group = pid // (GROUP_M * num_pid_k)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_k)) % group_size
-    pid_k = (pid % (GROUP_M * num_pid_k)) // group_size
+    pid_m, pid_k = _grouped_tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

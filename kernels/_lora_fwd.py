@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._dropout import _dropout_keep
+from ._common import _dropout_keep, _grouped_tile_ids
 
 
 @triton.jit
@@ -63,15 +63,7 @@ def _lora_fwd_kernel(
     HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-blocks share each W column-block while it is in L2.
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    pid_m, pid_n = _grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

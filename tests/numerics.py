@@ -77,3 +77,18 @@ def compare_with_reference(inputs, scaling, *, dropout_p, seed, grad_weight=Fals
     for name in ref:
         assert_within_torch_error(name, got[name], low[name], ref[name], dtype)
     return got, ref
+
+
+def lora_grads(inputs, *, deterministic=None):
+    """(dx, dA, dB) of sum(lora_linear(...)) with dropout, optionally in deterministic mode."""
+    x, w, b, a, bb = (t.clone() for t in inputs)
+    for t in (x, a, bb):
+        t.requires_grad_(True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    if deterministic is not None:
+        torch.use_deterministic_algorithms(deterministic)
+    try:
+        fused_lora.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.1, training=True, seed=1).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    return x.grad, a.grad, bb.grad

@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-import fused_lora
-from numerics import compare_with_reference, make_inputs
+from numerics import compare_with_reference, lora_grads, make_inputs
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -42,19 +41,6 @@ def test_matches_reference_on_gpu(cuda, case, dtype):
 
 def test_deterministic_grads_on_gpu(cuda):
     inputs = make_inputs((4096,), 1024, 1024, 16, torch.bfloat16, device=cuda)
-
-    def grads():
-        x, w, b, a, bb = (t.clone() for t in inputs)
-        for t in (x, a, bb):
-            t.requires_grad_(True)
-        fused_lora.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.1, training=True, seed=1).sum().backward()
-        return x.grad, a.grad, bb.grad
-
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        first, second = grads(), grads()
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    first, second = lora_grads(inputs, deterministic=True), lora_grads(inputs, deterministic=True)
     for g1, g2 in zip(first, second):
         assert torch.equal(g1, g2)

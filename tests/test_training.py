@@ -4,7 +4,7 @@ import torch
 
 import fused_lora
 from fused_lora.kernels import ops
-from numerics import make_inputs
+from numerics import lora_grads, make_inputs
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -36,25 +36,12 @@ def test_deterministic_mode_is_bitwise_repeatable(monkeypatch):
     for name, spy in spies.items():
         monkeypatch.setattr(ops, name, spy)
     inputs = make_inputs((300,), 70, 50, 16, torch.float32)
-
-    def grads():
-        x, w, b, a, bb = (t.clone() for t in inputs)
-        for t in (x, a, bb):
-            t.requires_grad_(True)
-        fused_lora.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.1, training=True, seed=1).sum().backward()
-        return x.grad, a.grad, bb.grad
-
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        first, second = grads(), grads()
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    first, second = lora_grads(inputs, deterministic=True), lora_grads(inputs, deterministic=True)
     for g1, g2 in zip(first, second):
         assert torch.equal(g1, g2)
     assert all(not call["USE_ATOMICS"] for spy in spies.values() for call in spy.calls)
     assert spies["_lora_bwd_da_kernel"].calls, "dA kernel was launched"
-    fast = grads()  # default mode: atomics for the reductions over M
+    fast = lora_grads(inputs, deterministic=False)  # default mode: atomics for the reductions over M
     assert any(call["USE_ATOMICS"] for call in spies["_lora_bwd_dy_kernel"].calls)
     for g1, g2 in zip(first, fast):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
