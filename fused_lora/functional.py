@@ -13,7 +13,8 @@ BACKENDS = ("triton", "torch", "reference")
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether triton runs kernels in its interpreter; parsed as triton's getenv_bool does."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def select_backend(x: torch.Tensor) -> str:

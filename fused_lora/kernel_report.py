@@ -42,8 +42,8 @@ report assumes contiguous tensors (every innermost stride is the constant 1) and
 
 The default is ``aligned`` and ``rank`` (r = 8, PEFT's default, takes the ``rank`` path).
 
-Importing this module is cheap (standard library only); triton, torch and the kernels are imported
-by the functions that need them. Compiles run in worker processes (``python -c``, fed one job at a
+Importing this module adds nothing beyond the standard library and fused_lora itself; triton, torch
+and the kernels are imported by the functions that need them. Compiles run in worker processes (``python -c``, fed one job at a
 time) whose environment has TRITON_INTERPRET removed, so the report also works from a process
 (e.g. the test suite) running under the Triton interpreter, where ``@triton.jit`` yields interpreted
 functions. Compiled kernels land in Triton's cache and cuobjdump's findings in
@@ -61,6 +61,8 @@ import sys
 import tempfile
 import time
 from typing import Iterable
+
+from fused_lora.functional import interpreting
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
@@ -384,10 +386,6 @@ def _cost(job: dict) -> int:
     return tile * (4 if job["dtype"] == "fp32" else 1)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def run_jobs(jobs: list[dict], processes: int | None = None) -> list[dict]:
     """Compile all jobs and return their records in job order.
 
@@ -398,7 +396,7 @@ def run_jobs(jobs: list[dict], processes: int | None = None) -> list[dict]:
     if not jobs:
         return []
     processes = max(1, min(processes or os.cpu_count() or 1, len(jobs)))
-    if processes == 1 and not _interpreting():
+    if processes == 1 and not interpreting():
         return [compile_job(j) for j in jobs]
     import queue
     import threading

@@ -81,6 +81,14 @@ def test_forced_backends_match_reference(backend, dtype, monkeypatch):
     compare_with_reference(inputs, scaling=1.3, dropout_p=0.25, seed=99, grad_weight=True)
 
 
+@pytest.mark.parametrize("value,expected", [("1", "triton"), ("true", "triton"), ("On", "triton"),
+                                            ("yes", "triton"), ("0", "torch"), ("false", "torch"), ("", "torch")])
+def test_interpreter_flag_parsed_as_triton_does(value, expected, monkeypatch):
+    # triton interprets kernels for 1/true/on/yes (any case); the bf16 dot fix must follow it.
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert select_backend(torch.empty(1)) == expected
+
+
 def test_cpu_without_interpreter_uses_torch_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert select_backend(torch.empty(1)) == "torch"
