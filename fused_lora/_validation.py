@@ -52,7 +52,8 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
     if x.numel() // max(K, 1) >= 2**31 or K >= 2**31 or N >= 2**31:
         raise ValueError(f"x has shape {tuple(x.shape)}: fused_lora needs fewer than 2**31 rows, columns and outputs")
 
-    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+    # abs(s) < inf instead of math.isfinite: it also traces when torch.compile(dynamic=True) makes s a SymFloat.
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or not abs(scaling) < math.inf:
         raise TypeError(f"scaling must be a finite Python float, got {scaling!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")

@@ -80,3 +80,18 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) ->
 def draw_seed() -> int:
     """A fresh seed from torch's default CPU generator, so torch.manual_seed makes runs repeatable."""
     return int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64).item())
+
+
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+def seed_tensor(seed: int | None, dropout_p: float) -> torch.Tensor:
+    """The seed as the 0-dim int64 CPU tensor the custom ops take; drawn like draw_seed when None.
+
+    A tensor, not a Python int, so that a seed drawn inside torch.compile stays in the graph.
+    """
+    if dropout_p <= 0.0:
+        return _NO_SEED
+    if seed is None:
+        return torch.randint(0, 1 << 62, (), dtype=torch.int64, device="cpu")
+    return torch.tensor(seed, dtype=torch.int64, device="cpu")

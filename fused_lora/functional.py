@@ -1,4 +1,4 @@
-"""fused_lora.lora_linear: backend choice and the autograd Function."""
+"""fused_lora.lora_linear: input checks and backend choice; the op itself is in _library.py."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,8 @@ import os
 import torch
 
 from . import reference
+from ._library import lora_linear_2d
 from ._validation import ALL_DTYPES, KERNEL_DTYPES, check_lora_inputs
-from .dropout import draw_seed
 
 BACKENDS = ("triton", "torch", "reference")
 
@@ -32,51 +32,6 @@ def select_backend(x: torch.Tensor) -> str:
     return "torch"
 
 
-def _backend_module(name: str):
-    if name == "triton":
-        from . import _triton_backend  # imports triton: only when the kernels are used
-        return _triton_backend
-    from . import _torch_backend
-    return _torch_backend
-
-
-class LoRALinearFunction(torch.autograd.Function):
-    """Saves x (as a 2-D view) and S = dropout(x) A^T; the dropout mask is redrawn from the seed."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-        K = x.shape[-1]
-        N = weight.shape[0]
-        x2 = x.reshape(-1, K)
-        y2, s = backend.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, s)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        return y2.reshape(*x.shape[:-1], N)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, s = ctx.saved_tensors
-        need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
-        dy2 = dy.reshape(-1, weight.shape[0])
-        dx = dA = dB = dW = db = None
-        if need_dx or need_dA or need_dB:
-            dx, dA, dB = ctx.backend.backward(dy2, x2, weight, lora_A, lora_B, s, ctx.scaling,
-                                              ctx.dropout_p, ctx.seed, need_dx, need_dA, need_dB)
-        if dx is not None:
-            dx = dx.reshape(ctx.x_shape)
-        if dA is not None:
-            dA = dA.to(lora_A.dtype)
-        if dB is not None:
-            dB = dB.to(lora_B.dtype)
-        if need_dW:
-            dW = torch.mm(dy2.t(), x2)
-        if need_db and ctx.has_bias:
-            db = dy2.sum(0)
-        return dx, dW, db, dA, dB, None, None, None, None
-
-
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=False, seed=None):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T, with fused kernels on CUDA.
 
@@ -92,10 +47,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
                         f"(float64 runs with FUSED_LORA_BACKEND=torch)")
     scaling = float(scaling)
     dropout_p = float(dropout_p) if training else 0.0
-    if dropout_p > 0.0 and seed is None:
-        seed = draw_seed()
     if backend == "reference":
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
                                      dropout_p=dropout_p, training=training, seed=seed)
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                    0 if seed is None else seed, _backend_module(backend))
+    K, N = x.shape[-1], weight.shape[0]
+    y2 = lora_linear_2d(x.reshape(-1, K), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+    return y2.reshape(*x.shape[:-1], N)

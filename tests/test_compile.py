@@ -1,0 +1,164 @@
+"""torch.library registration: opcheck of both ops, and torch.compile(fullgraph=True) of LoRA models on CPU.
+
+The test run sets TRITON_INTERPRET=1, so backend "triton" runs the real kernels in the interpreter.
+"""
+import pytest
+import torch
+from torch import nn
+
+import fused_lora
+from fused_lora.functional import interpreting
+from numerics import make_inputs
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()  # no guards or automatic-dynamic marks carried over from another test
+    yield
+    torch._dynamo.reset()
+
+
+fwd_op = torch.ops.fused_lora.lora_linear_fwd.default
+bwd_op = torch.ops.fused_lora.lora_linear_bwd.default
+BACKENDS = ["torch", "triton"]
+
+
+def _op_args(backend, *, bias, dropout_p, M=5, K=12, N=7, r=3, dtype=torch.float32):
+    x, w, b, a, bb = make_inputs((M,), K, N, r, dtype, bias=bias)
+    for t in (x, a, bb):
+        t.requires_grad_(True)
+    return (x, w, b, a, bb, 0.75, dropout_p, torch.tensor(11), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_opcheck_fwd(backend, bias, dropout_p):
+    assert interpreting() or backend == "torch"
+    torch.library.opcheck(fwd_op, _op_args(backend, bias=bias, dropout_p=dropout_p))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, False), (True, False, False)])
+def test_opcheck_bwd(backend, needs):
+    x, w, b, a, bb, scaling, p, seed, _ = _op_args(backend, bias=True, dropout_p=0.25)
+    with torch.no_grad():
+        _, s = fwd_op(x, w, b, a, bb, scaling, p, seed, backend)
+    dy = torch.randn(x.shape[0], w.shape[0])
+    torch.library.opcheck(bwd_op, (dy, x.detach(), w, a.detach(), bb.detach(), s, scaling, p, seed, backend,
+                                   *needs))
+
+
+def test_ops_agree_with_the_eager_function():
+    """The compiled path (the ops) and the eager path (the autograd.Function) give the same numbers."""
+    x, w, b, a, bb, scaling, p, seed, backend = _op_args("triton", bias=True, dropout_p=0.25)
+    y_op, _ = fwd_op(x, w, b, a, bb, scaling, p, seed, backend)
+    y_op.sum().backward()
+    grads_op = [t.grad.clone() for t in (x, a, bb)]
+    for t in (x, a, bb):
+        t.grad = None
+    y = fused_lora.lora_linear(x, w, b, a, bb, scaling, dropout_p=p, training=True, seed=int(seed))
+    y.sum().backward()
+    assert torch.equal(y, y_op)
+    for g_op, t in zip(grads_op, (x, a, bb)):
+        assert torch.equal(g_op, t.grad)
+
+
+def test_fake_shapes_on_meta():
+    x, w, b, a, bb = (t.to("meta") for t in make_inputs((4, 9), 16, 10, 5, torch.bfloat16))
+    y = fused_lora.lora_linear(x, w, b, a, bb, 2.0)
+    assert y.shape == (4, 9, 10) and y.dtype == torch.bfloat16 and y.device.type == "meta"
+    y2, s = fwd_op(x.reshape(-1, 16), w, b, a, bb, 2.0, 0.0, torch.tensor(0), "triton")
+    assert s.shape == (36, 5) and y2.shape == (36, 10)
+
+
+class _TwoLayer(nn.Module):
+    def __init__(self, dropout):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = fused_lora.LoRALinear(24, 40, r=4, lora_alpha=8, lora_dropout=dropout)
+        self.down = fused_lora.LoRALinear(40, 16, bias=False, r=7, lora_alpha=7, use_rslora=True,
+                                          lora_dropout=dropout)
+        for layer in (self.up, self.down):
+            nn.init.normal_(layer.lora_B)  # nonzero B: the LoRA term shows in y and in every grad
+
+    def forward(self, x, seed=None):
+        h = torch.nn.functional.gelu(self.up(x, seed=seed))
+        return self.down(h, seed=None if seed is None else seed + 1)
+
+
+class _CountingBackend:
+    """A torch.compile backend that records the graphs and runs them as aot_eager does."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+        from functorch.compile import make_boxed_func
+
+        def record(fx_module, _inputs):
+            self.graphs.append(fx_module)
+            return make_boxed_func(fx_module.forward)
+        return aot_autograd(fw_compiler=record, bw_compiler=record)(gm, example_inputs)
+
+
+def _ops_in(graph_module, name):
+    return sum(1 for node in graph_module.graph.nodes
+               if node.op == "call_function" and name in str(node.target))
+
+
+@pytest.mark.parametrize("backend_env", ["triton", "torch"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_compile_fullgraph_matches_eager(backend_env, dropout, monkeypatch):
+    monkeypatch.setenv("FUSED_LORA_BACKEND", backend_env)
+    model = _TwoLayer(dropout).train()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    counting = _CountingBackend()
+    compiled = torch.compile(model, backend=counting, fullgraph=True)
+
+    y_eager = model(x, seed=5)
+    y_eager.square().sum().backward()
+    eager_grads = [t.grad.clone() for t in (x, model.up.lora_A, model.up.lora_B, model.down.lora_A,
+                                             model.down.lora_B)]
+    model.zero_grad()
+    x.grad = None
+    y_comp = compiled(x, seed=5)
+    y_comp.square().sum().backward()
+    comp_grads = [x.grad, model.up.lora_A.grad, model.up.lora_B.grad, model.down.lora_A.grad,
+                  model.down.lora_B.grad]
+    # The same op implementations and the same seeds: equal up to the gelu/square being recompiled.
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
+    for g_c, g_e in zip(comp_grads, eager_grads):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
+    dynamo_graph, forward_graph, backward_graph = counting.graphs
+    assert _ops_in(forward_graph, "lora_linear_fwd") == 2
+    assert _ops_in(backward_graph, "lora_linear_bwd") == 2
+    assert _ops_in(forward_graph, "mm") == 0, "the LoRA layers were traced into, not kept as one op"
+
+
+def test_compile_draws_a_seed_inside_the_graph():
+    """Training with dropout and no seed: the seed is drawn in the graph, not by a graph-breaking .item()."""
+    model = _TwoLayer(0.5).train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(6, 24)
+    y1, y2 = compiled(x), compiled(x)
+    assert not torch.equal(y1, y2), "two calls drew the same dropout mask"
+    model.eval()
+    torch.testing.assert_close(torch.compile(model, backend="aot_eager", fullgraph=True)(x), model(x))
+
+
+def test_compile_dynamic_token_count():
+    model = _TwoLayer(0.0).eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    for tokens in (1, 7, 33):
+        x = torch.randn(tokens, 24)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_compile_with_inductor_cpu(monkeypatch):
+    """Inductor (the default backend) on CPU: the ops stay opaque extern calls, outputs match eager."""
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "torch")
+    model = _TwoLayer(0.0).eval()
+    x = torch.randn(9, 24)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-5, atol=1e-5)
