@@ -119,9 +119,10 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        dx, dW, db, dA, dB = _lora_backward(ctx, dy, *ctx.saved_tensors, ctx.seed, bwd=_eager_bwd)
-        dA = None if dA is None else dA.to(ctx.saved_tensors[2].dtype)
-        dB = None if dB is None else dB.to(ctx.saved_tensors[3].dtype)
+        saved = ctx.saved_tensors  # unpacked once: non-reentrant checkpointing refuses a second unpack
+        dx, dW, db, dA, dB = _lora_backward(ctx, dy, *saved, ctx.seed, bwd=_eager_bwd)
+        dA = None if dA is None else dA.to(saved[2].dtype)
+        dB = None if dB is None else dB.to(saved[3].dtype)
         return dx, dW, db, dA, dB, None, None, None, None
 
 

@@ -26,13 +26,13 @@ def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, need_dx
     ds = torch.mm(dy, lora_B).mul_(scaling)
     dB = torch.mm(dy.t(), s).mul_(scaling) if need_dB else None
     dx = dA = None
+    keep = _keep_scaled(x, dropout_p, seed) if dropout_p > 0.0 and (need_dx or need_dA) else None
     if need_dx:
         dx = torch.mm(dy, weight)
-        if dropout_p > 0.0:
-            dx.add_(torch.mm(ds, lora_A).mul_(_keep_scaled(x, dropout_p, seed)))
+        if keep is not None:
+            dx.add_(torch.mm(ds, lora_A).mul_(keep))
         else:
             dx.addmm_(ds, lora_A)
     if need_dA:
-        x_lora = x * _keep_scaled(x, dropout_p, seed) if dropout_p > 0.0 else x
-        dA = torch.mm(ds.t(), x_lora)
+        dA = torch.mm(ds.t(), x * keep if keep is not None else x)
     return dx, dA, dB
