@@ -1,7 +1,14 @@
-"""fused_lora: LoRA linear layers whose base GEMM and rank-r projections run as fused Triton kernels."""
-from . import reference
-from .functional import lora_linear
-from .layer import LoRALinear
+"""fused_lora: LoRA linear layers whose base GEMM and rank-r projections run as fused Triton kernels.
 
-__all__ = ["lora_linear", "LoRALinear", "reference"]
+Importing it imports neither triton, peft, transformers nor safetensors, and does not touch CUDA.
+"""
+from . import reference
+from .adapter_io import AdapterFormatError, load_adapter, save_adapter
+from .functional import lora_linear
+from .injection import inject, merge_and_unload
+from .layer import LoRALinear
+from .peft_patch import FusedFallbackWarning, patch_peft, unpatch_peft
+
+__all__ = ["lora_linear", "LoRALinear", "reference", "patch_peft", "unpatch_peft", "inject", "merge_and_unload",
+           "save_adapter", "load_adapter", "AdapterFormatError", "FusedFallbackWarning"]
 __version__ = "0.1.0"

@@ -162,3 +162,29 @@ def test_compile_with_inductor_cpu(monkeypatch):
     model = _TwoLayer(0.0).eval()
     x = torch.randn(9, 24)
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_injected_llama_fullgraph():
+    """The issue's case: an injected transformers model under torch.compile(fullgraph=True)."""
+    from peft_parity import tiny_llama
+    model = fused_lora.inject(tiny_llama(), "all-linear", r=4, lora_alpha=8).eval()
+    for module in model.modules():
+        if isinstance(module, fused_lora.LoRALinear):
+            nn.init.normal_(module.lora_B, std=0.02)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    counting = _CountingBackend()
+    compiled = torch.compile(model, backend=counting, fullgraph=True)
+    logits = compiled(input_ids=ids).logits
+    logits.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    expected = model(input_ids=ids).logits
+    expected.square().sum().backward()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert len(grads) == 2 * 14  # lora_A and lora_B of the 14 linear layers; lm_head excluded
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    _, forward_graph, backward_graph = counting.graphs
+    assert _ops_in(forward_graph, "lora_linear_fwd") == 14
+    assert _ops_in(backward_graph, "lora_linear_bwd") == 14

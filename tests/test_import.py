@@ -1,4 +1,4 @@
-"""Importing the package touches neither triton nor CUDA."""
+"""Importing the package touches neither triton, CUDA, nor the optional peft / transformers / safetensors."""
 import subprocess
 import sys
 
@@ -7,6 +7,8 @@ import sys, torch
 import fused_lora
 assert 'triton' not in sys.modules, 'importing fused_lora imported triton'
 assert not torch.cuda.is_initialized(), 'importing fused_lora initialised CUDA'
+for optional in ('peft', 'transformers', 'safetensors'):
+    assert optional not in sys.modules, f'importing fused_lora imported {optional}'
 layer = fused_lora.LoRALinear(8, 4, r=2)
 layer(torch.randn(2, 8)).sum().backward()
 assert 'triton' not in sys.modules, 'the CPU path imported triton'

@@ -1,0 +1,376 @@
+"""save_adapter / load_adapter: LoRA adapters in PEFT's on-disk format.
+
+A directory with adapter_config.json (LoraConfig fields, peft_type "LORA") and adapter_model.safetensors
+(metadata {"format": "pt"}), keys ``base_model.model.<module path>.lora_A.weight`` (r, in) and
+``...lora_B.weight`` (out, r), as PEFT's save_pretrained writes them for the default adapter.
+load_adapter validates the whole file against the model before it changes anything.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+
+import torch
+from torch import nn
+
+from .injection import ALL_LINEAR, CONFIG_ATTR, InjectionConfig, _is_linear, _set_submodule, freeze_base, \
+    lora_layers, match_targets, name_matches
+from .layer import LoRALinear
+
+__all__ = ["save_adapter", "load_adapter", "AdapterFormatError"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+_A_SUFFIX = ".lora_A.weight"
+_B_SUFFIX = ".lora_B.weight"
+
+# LoraConfig fields that turn on something fused_lora does not load; each must be falsy / empty.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA",
+    "lora_bias": "a LoRA bias (lora_bias=True)",
+    "modules_to_save": "extra trainable modules (modules_to_save)",
+    "layers_to_transform": "layers_to_transform",
+    "layers_pattern": "layers_pattern",
+    "layer_replication": "layer_replication",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "megatron_config": "Megatron layers (megatron_config)",
+}
+# init_lora_weights values whose adapters are plain LoRA deltas. PiSSA / OLoRA / CorDA / LoftQ / ... adapters
+# are valid only with the base weights PEFT modified at init, which the file does not contain.
+_PLAIN_INITS = (True, False, "gaussian")
+
+
+class AdapterFormatError(ValueError):
+    """The adapter directory, its config or its tensors are not a LoRA adapter fused_lora can load."""
+
+
+# ---- save -----------------------------------------------------------------------------------------
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _pattern_key(pattern_keys, module_name: str):
+    """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\\.)?({k})$", module_name)."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _patterns(layers, attr: str, default):
+    """{module name: value} for the layers whose value differs from the default, as PEFT reads it back."""
+    pattern = {name: getattr(layer, attr) for name, layer in layers if getattr(layer, attr) != default}
+    for name, layer in layers:  # a module name read as a regex might also match another module: escape then
+        key = _pattern_key(pattern, name)
+        if pattern.get(key, default) != getattr(layer, attr):
+            return {re.escape(name): value for name, value in pattern.items()}
+    return pattern
+
+
+def _uniform(layers, attr: str):
+    values = {getattr(layer, attr) for _, layer in layers}
+    if len(values) > 1:
+        by_value = {v: [n for n, l in layers if getattr(l, attr) == v][:3] for v in values}
+        raise ValueError(f"save_adapter: PEFT's format has one {attr} per adapter, but the LoRA layers differ: "
+                         f"{by_value}")
+    return values.pop()
+
+
+def adapter_config(model: nn.Module, *, task_type: str | None = None) -> dict:
+    """The adapter_config.json content for the model's LoRALinear layers."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"save_adapter: {type(model).__name__} has no LoRALinear layer (use inject first)")
+    injected: InjectionConfig | None = getattr(model, CONFIG_ATTR, None)
+    use_rslora = _uniform(layers, "use_rslora")
+    lora_dropout = _uniform(layers, "lora_dropout")
+    r = injected.r if injected else _most_common([layer.r for _, layer in layers])
+    lora_alpha = injected.lora_alpha if injected else _most_common([layer.lora_alpha for _, layer in layers])
+    names = sorted(name for name, _ in layers)
+    target_modules: list[str] | str = names
+    spec = injected.target_modules if injected else None
+    if spec is not None and not (isinstance(spec, str) and spec.lower() == ALL_LINEAR):
+        if sorted(match_targets(model, spec)) == names:
+            target_modules = spec  # as the user wrote it, when it still selects exactly these layers
+    model_config = getattr(model, "config", None)
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "use_rslora": use_rslora,
+        "target_modules": target_modules,
+        "exclude_modules": None,
+        "rank_pattern": _patterns(layers, "r", r),
+        "alpha_pattern": _patterns(layers, "lora_alpha", lora_alpha),
+        "fan_in_fan_out": all(layer.fan_in_fan_out for _, layer in layers),
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = None) -> None:
+    """Write the model's LoRALinear adapters to ``path`` as PEFT's save_pretrained does (default adapter).
+
+    ``PeftModel.from_pretrained(base_model, path)`` loads the result. task_type (e.g. "CAUSAL_LM") is
+    written to the config and picks PEFT's model class there. A merged layer's lora_A / lora_B are
+    saved as they are (the merge lives in the base weight, which is not part of an adapter file).
+    """
+    from safetensors.torch import save_file
+
+    config = adapter_config(model, task_type=task_type)
+    tensors = {}
+    for name, layer in lora_layers(model):
+        tensors[f"{KEY_PREFIX}{name}{_A_SUFFIX}"] = layer.lora_A.detach().contiguous()
+        tensors[f"{KEY_PREFIX}{name}{_B_SUFFIX}"] = layer.lora_B.detach().contiguous()
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+# ---- load -----------------------------------------------------------------------------------------
+
+def _read_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise AdapterFormatError(f"adapter path {path!r} is not a directory")
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        named = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CONFIG_NAME)))
+        hint = (f"; it has named-adapter sub-folders {named}: pass {os.path.join(path, named[0])!r}" if named
+                else "")
+        raise AdapterFormatError(f"{config_path} not found{hint}")
+    if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        other = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(path, f))]
+        hint = f" ({other[0]} found: re-save it with safe_serialization=True)" if other else ""
+        raise AdapterFormatError(f"{os.path.join(path, WEIGHTS_NAME)} not found{hint}")
+    with open(config_path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise AdapterFormatError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _check_config(config: dict) -> None:
+    if config.get("peft_type") != "LORA":
+        raise AdapterFormatError(f"adapter_config.json has peft_type={config.get('peft_type')!r}; "
+                                 f"load_adapter reads LoRA adapters (peft_type 'LORA') only")
+    if config.get("bias", "none") != "none":
+        raise AdapterFormatError(f"adapter_config.json has bias={config['bias']!r}; only bias='none' is supported "
+                                 f"(the file would carry base-layer biases)")
+    for field_name, what in _UNSUPPORTED_FIELDS.items():
+        if config.get(field_name):
+            raise AdapterFormatError(f"adapter_config.json sets {field_name}={config[field_name]!r}: {what} "
+                                     f"is not supported by fused_lora")
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        raise AdapterFormatError(f"adapter_config.json has init_lora_weights={init!r}: such adapters are valid only "
+                                 f"with the base weights PEFT modified at init; convert it to a plain LoRA first "
+                                 f"(save_pretrained(path_initial_model_for_weight_conversion=...))")
+    r = config.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise AdapterFormatError(f"adapter_config.json has r={r!r}; expected a positive int")
+    alpha = config.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterFormatError(f"adapter_config.json has lora_alpha={alpha!r}; expected a finite number")
+    p = config.get("lora_dropout", 0.0)
+    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise AdapterFormatError(f"adapter_config.json has lora_dropout={p!r}; expected a number in [0, 1)")
+    for pattern_name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(pattern_name) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterFormatError(f"adapter_config.json has {pattern_name}={pattern!r}; expected an object")
+
+
+def _module_tensors(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {"A": tensor, "B": tensor}} from PEFT's keys; rejects every other key."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        name = key.removeprefix("_orig_mod.")
+        if not name.startswith(KEY_PREFIX):
+            raise AdapterFormatError(f"unexpected key {key!r}: PEFT adapter keys start with {KEY_PREFIX!r}")
+        name = name[len(KEY_PREFIX):]
+        if ".lora_magnitude_vector" in name:
+            raise AdapterFormatError(f"key {key!r} is a DoRA magnitude vector; DoRA adapters are not supported")
+        if ".lora_embedding_" in name:
+            raise AdapterFormatError(f"key {key!r} is an embedding LoRA; only Linear layers are supported")
+        if name.endswith(".lora_B.bias"):
+            raise AdapterFormatError(f"key {key!r} is a LoRA bias (lora_bias=True); not supported")
+        for suffix, part in ((_A_SUFFIX, "A"), (_B_SUFFIX, "B")):
+            if name.endswith(suffix):
+                modules.setdefault(name[:-len(suffix)], {})[part] = tensor
+                break
+        else:
+            raise AdapterFormatError(f"unexpected key {key!r}: expected <module>.lora_A.weight or "
+                                     f"<module>.lora_B.weight (modules_to_save and other tuners are not supported)")
+    for name, parts in modules.items():
+        for part in ("A", "B"):
+            if part not in parts:
+                raise AdapterFormatError(f"missing key {KEY_PREFIX}{name}.lora_{part}.weight "
+                                         f"(its lora_{'B' if part == 'A' else 'A'} is present)")
+        a, b = parts["A"], parts["B"]
+        for part, t in (("A", a), ("B", b)):
+            key = f"{KEY_PREFIX}{name}.lora_{part}.weight"
+            if t.dim() != 2:
+                raise AdapterFormatError(f"{key} has shape {tuple(t.shape)}; expected 2-D (a Linear LoRA; conv "
+                                         f"LoRA is not supported)")
+            if not t.is_floating_point():
+                raise AdapterFormatError(f"{key} has dtype {t.dtype}; expected a floating-point tensor")
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterFormatError(f"{key} contains NaN or inf")
+        if b.shape[1] != a.shape[0]:
+            raise AdapterFormatError(f"{KEY_PREFIX}{name}.lora_B.weight has shape {tuple(b.shape)}; expected "
+                                     f"({b.shape[0]}, {a.shape[0]}) to match lora_A's rank {a.shape[0]}")
+    return modules
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, Conv1D or LoRALinear."""
+    if isinstance(module, LoRALinear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    nx, nf = module.weight.shape  # Conv1D stores (in, out)
+    return nx, nf
+
+
+def _plan(model: nn.Module, config: dict, modules: dict) -> list[tuple[str, nn.Module, int, float]]:
+    """[(module path, target module, r, lora_alpha)], checked against the model; raises before any change."""
+    existing = {name: layer for name, layer in lora_layers(model)}
+    file_names = set(modules)
+    if existing:
+        missing = sorted(set(existing) - file_names)
+        unexpected = sorted(file_names - set(existing))
+        where = "the model's LoRALinear layers"
+    else:
+        spec = config.get("target_modules")
+        if spec is None:
+            raise AdapterFormatError("adapter_config.json has no target_modules")
+        if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
+            targeted = set(match_targets(model, spec))
+        else:
+            targeted = set(match_targets(model, spec if isinstance(spec, str) else list(spec)))
+        exclude = config.get("exclude_modules")
+        if exclude:
+            targeted = {n for n in targeted if not name_matches(exclude if isinstance(exclude, str) else list(exclude), n)}
+        missing = sorted(targeted - file_names)
+        unexpected = sorted(file_names - targeted)
+        where = f"the modules target_modules={spec!r} selects"
+    if missing:
+        raise AdapterFormatError(f"missing keys: the adapter has no lora_A/lora_B for {len(missing)} of {where}, "
+                                 f"e.g. {KEY_PREFIX}{missing[0]}.lora_A.weight")
+    if unexpected:
+        raise AdapterFormatError(f"unexpected keys: the adapter has weights for {len(unexpected)} module(s) not in "
+                                 f"{where}, e.g. {KEY_PREFIX}{unexpected[0]}.lora_A.weight")
+
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    plan = []
+    for name in sorted(modules):
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterFormatError(f"unexpected key {KEY_PREFIX}{name}.lora_A.weight: the model has no module "
+                                     f"{name!r}") from None
+        if existing:
+            if target.merged:
+                raise AdapterFormatError(f"LoRALinear {name!r} is merged; unmerge it before loading an adapter")
+        elif not _is_linear(target):
+            raise AdapterFormatError(f"module {name!r} is a {type(target).__name__}; load_adapter targets "
+                                     f"nn.Linear and transformers Conv1D modules only")
+        a, b = modules[name]["A"], modules[name]["B"]
+        r = a.shape[0]
+        r_key = _pattern_key(rank_pattern, name)
+        expected_r = rank_pattern[r_key] if r_key is not None else r_default
+        if r != expected_r:
+            source = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
+            raise AdapterFormatError(f"{KEY_PREFIX}{name}.lora_A.weight has rank {r} but adapter_config.json "
+                                     f"gives {source}={expected_r}")
+        in_features, out_features = _features(target)
+        if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (out_features, r):
+            raise AdapterFormatError(f"shape mismatch for {name!r}: lora_A {tuple(a.shape)}, lora_B "
+                                     f"{tuple(b.shape)}; the module expects ({r}, {in_features}) and "
+                                     f"({out_features}, {r})")
+        if existing and target.r != r:
+            raise AdapterFormatError(f"LoRALinear {name!r} has r={target.r} but the adapter has rank {r}")
+        alpha_key = _pattern_key(alpha_pattern, name)
+        alpha = alpha_pattern[alpha_key] if alpha_key is not None else alpha_default
+        plan.append((name, target, r, alpha))
+    return plan
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) into ``model``.
+
+    Into a model with LoRALinear layers (from inject): the adapter must cover exactly those layers with
+    the same ranks; lora_alpha, use_rslora and lora_dropout are taken from the file. Into a plain model:
+    LoRALinear layers are injected at the modules the file's keys name (which must be the modules the
+    config's target_modules selects). Honours r, lora_alpha, use_rslora, rank_pattern, alpha_pattern
+    and fan_in_fan_out (from the base module's type, as PEFT does). Tensors are cast to each layer's
+    dtype (the base weight's). Everything is checked before the model changes: on any AdapterFormatError
+    the model is untouched. Returns ``model``.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    config = _read_config(path)
+    _check_config(config)
+    try:
+        state = load_file(os.path.join(path, WEIGHTS_NAME), device="cpu")
+    except SafetensorError as exc:
+        raise AdapterFormatError(f"{os.path.join(path, WEIGHTS_NAME)} is not a readable safetensors file: {exc}") \
+            from None
+    if not state:
+        raise AdapterFormatError(f"{os.path.join(path, WEIGHTS_NAME)} holds no tensors")
+    modules = _module_tensors(state)
+    plan = _plan(model, config, modules)
+
+    use_rslora = bool(config.get("use_rslora", False))
+    lora_dropout = float(config.get("lora_dropout", 0.0))
+    injected_now = []
+    with torch.no_grad():
+        for name, target, r, alpha in plan:
+            if isinstance(target, LoRALinear):
+                layer = target
+                layer.lora_dropout = lora_dropout
+                layer.set_scaling(lora_alpha=alpha, use_rslora=use_rslora)
+            else:
+                layer = LoRALinear.from_linear(target, r=r, lora_alpha=alpha, lora_dropout=lora_dropout,
+                                               use_rslora=use_rslora)
+                _set_submodule(model, name, layer)
+                injected_now.append(name)
+            layer.lora_A.copy_(modules[name]["A"])
+            layer.lora_B.copy_(modules[name]["B"])
+    if injected_now:
+        freeze_base(model)
+    spec = config.get("target_modules")
+    setattr(model, CONFIG_ATTR, InjectionConfig(
+        spec if isinstance(spec, str) else sorted(spec), config.get("r", 8), config.get("lora_alpha", 8),
+        lora_dropout, use_rslora, sorted(modules)))
+    return model

@@ -1,0 +1,258 @@
+"""patch_peft / unpatch_peft: PEFT's LoRA Linear layers compute forward and backward with lora_linear.
+
+A patched layer keeps its PEFT module object, parameters and state; only its class changes, to
+``FusedLinear`` (a subclass of ``peft.tuners.lora.layer.Linear`` that overrides ``forward``), so
+state_dict, save_pretrained, set_adapter, disable_adapter(), merging, optimizers and gradient
+checkpointing see the same module. ``unpatch_peft`` sets the class back.
+
+Per call, the fused path is taken only when it computes what PEFT computes; otherwise the layer runs
+PEFT's own forward for that call (see ``fused_plan``): adapter-level configurations (DoRA and other
+variants, lora_bias) are checked there, so a layer fuses again once a supported adapter is active.
+Layers that can never fuse (quantized or non-Linear base layers, non-Linear LoRA layers, hooked base
+layers) keep PEFT's class. One warning at patch time lists every layer that falls back, with the reason.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._validation import KERNEL_DTYPES, MAX_RANK
+from .functional import lora_linear
+from .layer import is_conv1d
+
+__all__ = ["patch_peft", "unpatch_peft", "fused_plan", "FusedFallbackWarning"]  # FusedLinear: built lazily
+
+_FUSED_CLASS: type | None = None
+# dtypes the fused path takes; others (fp64) run PEFT's forward. The parity tests widen it for the reference.
+FUSED_DTYPES = KERNEL_DTYPES
+
+
+class FusedFallbackWarning(UserWarning):
+    """Some PEFT LoRA layers keep PEFT's own forward; the message lists them and why."""
+
+
+def _peft_linear_class() -> type:
+    from peft.tuners.lora.layer import Linear
+    return Linear
+
+
+def _fused_class() -> type:
+    """FusedLinear, built on first use so that importing fused_lora does not import peft."""
+    global _FUSED_CLASS
+    if _FUSED_CLASS is None:
+        _FUSED_CLASS = _make_fused_class(_peft_linear_class())
+    return _FUSED_CLASS
+
+
+def _make_fused_class(peft_linear: type) -> type:
+    class FusedLinear(peft_linear):
+        """peft.tuners.lora.layer.Linear whose forward runs fused_lora.lora_linear when it can."""
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            plan = fused_plan(self, x, args, kwargs)
+            if plan is None:
+                return peft_linear.forward(self, x, *args, **kwargs)
+            return _fused_forward(self, x, *plan)
+
+    FusedLinear.__module__ = __name__
+    FusedLinear.__qualname__ = "FusedLinear"
+    return FusedLinear
+
+
+def __getattr__(name: str):
+    if name == "FusedLinear":
+        return _fused_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype PEFT's base layer computes in: the autocast dtype under torch.autocast, else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _dropout_p(module: nn.Module) -> float | None:
+    """p of a PEFT lora_dropout entry; None for anything but nn.Identity / nn.Dropout."""
+    if type(module) is nn.Identity:
+        return 0.0
+    if type(module) is nn.Dropout:
+        return float(module.p) if module.training else 0.0
+    return None
+
+
+def fused_plan(layer, x: torch.Tensor, args: tuple, kwargs: dict):
+    """(adapters, dtype, dropout_p) when the fused op computes this call as PEFT would, else None.
+
+    Cheap Python checks on module state and dtypes only (no tensor values), so torch.compile can guard
+    on them. PEFT's forward runs instead when: extra forward arguments are given (``adapter_names`` for
+    mixed batches, variant kwargs); adapters are disabled or merged (PEFT then runs the base layer);
+    an active adapter is a variant (DoRA, ...) or has lora_bias, added after patching; the active
+    adapters' stacked rank exceeds MAX_RANK; several active adapters in training with dropout (PEFT
+    draws an independent mask per adapter, one fused call would share one); the compute dtype is not
+    fp16 / bf16 / fp32; the base weight's dtype differs from the compute dtype outside autocast.
+    """
+    if args or any(value is not None for value in kwargs.values()):
+        return None
+    if layer.disable_adapters or layer.merged:
+        return None
+    adapters = [name for name in layer.active_adapters if name in layer.lora_A]
+    if not adapters:
+        return None
+    rank = 0
+    dropout_ps = []
+    for name in adapters:
+        if name in layer.lora_variant or layer.lora_bias.get(name, False):
+            return None
+        p = _dropout_p(layer.lora_dropout[name])
+        if p is None:
+            return None
+        dropout_ps.append(p)
+        rank += layer.r[name]
+    if rank > MAX_RANK:
+        return None
+    if len(adapters) > 1 and any(p > 0.0 for p in dropout_ps):
+        return None
+    dtype = _compute_dtype(x)
+    if dtype not in FUSED_DTYPES:
+        return None
+    if layer.base_layer.weight.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        return None
+    return adapters, dtype, dropout_ps[0]
+
+
+def _fused_forward(layer, x: torch.Tensor, adapters: list, dtype: torch.dtype, dropout_p: float) -> torch.Tensor:
+    base = layer.base_layer
+    weight = base.weight.t() if is_conv1d(base) else base.weight
+    bias = base.bias
+    # One dtype for the fused op: PEFT's default fp32 adapters on a bf16/fp16 base are cast to the base's
+    # dtype here (grads flow back to the fp32 parameters through the cast). PEFT instead runs that branch
+    # in fp32; the measured difference is in the README (tests/peft_parity.py, config bf16-base-fp32-adapters).
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    x = x.to(dtype)
+    if len(adapters) == 1:
+        name = adapters[0]
+        lora_A = layer.lora_A[name].weight.to(dtype)
+        lora_B = layer.lora_B[name].weight.to(dtype)
+        scaling = float(layer.scaling[name])
+    else:
+        # Several adapters: one call with the ranks stacked, each B pre-multiplied by its own scale.
+        # Autograd through cat / mul hands each adapter its own gradient.
+        lora_A = torch.cat([layer.lora_A[name].weight.to(dtype) for name in adapters], dim=0)
+        # The scale is applied before the cast: one rounding for fp32 adapters on a bf16 base.
+        lora_B = torch.cat([(layer.lora_B[name].weight * float(layer.scaling[name])).to(dtype) for name in adapters],
+                           dim=1)
+        scaling = 1.0
+    return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, training=dropout_p > 0.0)
+
+
+# ---- patch time ---------------------------------------------------------------------------------
+
+# peft.tuners.lora.<module> files holding LoRA layers for quantized base layers.
+_QUANTIZED_MODULES = ("bnb", "gptq", "awq", "aqlm", "eetq", "hqq", "inc", "torchao")
+
+
+def _is_plain_conv1d(module: nn.Module) -> bool:
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and type(module) is pytorch_utils.Conv1D
+
+
+def _unsupported_layer_reason(module: nn.Module) -> str | None:
+    """Why a LoRA layer can never be fused (its class or base layer), or None."""
+    peft_linear = _peft_linear_class()
+    cls = type(module)
+    if cls is not peft_linear:
+        source = cls.__module__.rsplit(".", 1)[-1]
+        if source in _QUANTIZED_MODULES or "quant" in cls.__name__.lower():
+            return f"quantized base layer ({cls.__module__}.{cls.__name__})"
+        return f"LoRA layer type {cls.__name__} is not supported (fused_lora fuses lora.Linear only)"
+    base = module.base_layer
+    if not (type(base) is nn.Linear or _is_plain_conv1d(base)):
+        base_name = type(base).__name__
+        kind = "quantized" if any(tag in base_name.lower() for tag in ("quant", "4bit", "8bit")) else "unsupported"
+        return f"{kind} base layer {type(base).__module__}.{base_name} (fused: nn.Linear, transformers Conv1D)"
+    weight = base.weight
+    if type(weight) is not nn.Parameter or type(weight.data) is not torch.Tensor:
+        return f"base weight is a {type(weight.data).__name__} (quantized or tensor subclass), not a plain tensor"
+    if base._forward_hooks or base._forward_pre_hooks:
+        return "the base layer has forward hooks, which the fused op would bypass"
+    if "forward" in module.__dict__ or "forward" in base.__dict__:
+        return "an instance-level forward is set (e.g. an accelerate hook); it would bypass the fused forward"
+    return None
+
+
+def _unsupported_adapter_reason(module: nn.Module) -> str | None:
+    """Why the layer's current adapters would always run PEFT's forward, or None."""
+    for name in module.lora_A:
+        if getattr(module, "use_dora", {}).get(name, False):
+            return f"adapter {name!r} uses DoRA"
+        if name in module.lora_variant:
+            return f"adapter {name!r} is a LoRA variant ({type(module.lora_variant[name]).__name__})"
+        if module.lora_bias.get(name, False):
+            return f"adapter {name!r} has lora_bias=True"
+        if _dropout_p(module.lora_dropout[name]) is None:
+            return f"adapter {name!r} has a custom dropout module {type(module.lora_dropout[name]).__name__}"
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    rank = sum(module.r[name] for name in active)
+    if rank > MAX_RANK:
+        return f"active adapters {active} stack to rank {rank} > {MAX_RANK}"
+    return None
+
+
+def _lora_layers(model: nn.Module):
+    from peft.tuners.lora.layer import LoraLayer
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def patch_peft(model: nn.Module) -> nn.Module:
+    """Make every supported LoRA Linear layer of a PEFT model compute with fused_lora.lora_linear.
+
+    Uses PEFT's own parameters and modules (in place; returns ``model``). Layers with an unsupported
+    configuration keep PEFT's forward; one FusedFallbackWarning lists them with the reason. Raises
+    TypeError when the model contains no PEFT LoRA layer. Patching twice is a no-op.
+    """
+    fused_cls = _fused_class()
+    layers = list(_lora_layers(model))
+    if not layers:
+        raise TypeError(f"patch_peft expects a PEFT model with LoRA layers (get_peft_model with a LoraConfig); "
+                        f"{type(model).__name__} contains none")
+    fallbacks = []
+    for name, module in layers:
+        if type(module) is fused_cls:
+            continue
+        layer_reason = _unsupported_layer_reason(module)
+        if layer_reason is None:
+            # Adapter-level reasons (DoRA, lora_bias, rank) are checked again per call, so a layer whose
+            # adapter is unsupported now fuses once a supported adapter is active.
+            module.__class__ = fused_cls
+        reason = layer_reason or _unsupported_adapter_reason(module)
+        if reason is not None:
+            fallbacks.append((name, reason))
+    if fallbacks:
+        lines = "\n".join(f"  {name}: {reason}" for name, reason in fallbacks)
+        warnings.warn(f"fused_lora.patch_peft: {len(fallbacks)} of {len(layers)} LoRA layers run PEFT's own "
+                      f"forward:\n{lines}", FusedFallbackWarning, stacklevel=2)
+    return model
+
+
+def unpatch_peft(model: nn.Module) -> nn.Module:
+    """Restore PEFT's own Linear class on every patched layer (in place; returns ``model``)."""
+    if _FUSED_CLASS is None:
+        return model
+    peft_linear = _peft_linear_class()
+    for _, module in model.named_modules():
+        if type(module) is _FUSED_CLASS:
+            module.__class__ = peft_linear
+    return model
+
+
+def is_patched(module: nn.Module) -> bool:
+    return _FUSED_CLASS is not None and type(module) is _FUSED_CLASS

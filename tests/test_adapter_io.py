@@ -1,0 +1,188 @@
+"""save_adapter / load_adapter against PEFT's own save_pretrained and PeftModel.from_pretrained."""
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("safetensors")
+
+import fused_lora  # noqa: E402
+from fused_lora.adapter_io import AdapterFormatError  # noqa: E402
+from fused_lora.injection import lora_layers  # noqa: E402
+from peft_parity import inputs, peft_model, randomize_lora, tiny_gpt2, tiny_llama  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from peft import LoraConfig, PeftModel  # noqa: E402
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # fused kernel vs PEFT's separate matmuls, fp32
+
+
+def _peft_lora(model):
+    """{module path: (A, B, scaling)} of a PEFT model's default adapter."""
+    out = {}
+    for name, module in model.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            out[name] = (module.lora_A["default"].weight, module.lora_B["default"].weight, module.scaling["default"])
+    return out
+
+
+def _assert_same_adapter(ours, peft):
+    layers = dict(lora_layers(ours))
+    theirs = _peft_lora(peft)
+    assert sorted(layers) == sorted(theirs)
+    for name, (a, b, s) in theirs.items():
+        assert torch.equal(layers[name].lora_A, a) and torch.equal(layers[name].lora_B, b)
+        assert layers[name].scaling == s, name
+
+
+def _randomize(model):
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) / layer.in_features ** 0.5)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.02)
+
+
+def test_save_adapter_loads_in_peft(tmp_path):
+    model = tiny_llama().eval()
+    fused_lora.inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8, use_rslora=True)
+    fused_lora.inject(model, ["down_proj"], r=8, lora_alpha=32, use_rslora=True)  # -> rank/alpha patterns
+    _randomize(model)
+    fused_lora.save_adapter(model, tmp_path, task_type="CAUSAL_LM")
+    config = json.load(open(tmp_path / "adapter_config.json"))
+    assert config["peft_type"] == "LORA" and config["use_rslora"] is True and config["r"] == 4
+    assert config["rank_pattern"] == {f"model.layers.{i}.mlp.down_proj": 8 for i in range(2)}
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in state and len(state) == 12
+    peft = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    _assert_same_adapter(model, peft)
+    ids, _ = inputs()
+    torch.testing.assert_close(model(input_ids=ids).logits, peft(input_ids=ids).logits, **TOL)
+
+
+@pytest.mark.parametrize("into", ["plain", "injected"])
+def test_peft_adapter_loads(tmp_path, into):
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.05,
+                        rank_pattern={"q_proj": 4}, alpha_pattern={"model.layers.1.mlp.up_proj": 3})
+    peft = peft_model(tiny_llama(), config).eval()
+    peft.save_pretrained(tmp_path)
+    model = tiny_llama().eval()
+    if into == "injected":
+        fused_lora.inject(model, "all-linear", r=8)
+        with torch.no_grad():
+            for name, layer in lora_layers(model):
+                if name.endswith("q_proj"):  # an injected model must have the adapter's ranks
+                    layer.r, layer.lora_A, layer.lora_B = 4, torch.nn.Parameter(layer.lora_A[:4]), \
+                        torch.nn.Parameter(layer.lora_B[:, :4])
+    fused_lora.load_adapter(model, tmp_path)
+    _assert_same_adapter(model, peft)
+    assert all(layer.lora_dropout == 0.05 for _, layer in lora_layers(model))
+    ids, _ = inputs()
+    torch.testing.assert_close(model(input_ids=ids).logits, peft(input_ids=ids).logits, **TOL)
+    fused_lora.save_adapter(model, tmp_path / "again")  # and back out: the same tensors
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "adapter_model.safetensors")
+    assert again.keys() == theirs.keys() and all(torch.equal(again[k], theirs[k]) for k in theirs)
+
+
+def test_peft_fan_in_fan_out_adapter_loads(tmp_path):
+    config = LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_fc"])
+    peft = peft_model(tiny_gpt2(), config).eval()
+    peft.save_pretrained(tmp_path)
+    model = fused_lora.load_adapter(tiny_gpt2().eval(), tmp_path)
+    assert all(layer.fan_in_fan_out for _, layer in lora_layers(model))
+    _assert_same_adapter(model, peft)
+    ids, _ = inputs()
+    torch.testing.assert_close(model(input_ids=ids).logits, peft(input_ids=ids).logits, **TOL)
+    fused_lora.save_adapter(model, tmp_path / "ours")
+    assert json.load(open(tmp_path / "ours" / "adapter_config.json"))["fan_in_fan_out"] is True
+    peft2 = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours").eval()
+    torch.testing.assert_close(peft2(input_ids=ids).logits, peft(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def _peft_dir(tmp_path, **config):
+    peft = peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **config))
+    peft.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _edit_config(path, **changes):
+    config = json.load(open(path / "adapter_config.json"))
+    config.update(changes)
+    json.dump(config, open(path / "adapter_config.json", "w"))
+
+
+def _edit_state(path, edit):
+    state = load_file(path / "adapter_model.safetensors")
+    edit(state)
+    save_file(state, path / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+REJECTIONS = {
+    "dora": (lambda p: _edit_config(p, use_dora=True), "use_dora=True: DoRA"),
+    "bias": (lambda p: _edit_config(p, bias="all"), "bias='all'"),
+    "modules_to_save": (lambda p: _edit_config(p, modules_to_save=["lm_head"]), "modules_to_save"),
+    "peft_type": (lambda p: _edit_config(p, peft_type="IA3"), "peft_type='IA3'"),
+    "pissa": (lambda p: _edit_config(p, init_lora_weights="pissa"), "init_lora_weights='pissa'"),
+    "rank": (lambda p: _edit_config(p, r=8), f"{Q0}.lora_A.weight has rank 4 but adapter_config.json gives r=8"),
+    "missing": (lambda p: _edit_state(p, lambda s: [s.pop(k) for k in list(s) if ".layers.1.self_attn.v_proj" in k]),
+                "missing keys"),
+    "half missing": (lambda p: _edit_state(p, lambda s: s.pop(f"{Q0}.lora_B.weight")),
+                     f"missing key {Q0}.lora_B.weight"),
+    "unexpected": (lambda p: _edit_state(p, lambda s: s.update({"base_model.model.lm_head.modules_to_save.weight":
+                                                                 torch.zeros(2)})), "unexpected key"),
+    "magnitude": (lambda p: _edit_state(p, lambda s: s.update({f"{Q0}.lora_magnitude_vector": torch.ones(64)})),
+                  "DoRA magnitude vector"),
+    "shape": (lambda p: _edit_state(p, lambda s: s.update({f"{Q0}.lora_A.weight": torch.zeros(4, 32),
+                                                           f"{Q0}.lora_B.weight": torch.zeros(64, 4)})),
+              "shape mismatch for 'model.layers.0.self_attn.q_proj'"),
+    "dtype": (lambda p: _edit_state(p, lambda s: s.update({f"{Q0}.lora_A.weight": torch.zeros(4, 64, dtype=torch.int32)})),
+              "dtype torch.int32"),
+    "nan": (lambda p: _edit_state(p, lambda s: s[f"{Q0}.lora_B.weight"].fill_(float("nan"))), "NaN or inf"),
+    "bin": (lambda p: os.rename(p / "adapter_model.safetensors", p / "adapter_model.bin"), "adapter_model.bin found"),
+}
+
+
+@pytest.mark.parametrize("case", list(REJECTIONS))
+@pytest.mark.parametrize("into", ["plain", "injected"])
+def test_rejections_leave_model_untouched(tmp_path, case, into):
+    path = _peft_dir(tmp_path)
+    edit, message = REJECTIONS[case]
+    edit(path)
+    model = tiny_llama()
+    if into == "injected":
+        fused_lora.inject(model, ["q_proj", "v_proj"], r=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    with pytest.raises(AdapterFormatError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        fused_lora.load_adapter(model, path)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+
+
+def test_injected_set_must_equal_file(tmp_path):
+    path = _peft_dir(tmp_path)
+    model = fused_lora.inject(tiny_llama(), ["q_proj", "v_proj", "k_proj"], r=4)
+    with pytest.raises(AdapterFormatError, match="missing keys.*k_proj"):
+        fused_lora.load_adapter(model, path)
+    model = fused_lora.inject(tiny_llama(), ["q_proj"], r=4)
+    with pytest.raises(AdapterFormatError, match="unexpected keys.*v_proj"):
+        fused_lora.load_adapter(model, path)
+
+
+def test_named_adapter_subfolder(tmp_path):
+    peft = peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    peft.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    randomize_lora(peft)
+    peft.save_pretrained(tmp_path, selected_adapters=["other"])
+    with pytest.raises(AdapterFormatError, match="named-adapter sub-folders \\['other'\\]"):
+        fused_lora.load_adapter(tiny_llama(), tmp_path)
+    model = fused_lora.load_adapter(tiny_llama(), tmp_path / "other")
+    assert sorted(n for n, _ in lora_layers(model)) == ["model.layers.0.self_attn.v_proj",
+                                                          "model.layers.1.self_attn.v_proj"]

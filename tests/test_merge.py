@@ -1,0 +1,125 @@
+"""LoRALinear.merge / unmerge and merge_and_unload: fp32 merge, NaN / inf refusal, round trips."""
+import pytest
+import torch
+from torch import nn
+
+import fused_lora
+from numerics import assert_within_torch_error
+
+
+def _layer(dtype=torch.float32, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    layer = fused_lora.LoRALinear(48, 24, r=4, lora_alpha=8, dtype=dtype, **kwargs)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.05)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_matches_unmerged_and_round_trips(dtype):
+    layer = _layer(dtype)
+    x = torch.randn(5, 48, dtype=dtype)
+    w0 = layer.weight.detach().clone()
+    y = layer(x)
+    layer.merge()
+    assert layer.merged and "merged=True" in repr(layer)
+    y_merged = layer(x)
+    # Reference in fp64: W + s B A exactly, applied to x.
+    w64 = w0.double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    ref = x.double() @ w64.t() + layer.bias.double()
+    merged_torch = nn.functional.linear(x, (w0.float() + layer.scaling * layer.lora_B.float() @ layer.lora_A.float())
+                                        .to(dtype), layer.bias)
+    assert_within_torch_error("merged y", y_merged, merged_torch, ref, dtype)
+    assert_within_torch_error("unmerged y", y, merged_torch, ref, dtype)
+    layer.unmerge()
+    assert not layer.merged
+    if dtype == torch.float32:
+        torch.testing.assert_close(layer.weight, w0, rtol=0, atol=2e-7)
+    else:  # W is rounded twice: within half an ulp of W + s B A plus half an ulp of W (bf16: 2^-8 relative)
+        delta = (layer.scaling * layer.lora_B.float() @ layer.lora_A.float()).abs()
+        assert ((layer.weight.float() - w0.float()).abs() <= (w0.float().abs() + delta) * 2**-8 * 2).all()
+
+
+def test_merge_fan_in_fan_out():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    conv = Conv1D(24, 48)
+    layer = fused_lora.LoRALinear.from_linear(conv, r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.05)
+    x = torch.randn(5, 48)
+    y = layer(x)
+    layer.merge()
+    torch.testing.assert_close(conv(x), y, rtol=1e-5, atol=1e-5)  # the Conv1D itself carries the merge
+    base = layer.to_base_layer()
+    assert type(base) is Conv1D and base.weight is conv.weight
+    torch.testing.assert_close(base(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_nan_and_overflow():
+    layer = _layer()
+    w0 = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf.*unchanged"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.weight, w0)
+    half = _layer(torch.float16)
+    w0 = half.weight.detach().clone()
+    with torch.no_grad():
+        half.lora_B.fill_(300.0)
+        half.lora_A.fill_(100.0)  # s B A = 2 * 4 * 3e4 > fp16 max: overflows only in the cast back
+    with pytest.raises(ValueError, match="NaN or inf"):
+        half.merge()
+    assert not half.merged and torch.equal(half.weight, w0)
+
+
+def test_double_merge_and_unmerged_unmerge_raise():
+    layer = _layer()
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+    layer.merge()
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+
+
+def test_merge_and_unload_injected_model():
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)).eval()
+    fused_lora.inject(model, "all-linear", r=2, lora_alpha=4)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_B.normal_(std=0.1)
+    model[2].merge()  # already merged layers are unloaded as they are
+    x = torch.randn(4, 16)
+    y = model(x)
+    out = fused_lora.merge_and_unload(model)
+    assert out is model and type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    assert not hasattr(model, "fused_lora_config")
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_and_unload_refusal_merges_nothing():
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8))
+    fused_lora.inject(model, "all-linear", r=2)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+        model[1].lora_B.fill_(float("inf"))
+    w0 = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"NaN or inf weights in \['1'\]; nothing was merged"):
+        fused_lora.merge_and_unload(model)
+    assert isinstance(model[0], fused_lora.LoRALinear) and not model[0].merged
+    assert torch.equal(model[0].weight, w0)
+
+
+def test_merge_and_unload_patched_peft_model():
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft_parity import inputs, peft_model, tiny_llama
+    model = fused_lora.patch_peft(peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+    model.eval()
+    ids, _ = inputs()
+    y = model(input_ids=ids).logits
+    base = fused_lora.merge_and_unload(model)
+    assert type(base.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(base(input_ids=ids).logits, y, rtol=1e-5, atol=1e-5)
