@@ -1,0 +1,165 @@
+"""What fused-lora-bench sweeps: providers, shapes, presets, and parsing of the command-line filters."""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import asdict, dataclass, replace
+
+PROVIDERS = ("fused", "eager", "peft", "addmm", "gemm")
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+DTYPES = ("bfloat16", "float16", "float32")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+# (in_features K, out_features N) of the attention and MLP projections.
+LLAMA3_8B_SHAPES = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
+LLAMA3_70B_SHAPES = ((8192, 8192), (8192, 28672))
+MODEL_SHAPES = LLAMA3_8B_SHAPES + LLAMA3_70B_SHAPES
+# The issue's headline point: r = 16, 8192 tokens, 4096 -> 4096, bf16.
+HEADLINE = dict(shape=(4096, 4096), tokens=8192, r=16, dtype="bfloat16")
+# LoRA scaling of every provider: lora_alpha = 2 r (a common choice); it does not change the cost.
+ALPHA_OVER_R = 2.0
+# Base projections of Llama-class models have no bias.
+BIAS = False
+
+
+@dataclass(frozen=True)
+class Point:
+    """One layer configuration: y = x W^T + s * (dropout(x) A^T) B^T with x (tokens, K), W (N, K)."""
+    in_features: int
+    out_features: int
+    tokens: int
+    r: int
+    dropout: float
+    dtype: str
+    bias: bool = BIAS
+
+    @property
+    def shape(self) -> str:
+        return f"{self.in_features}->{self.out_features}"
+
+    @property
+    def scaling(self) -> float:
+        return ALPHA_OVER_R
+
+    def as_dict(self) -> dict:
+        return {"shape": self.shape, **asdict(self)}
+
+    def useful_flops(self, provider: str, direction: str) -> int:
+        """FLOPs of the math (not of padded tiles): used for TFLOP/s.
+
+        fwd: x W^T plus, for LoRA, x' A^T and S B^T. bwd (base frozen, x, A, B trainable): dY W, plus
+        dS = dY B, dB = dY^T S, dA = dS^T x' and dS A for LoRA.
+        """
+        M, N, K, r = self.tokens, self.out_features, self.in_features, self.r
+        lora = provider != "gemm"
+        fwd = 2 * M * N * K + (2 * M * r * (K + N) if lora else 0)
+        bwd = 2 * M * N * K + (4 * M * r * (K + N) if lora else 0)
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    shapes: tuple[tuple[int, int], ...]
+    tokens: tuple[int, ...]
+    ranks: tuple[int, ...]
+    dropouts: tuple[float, ...]
+    dtypes: tuple[str, ...]
+
+    def points(self) -> list[Point]:
+        return [Point(K, N, M, r, p, dt) for (K, N), M, r, p, dt in
+                itertools.product(self.shapes, self.tokens, self.ranks, self.dropouts, self.dtypes)]
+
+    def with_filters(self, filters: dict) -> "Sweep":
+        return replace(self, **{k: v for k, v in filters.items() if v is not None})
+
+
+# On a GPU. quick: 6 shapes x 4 token counts x 2 ranks x 2 dropouts, bf16: 96 points x 5 providers x 3
+# directions, at do_bench's ~0.1 s per timing a few minutes on one GPU.
+GPU_PRESETS = {
+    "tiny": Sweep(((256, 256),), (64,), (16,), (0.0, 0.1), ("bfloat16",)),
+    "quick": Sweep(MODEL_SHAPES, (1, 256, 2048, 8192), (16, 64), (0.0, 0.1), ("bfloat16",)),
+    "full": Sweep(MODEL_SHAPES, (1, 16, 64, 256, 1024, 2048, 4096, 8192, 16384), (8, 16, 64, 128), (0.0, 0.1),
+                  ("bfloat16", "float16")),
+}
+# On CPU (no CUDA): small shapes, fp32. bf16 is not timed by default: a 1024^3 bf16 mm took 2.3 s on
+# this project's 2-core CPU (21 ms in fp32). With dropout, fused's CPU path draws the Philox mask in
+# int64 torch ops, measured ~1.3 s per million elements here (once in forward, twice in backward):
+# the token counts keep that within the default run's budget.
+CPU_PRESETS = {
+    "tiny": Sweep(((64, 64),), (32,), (8,), (0.0, 0.1), ("float32",)),
+    "quick": Sweep(((1024, 1024),), (64, 256), (16,), (0.0, 0.1), ("float32",)),
+    "full": Sweep(((1024, 1024), (1024, 4096)), (64, 256, 1024), (16, 64), (0.0, 0.1), ("float32",)),
+}
+# The modeled H100 sweep in CPU mode: the issue's shapes, tokens and ranks. bf16 only: the model
+# gives fp16 the same peak and the same bytes, so its rows would be identical.
+MODEL_PRESETS = {
+    "tiny": Sweep((HEADLINE["shape"],), (HEADLINE["tokens"],), (HEADLINE["r"],), (0.0, 0.1), ("bfloat16",)),
+    "quick": Sweep(MODEL_SHAPES, (1, 16, 256, 1024, 4096, 8192, 16384), (8, 16, 64, 128), (0.0, 0.1),
+                   ("bfloat16",)),
+    "full": Sweep(MODEL_SHAPES, (1, 16, 64, 256, 1024, 2048, 4096, 8192, 16384), (8, 16, 64, 128), (0.0, 0.1),
+                  ("bfloat16", "float16")),
+}
+
+
+class FilterError(ValueError):
+    """A command-line filter that cannot be parsed; the message says what was expected."""
+
+
+def _split(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise FilterError(f"empty list {text!r}")
+    return items
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """'4096x1024,8192->28672' -> ((4096, 1024), (8192, 28672)): in_features x out_features."""
+    shapes = []
+    for item in _split(text):
+        m = re.fullmatch(r"(\d+)\s*(?:x|->)\s*(\d+)", item)
+        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            raise FilterError(f"bad shape {item!r}: expected IN x OUT, e.g. 4096x1024 or 4096->1024")
+        shapes.append((int(m.group(1)), int(m.group(2))))
+    return tuple(shapes)
+
+
+def parse_ints(text: str, what: str, low: int, high: int | None = None) -> tuple[int, ...]:
+    values = []
+    for item in _split(text):
+        if not re.fullmatch(r"\d+", item) or int(item) < low or (high is not None and int(item) > high):
+            bound = f"{low}..{high}" if high is not None else f">= {low}"
+            raise FilterError(f"bad {what} {item!r}: expected an integer {bound}")
+        values.append(int(item))
+    return tuple(values)
+
+
+def parse_dropouts(text: str) -> tuple[float, ...]:
+    values = []
+    for item in _split(text):
+        try:
+            p = float(item)
+        except ValueError:
+            p = -1.0
+        if not 0.0 <= p < 1.0:
+            raise FilterError(f"bad dropout {item!r}: expected a probability in [0, 1)")
+        values.append(p)
+    return tuple(values)
+
+
+def parse_dtypes(text: str) -> tuple[str, ...]:
+    values = []
+    for item in _split(text):
+        name = _DTYPE_ALIASES.get(item.lower(), item.lower())
+        if name not in DTYPES:
+            raise FilterError(f"unknown dtype {item!r}: expected one of {', '.join(DTYPES)} (or bf16, fp16, fp32)")
+        values.append(name)
+    return tuple(values)
+
+
+def parse_providers(text: str) -> tuple[str, ...]:
+    values = []
+    for item in _split(text):
+        if item not in PROVIDERS:
+            raise FilterError(f"unknown provider {item!r}: expected one of {', '.join(PROVIDERS)}")
+        values.append(item)
+    return tuple(p for p in PROVIDERS if p in values)

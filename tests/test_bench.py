@@ -1,0 +1,268 @@
+"""fused-lora-bench: the tiny preset end to end, the filters, the model's link to the launchers."""
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fused_lora.benchmarks import cli, measure, model, report
+from fused_lora.benchmarks.providers import BUILDERS, Params, make_input, torch_backend_for_cpu
+from fused_lora.benchmarks.sweep import HEADLINE, PROVIDERS, Point, parse_shapes
+from fused_lora.kernels import configs, ops
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+TAGS = ("mode", "device", "torch", "triton", "git_commit", "date_utc")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    import contextlib
+    import io
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(["--tiny", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+    return out, stdout.getvalue()
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_run_says_cpu_mode_and_prints_three_parts(tiny_run):
+    _, text = tiny_run
+    assert cli.CPU_MODE_BANNER in text
+    for part in ("[1/3] Measured CPU times (not GPU)", "[2/3] Activation bytes saved", "[3/3] MODELED H100"):
+        assert part in text
+
+
+def test_tiny_run_writes_measured_points(tiny_run):
+    out, _ = tiny_run
+    rows = _rows(out / "points.csv")
+    assert {r["provider"] for r in rows} == set(PROVIDERS)
+    for r in rows:
+        assert r["kind"] == "measured-cpu" and r["mode"] == "cpu"
+        assert all(r[t] for t in TAGS)
+        assert not r.get("error")
+        for d in ("fwd", "bwd", "fwd+bwd"):
+            med, p20, p80 = (float(r[f"{d}_ms{s}"]) for s in ("", "_p20", "_p80"))
+            assert 0 < p20 <= med <= p80
+    by = {(r["provider"], r["dropout"]): r for r in rows}
+    fused, gemm = by[("fused", "0.0")], by[("gemm", "0.0")]
+    assert float(fused["fwd+bwd_ratio_to_gemm"]) == pytest.approx(float(fused["fwd+bwd_ms"]) / float(gemm["fwd+bwd_ms"]))
+    assert float(gemm["fwd+bwd_ratio_to_gemm"]) == 1.0
+
+
+def test_tiny_run_writes_modeled_rows_labelled_modeled(tiny_run):
+    out, _ = tiny_run
+    rows = _rows(out / "modeled.csv")
+    assert rows and all(r["kind"] == "modeled-h100" for r in rows)
+    numbers = [k for k in rows[0] if k not in ("kind", "shape", "provider", "direction", "dtype", "bias", *TAGS)
+               and k not in ("in_features", "out_features", "tokens", "r", "dropout")]
+    assert numbers and all(k.startswith("modeled_") for k in numbers)
+    at = {(r["provider"], r["direction"], r["dropout"]): r for r in rows
+          if (r["shape"], r["tokens"], r["r"], r["dtype"]) == ("4096->4096", "8192", "16", "bfloat16")}
+    for d in ("fwd", "bwd", "fwd+bwd"):
+        assert float(at[("fused", d, "0.0")]["modeled_hbm_mib"]) < float(at[("eager", d, "0.0")]["modeled_hbm_mib"])
+    # The bare GEMM's compulsory bytes are x, W and y once each, in bf16.
+    M, K, N = 8192, 4096, 4096
+    assert float(at[("gemm", "fwd", "0.0")]["modeled_hbm_mib"]) == pytest.approx((M * K + N * K + M * N) * 2 / 2**20)
+
+
+def test_tiny_run_writes_json_with_metadata_and_launches(tiny_run):
+    out, _ = tiny_run
+    data = json.loads((out / "points.json").read_text())
+    assert all(data["metadata"][t] for t in TAGS)
+    assert data["modeled_assumptions"]["peak_flops_bf16_fp16"] == 989e12
+    assert data["modeled_assumptions"]["hbm_bytes_per_s"] == 3.35e12
+    fused_fwd = [m for m in data["modeled"] if m["provider"] == "fused" and m["direction"] == "fwd"]
+    assert [launch[0] for launch in fused_fwd[0]["launches"]] == ["_lora_shrink_kernel", "_lora_fwd_kernel"]
+
+
+def test_tiny_run_saved_bytes(tiny_run):
+    out, _ = tiny_run
+    rows = {(r["provider"], r["dropout"]): int(r["saved_bytes"]) for r in _rows(out / "saved_bytes.csv")}
+    M, K, r = HEADLINE["tokens"], HEADLINE["shape"][0], HEADLINE["r"]
+    # fused keeps x and S (bf16); with dropout, PEFT's formula adds the bool mask and keeps dropout(x), not x.
+    assert rows[("fused", "0.0")] == rows[("fused", "0.1")] == (M * K + M * r) * 2
+    assert rows[("eager", "0.1")] == rows[("peft", "0.1")] == (M * K + M * r) * 2 + M * K
+    assert rows[("gemm", "0.0")] == 0
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="matplotlib not installed")
+def test_tiny_run_writes_plots(tiny_run):
+    out, _ = tiny_run
+    assert (out / "ratio_to_gemm_4096x4096.png").stat().st_size > 0
+    assert (out / "saved_bytes.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--providers", "fused,nope"], "unknown provider 'nope'"),
+    (["--shapes", "4096by4096"], "bad shape '4096by4096'"),
+    (["--ranks", "0"], "bad rank '0'"),
+    (["--ranks", "300"], "bad rank '300'"),
+    (["--dropout", "1.0"], "bad dropout '1.0'"),
+    (["--dtypes", "int8"], "unknown dtype 'int8'"),
+    (["--tokens", "-3"], "bad token count"),
+])
+def test_bad_filters_exit_with_a_clear_error(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv + ["--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_device_cuda_without_cuda_is_an_error(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["--device", "cuda", "--out", str(tmp_path)])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_parse_shapes_accepts_both_spellings():
+    assert parse_shapes("4096x1024, 8192->28672") == ((4096, 1024), (8192, 28672))
+
+
+# --- the fused model follows the launchers -------------------------------------------------------
+
+def _fused_kernel_launches(point, **kw):
+    launches = model.fused_launches(point, "fwd", **kw) + model.fused_launches(point, "bwd", **kw)
+    return [launch.name for launch in launches]
+
+
+def test_fused_model_follows_the_token_regime(monkeypatch):
+    point = Point(4096, 4096, 64, 16, 0.0, "bfloat16")
+    assert _fused_kernel_launches(point)[:1] == ["_lora_fwd_kernel"]  # few tokens: shrink fused in
+    monkeypatch.setattr(configs, "FEW_TOKENS", 32)
+    assert _fused_kernel_launches(point)[:2] == ["_lora_shrink_kernel", "_lora_fwd_kernel"]
+
+
+def test_fused_model_follows_the_tile_config(monkeypatch):
+    point = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")
+    before = {l.name: l for l in model.fused_launches(point, "fwd")}["_lora_fwd_kernel"]
+    original = configs.fwd_config
+
+    def wider(M, R, dtype):
+        cfg, fuse = original(M, R, dtype)
+        return configs.TileConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=256, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M), fuse
+
+    monkeypatch.setattr(configs, "fwd_config", wider)
+    after = {l.name: l for l in model.fused_launches(point, "fwd")}["_lora_fwd_kernel"]
+    assert "grid=(2048,)" in before.detail and "grid=(1024,)" in after.detail
+
+
+def test_fused_model_follows_determinism():
+    point = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")
+    atomics = _fused_kernel_launches(point)
+    partials = _fused_kernel_launches(point, deterministic=True)
+    assert atomics.count("zeros") == 2 and "sum(0)" not in atomics
+    assert partials.count("sum(0)") == 2 and "zeros" not in partials
+
+
+class _Spy:
+    """Stands in for a @triton.jit kernel: records grid and constexprs, then launches the real one."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            consts = {k: v for k, v in kwargs.items() if k.isupper() and k != "INPUT_PRECISION"}
+            self.log.append((self.name, tuple(grid), consts, kwargs["num_warps"], kwargs["num_stages"]))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("M, r, p", [(70, 5, 0.1), (300, 40, 0.0)])
+def test_launchers_launch_the_plan_the_model_reports(monkeypatch, M, r, p):
+    """Under TRITON_INTERPRET=1: every kernel launch of one fwd+bwd equals the modeled plan."""
+    from fused_lora.functional import interpreting
+
+    if not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    log = []
+    for name in ("_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel",
+                 "_lora_bwd_da_kernel"):
+        monkeypatch.setattr(ops, name, _Spy(name, getattr(ops, name), log))
+    point = Point(40, 24, M, r, p, "float16")
+    params = Params.make(point, "cpu")
+    x, dy = make_input(point, "cpu")
+    BUILDERS["fused"](params).forward(x).backward(dy)
+
+    planned = [l for l in ops.plan_lora_fwd(M, 24, 40, r, torch.float16, dropout=p > 0, bias=False)
+               + ops.plan_lora_bwd_dy(M, 24, r, torch.float16, deterministic=False)
+               + ops.plan_lora_bwd_dx(M, 24, 40, r, torch.float16, dropout=p > 0)
+               + ops.plan_lora_bwd_da(M, 40, r, torch.float16, dropout=p > 0, deterministic=False,
+                                      num_sms=ops._INTERPRETER_SMS) if l.is_triton]
+    expected = [(l.kernel, l.grid, l.constexprs, l.config.num_warps, l.config.num_stages) for l in planned]
+    assert log == expected
+    modeled = [l.name for l in model.fused_launches(point, "fwd+bwd", num_sms=ops._INTERPRETER_SMS)
+               if l.name.startswith("_lora")]
+    assert modeled == [e[0] for e in expected]
+
+
+# --- measurement helpers ------------------------------------------------------------------------
+
+def test_saved_bytes_on_meta_equal_saved_bytes_on_cpu():
+    point = Point(48, 40, 33, 8, 0.0, "float32")
+    counts = {}
+    for device in ("cpu", "meta"):
+        with torch_backend_for_cpu():
+            for provider in ("fused", "eager", "addmm", "gemm"):
+                layer = BUILDERS[provider](Params.make(point, device))
+                counts[device, provider] = measure.saved_activation_bytes(layer, make_input(point, device)[0])
+    for provider in ("fused", "eager", "addmm", "gemm"):
+        assert counts["cpu", provider].activation_bytes == counts["meta", provider].activation_bytes
+    assert counts["cpu", "fused"].activation_bytes == (33 * 48 + 33 * 8) * 4
+
+
+def test_tflops_and_quantiles():
+    assert measure.tflops(2 * 10**12, 1000.0) == pytest.approx(2.0)
+    assert measure.quantiles([5.0, 1.0, 3.0, 2.0, 4.0]) == (3.0, pytest.approx(1.8), pytest.approx(4.2))
+    point = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")
+    assert point.useful_flops("gemm", "fwd") == 2 * 8192 * 4096 * 4096
+    assert point.useful_flops("fused", "bwd") == 2 * 8192 * 4096 * 4096 + 4 * 8192 * 16 * 8192
+
+
+def test_time_gpu_uses_do_bench_quantiles(monkeypatch):
+    import triton.testing
+
+    seen = {}
+
+    def fake_do_bench(fn, warmup, rep, quantiles, grad_to_none):
+        seen.update(quantiles=quantiles, grads=grad_to_none)
+        return [1.0, 0.9, 1.2]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    grads = [torch.zeros(1)]
+    assert measure.time_gpu(lambda: None, grads) == ((1.0, 0.9, 1.2), None)
+    assert seen == {"quantiles": [0.5, 0.2, 0.8], "grads": grads}
+
+
+def test_format_table_aligns_columns():
+    text = report.format_table(["name", "ms"], [["fused", 1.5], ["gemm", 12.25]])
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert lines[2].endswith("1.5") and lines[3].endswith("12.2")
+
+
+def test_progress_is_silent_off_a_terminal(capsys):
+    bar = report.Progress(3)
+    bar.step("x")
+    bar.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_import_touches_neither_triton_nor_cuda():
+    check = ("import sys, torch, fused_lora.benchmarks.cli\n"
+             "assert 'triton' not in sys.modules\nassert not torch.cuda.is_initialized()\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+                         env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
