@@ -53,13 +53,19 @@ def quantiles(samples: list[float]) -> tuple[float, float, float]:
     return q(0.5), q(0.2), q(0.8)
 
 
-def _clear(tensors):
+def clear_grads(tensors) -> None:
+    """Fresh grads, as after optimizer.zero_grad(): backward then stores each grad instead of adding
+    it into an old one (an extra add launch per leaf that a training step does not make)."""
     for t in tensors:
         t.grad = None
 
 
 def direction_fns(layer: Layer, x: torch.Tensor, dy: torch.Tensor):
-    """{direction: callable} for fwd, bwd (on a retained graph, fixed dY) and fwd+bwd."""
+    """{direction: callable} for fwd, bwd (on a retained graph, fixed dY) and fwd+bwd.
+
+    The caller clears the grads before every timed call (time_cpu_interleaved, do_bench's
+    grad_to_none). The bwd graph is built here and lives as long as the returned callables.
+    """
     y = layer.forward(x)
 
     def fwd():
@@ -74,22 +80,40 @@ def direction_fns(layer: Layer, x: torch.Tensor, dy: torch.Tensor):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
-def time_cpu(fn, grads, *, warmup: int = 1, min_reps: int = 3, max_reps: int = 25, budget_s: float = 0.3):
-    """(median, p20, p80) in ms of wall time; repeats until budget_s of samples (min_reps..max_reps)."""
+def time_cpu_interleaved(fns: dict, grads: dict, *, warmup: int = 1, min_reps: int = 3, max_reps: int = 25,
+                         budget_s: float = 0.3) -> dict:
+    """{name: ((median, p20, p80) ms of wall time, reps)} of each callable, timed round-robin.
+
+    One rep of every callable per round, so a background load that comes and goes lands on all of
+    them alike and their ratios stay meaningful: on this project's shared 2-core machine, timing one
+    provider after another once gave gemm's fwd+bwd 24.8 ms against 6.1 + 10.5 ms for its fwd and
+    bwd, and fused "0.56x gemm". Rounds repeat until each callable has budget_s of samples on average
+    (min_reps..max_reps rounds). grads: {name: tensors whose .grad is cleared before each call}.
+    """
     for _ in range(warmup):
-        _clear(grads)
-        fn()
-    samples = []
-    while len(samples) < min_reps or (len(samples) < max_reps and sum(samples) < budget_s):
-        _clear(grads)
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return tuple(v * 1e3 for v in quantiles(samples)), len(samples)
+        for name, fn in fns.items():
+            clear_grads(grads.get(name, ()))
+            fn()
+    samples: dict = {name: [] for name in fns}
+    while True:
+        for name, fn in fns.items():
+            clear_grads(grads.get(name, ()))
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+        rounds = len(next(iter(samples.values()))) if samples else max_reps
+        spent = sum(sum(v) for v in samples.values())
+        if rounds >= max_reps or (rounds >= min_reps and spent >= budget_s * len(fns)):
+            break
+    return {name: (tuple(v * 1e3 for v in quantiles(xs)), len(xs)) for name, xs in samples.items()}
 
 
 def time_gpu(fn, grads, *, warmup_ms: int = 25, rep_ms: int = 100):
-    """(median, p20, p80) in ms from triton.testing.do_bench: synchronised, after warm-up, L2 flushed."""
+    """(median, p20, p80) in ms from triton.testing.do_bench: synchronised, after warm-up, L2 flushed.
+
+    do_bench sets each of grads' .grad to None before every timed call (its first call, runtime
+    estimate and warm-up accumulate into them; those are not timed).
+    """
     import triton.testing
 
     med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8],
@@ -97,16 +121,40 @@ def time_gpu(fn, grads, *, warmup_ms: int = 25, rep_ms: int = 100):
     return (med, p20, p80), None
 
 
-def peak_memory_gpu(layer: Layer, x: torch.Tensor, dy: torch.Tensor) -> int:
-    """Peak bytes allocated during one fwd+bwd, above what was allocated before (inputs, params)."""
-    _clear(layer.trainable + [x])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+def peak_memory(layer: Layer, x: torch.Tensor, dy: torch.Tensor, grads, *, cuda=None) -> int:
+    """Peak bytes allocated during one fwd+bwd from a clean state, above what was allocated before.
+
+    Call it before building the retained graph of direction_fns (nothing of an earlier forward may
+    be alive). One untimed fwd+bwd first: the first cuBLAS call allocates its workspace through the
+    caching allocator, and that one-off allocation would land in the first provider's peak. Grads
+    are cleared before the measured step, so it allocates them as a training step does after
+    zero_grad(). ``cuda`` is torch.cuda (injectable for tests).
+    """
+    cuda = torch.cuda if cuda is None else cuda
+    clear_grads(grads)
     layer.forward(x).backward(dy)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    clear_grads(grads)
+    cuda.synchronize()
+    before = cuda.memory_allocated()
+    cuda.reset_peak_memory_stats()
+    layer.forward(x).backward(dy)
+    cuda.synchronize()
+    peak = cuda.max_memory_allocated() - before
+    clear_grads(grads)
+    return peak
 
 
 def tflops(flops: int, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
+
+
+def time_cpu_dropout_mask(rows: int, cols: int, p: float, *, reps: int = 5) -> float:
+    """Median ms of one keep-mask of fused_lora's CPU path (numpy Philox, the kernels' bits)."""
+    from fused_lora.dropout import dropout_keep_mask
+
+    samples = []
+    for seed in range(reps):
+        start = time.perf_counter()
+        dropout_keep_mask(seed, rows, cols, p)
+        samples.append(time.perf_counter() - start)
+    return quantiles(samples)[0] * 1e3

@@ -3,7 +3,7 @@
 modeled time = sum over launches of max(flops / peak, compulsory bytes / bandwidth) + per-launch overhead.
 
 Launch lists are derived, not typed in:
-- fused: from the launchers' own plans (fused_lora.kernels.ops.plan_*): grids, tiles, passes, partial
+- fused: from the launchers' own plans (fused_lora.kernels.plans.plan_*): grids, tiles, passes, partial
   buffers and memsets, as the launchers will launch them, plus the two grad casts of
   fused_lora.functional (fp32 dA, dB to the parameters' dtype).
 - eager, peft, addmm, gemm: by running them once on meta tensors under a TorchDispatchMode that
@@ -39,7 +39,9 @@ ASSUMPTIONS = {
     "num_sms": NUM_SMS,
     "formula": "sum over launches of max(flops / peak, bytes / bandwidth) + launch overhead",
     "bytes": "compulsory HBM traffic: each distinct tensor a launch reads once plus each it writes once "
-             "(an in-place update reads and writes its tensor); L2 reuse and re-reads not counted",
+             "(an in-place update reads and writes its tensor; a broadcast tensor counts its distinct "
+             "elements); L2 reuse and re-reads not counted, nor fused's fp32 atomic adds into L2 (one "
+             "(N, r) partial per row block for dB, one (r, K) per split for dA)",
     "flops_fused": "dots as the Triton kernels execute them: whole tiles and the padded rank R "
                    "(tl.dot runs on the padded operands), incl. the shrink recomputed per N tile when fused",
     "flops_torch": "torch.utils.flop_counter formulas for matmuls (no padding); elementwise ops 0",
@@ -101,24 +103,39 @@ def _from_plan(launch) -> ModeledLaunch:
 def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERMINISTIC,
                    num_sms: int = NUM_SMS) -> list[ModeledLaunch]:
     """The launches fused_lora makes on CUDA for this point (mirrors fused_lora._triton_backend)."""
-    from fused_lora.kernels import ops
+    from fused_lora.kernels import plans
 
     dtype = getattr(torch, point.dtype)
     M, N, K, r = point.tokens, point.out_features, point.in_features, point.r
     dropout = point.dropout > 0.0
-    fwd = ops.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=point.bias)
-    bwd = (ops.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic)
-           + ops.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout)
-           + ops.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms))
-    launches = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
-    modeled = [_from_plan(launch) for launch in launches]
-    if direction != "fwd" and dtype != torch.float32:
-        # LoRALinearFunction.backward casts the fp32 dA and dB to the parameters' dtype.
-        for name, shape in (("dA", (r, K)), ("dB", (N, r))):
-            n = math.prod(shape)
-            modeled.append(ModeledLaunch(f"to({point.dtype})", 0, n * 4 + n * dtype.itemsize,
-                                         f"r:{name}_fp32{list(shape)}, w:{name}{list(shape)}"))
+    fwd = plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=point.bias)
+    bwd_dy = plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic)
+    bwd_da = plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms)
+    bwd = bwd_dy + plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout) + bwd_da
+    modeled = [_from_plan(launch) for launch in {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]]
+    if direction != "fwd":
+        # LoRALinearFunction.backward returns dA.to(A.dtype) and dB.to(B.dtype): a cast launch
+        # whenever the plan leaves the grad in another dtype (fp32 atomics or partial sums).
+        for name, plan in (("dA", bwd_da), ("dB", bwd_dy)):
+            grad = _final_operand(plan, name)
+            if grad.dtype != dtype:
+                n = math.prod(grad.shape)
+                modeled.append(ModeledLaunch(f"to({point.dtype})", 0, n * grad.dtype.itemsize + n * dtype.itemsize,
+                                             f"r:{name}_{_short(grad.dtype)}{list(grad.shape)}, "
+                                             f"w:{name}{list(grad.shape)}"))
     return modeled
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _final_operand(plan, name: str):
+    """The operand ``name`` as the plan's last launch writing it leaves it."""
+    written = [op for launch in plan for op in launch.writes if op.name == name]
+    if not written:
+        raise ValueError(f"the plan writes no {name!r}")
+    return written[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,12 +154,20 @@ def _tensors(tree) -> list[torch.Tensor]:
     return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
+def _addressed_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements t addresses: a broadcast (stride 0) dimension reads one slice,
+    not size copies (an expanded bias is N elements, not M x N)."""
+    if t.numel() == 0:
+        return 0
+    return math.prod(n for n, st in zip(t.shape, t.stride()) if st != 0) * t.element_size()
+
+
 def _storage_bytes(tensors) -> dict[int, int]:
-    """Bytes per storage touched (the largest view of it among tensors)."""
+    """Bytes per storage touched (the largest view of it among tensors: x and x.t() count once)."""
     out: dict[int, int] = {}
     for t in tensors:
         key = t.untyped_storage()._cdata
-        out[key] = max(out.get(key, 0), t.numel() * t.element_size())
+        out[key] = max(out.get(key, 0), _addressed_bytes(t))
     return out
 
 

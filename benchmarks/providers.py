@@ -141,13 +141,20 @@ def build_peft(p: Params) -> Layer:
     return Layer(layer, trainable, list(layer.parameters()))
 
 
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * (a @ b) as one GEMM (cuBLAS's alpha): addmm with beta = 0 ignores its input, so a
+    0-dim empty one (an allocation, no launch) stands in for it."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=alpha)
+
+
 class _AddmmLoRA(torch.autograd.Function):
     """The strongest unfused baseline: y = x W^T, then addmm_ of S B^T into the same buffer; saves x, S.
 
     With dropout, backward needs dropout(x) (for dA) and the mask (for dX's LoRA term), not x (W is
     frozen): it saves those two, from one native_dropout (the CUDA kernel PEFT's nn.Dropout runs), so
     it keeps as many bytes as PEFT's formula (2 + 1 bytes per element of x in bf16) and recomputes
-    nothing.
+    nothing. The scaling s rides on the GEMMs' alpha (no separate mul launches); the mask is applied
+    by the addcmul_ that adds the LoRA term into dX (one elementwise launch, not two).
     """
 
     @staticmethod
@@ -167,17 +174,18 @@ class _AddmmLoRA(torch.autograd.Function):
     def backward(ctx, dy):
         x_lora, W, A, B, s, mask = ctx.saved_tensors
         need_dx, _, _, need_dA, need_dB = ctx.needs_input_grad[:5]
-        ds = torch.mm(dy, B).mul_(ctx.scaling)
-        dB = torch.mm(dy.t(), s).mul_(ctx.scaling) if need_dB else None
+        scaling = ctx.scaling
+        dy_B = torch.mm(dy, B)  # dS / s
+        dB = _mm_scaled(dy.t(), s, scaling) if need_dB else None
         dx = dA = None
         if need_dx:
             dx = torch.mm(dy, W)
             if mask is None:
-                dx.addmm_(ds, A)
+                dx.addmm_(dy_B, A, alpha=scaling)
             else:
-                dx.add_(torch.ops.aten.native_dropout_backward(torch.mm(ds, A), mask, 1.0 / (1.0 - ctx.p)))
+                dx.addcmul_(torch.mm(dy_B, A), mask, value=scaling / (1.0 - ctx.p))
         if need_dA:
-            dA = torch.mm(ds.t(), x_lora)
+            dA = _mm_scaled(dy_B.t(), x_lora, scaling)
         return dx, None, None, dA, dB, None, None
 
 

@@ -1,4 +1,4 @@
-"""Terminal tables, the progress bar, the CSV / JSON files and the PNG plots."""
+"""The progress bar, table formatting, run metadata, and the CSV / JSON files."""
 from __future__ import annotations
 
 import csv
@@ -80,17 +80,26 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def git_commit() -> tuple[str, bool | None]:
-    """(HEAD of the checkout this package runs from, whether the tree has changes); ("unknown", None)."""
-    here = Path(__file__).resolve().parent
+def git_commit(source: Path | None = None) -> tuple[str, bool | None]:
+    """(HEAD of the git checkout this package runs from, whether its tracked files have changes).
+
+    ("unknown", None) unless ``source`` (this file by default) is tracked by the enclosing checkout:
+    a wheel installed into a venv that sits inside some other repository must not report that
+    repository's commit. The current directory plays no part.
+    """
+    source = Path(__file__).resolve() if source is None else Path(source).resolve()
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=source.parent, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
-        return commit, dirty
+        git("ls-files", "--error-unmatch", source.name)
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no") != ""
     except (OSError, subprocess.SubprocessError):
         return "unknown", None
+    return commit, dirty
 
 
 def run_metadata(device, mode: str, argv: list[str]) -> dict:
@@ -142,73 +151,23 @@ def write_json(path: Path, payload: dict) -> None:
         f.write("\n")
 
 
-# ---------------------------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------------------------
+def write_files(out: Path, meta: dict, *, measured: list[dict], saved: list[dict], modeled: list[dict],
+                detailed, payload: dict) -> list[str]:
+    """points.csv (measured), modeled.csv, saved_bytes.csv and points.json (all of it plus payload).
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_ratio_to_gemm(out: Path, series: dict, *, title: str, ylabel: str) -> list[Path]:
-    """One PNG per shape: ratio to gemm against tokens, a line per provider, a panel per direction.
-
-    series: {shape: {direction: {provider: [(tokens, ratio), ...]}}}
+    The JSON lists each modeled fwd and bwd row's launches as [name, flops, bytes], plus the
+    launch's tensors and grid where detailed(row) (the printed points: the detail is large).
     """
-    plt = _pyplot()
-    if plt is None:
-        return []
-    written = []
-    for shape, by_direction in series.items():
-        fig, axes = plt.subplots(1, len(by_direction), figsize=(5 * len(by_direction), 4), squeeze=False)
-        for ax, (direction, by_provider) in zip(axes[0], by_direction.items()):
-            for i, (provider, pts) in enumerate(by_provider.items()):
-                pts = sorted(pts)
-                # Distinct markers and dashes: eager and peft often coincide exactly.
-                ax.plot([t for t, _ in pts], [v for _, v in pts], marker="osv^D"[i % 5], markersize=8 - 1.5 * (i % 3),
-                        linestyle=("-", "--", ":", "-.")[i % 4], label=provider)
-            ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("tokens")
-            ax.set_ylabel(ylabel)
-            ax.set_title(direction)
-            ax.legend()
-        fig.suptitle(f"{title}\n{shape}")
-        fig.tight_layout()
-        path = out / f"ratio_to_gemm_{shape.replace('->', 'x')}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def plot_saved_bytes(out: Path, bars: dict, *, title: str) -> list[Path]:
-    """bars: {group label: {provider: MiB}} -> saved_bytes.png, grouped bars."""
-    plt = _pyplot()
-    if plt is None or not bars:
-        return []
-    groups = list(bars)
-    providers = []
-    for by_provider in bars.values():
-        providers += [p for p in by_provider if p not in providers]
-    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.3 * len(groups) * len(providers))), 4.5))
-    width = 0.8 / len(providers)
-    for i, provider in enumerate(providers):
-        xs = [g + i * width for g in range(len(groups))]
-        ax.bar(xs, [bars[g].get(provider, 0) for g in groups], width, label=provider)
-    ax.set_xticks([g + width * (len(providers) - 1) / 2 for g in range(len(groups))])
-    ax.set_xticklabels(groups, fontsize=7)
-    ax.set_ylabel("activation MiB saved for backward")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    path = out / "saved_bytes.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    json_modeled = []
+    for row in modeled:
+        clean = {k: v for k, v in row.items() if k != "_launches"}
+        if row["direction"] != "fwd+bwd":  # fwd+bwd is the two lists one after the other
+            clean["launches"] = [[launch.name, launch.flops, launch.bytes]
+                                 + ([launch.detail] if detailed(row) else []) for launch in row["_launches"]]
+        json_modeled.append(clean)
+    write_csv(out / "points.csv", measured, meta)
+    write_csv(out / "modeled.csv", [{k: v for k, v in row.items() if k != "_launches"} for row in modeled], meta)
+    write_csv(out / "saved_bytes.csv", saved, meta)
+    write_json(out / "points.json", {"metadata": meta, **payload, "measured": measured, "saved_bytes": saved,
+                                     "modeled": json_modeled})
+    return ["points.csv", "points.json", "modeled.csv", "saved_bytes.csv"]

@@ -11,7 +11,8 @@ def _lora_bwd_dy_kernel(
     b_ptr,  # (N, r)
     s_ptr,  # (M, r), saved from forward
     ds_ptr,  # (M, r) output: s * dY B, x's dtype
-    db_ptr,  # (N, r) fp32 when USE_ATOMICS, else (cdiv(M, BLOCK_M), N, r) fp32 partials
+    db_ptr,  # (N, r) fp32 when USE_ATOMICS; else (cdiv(M, BLOCK_M), N, r) fp32 partials, or (N, r) in
+             # B's dtype when there is one row block (no reduction left: the launcher skips sum and cast)
     M, N, r,
     stride_dym, stride_dyn,
     stride_bn, stride_br,
@@ -47,7 +48,7 @@ def _lora_bwd_dy_kernel(
         if USE_ATOMICS:
             tl.atomic_add(db_ptrs, db, mask=db_mask, sem="relaxed")
         else:
-            tl.store(db_ptrs, db, mask=db_mask)
+            tl.store(db_ptrs, db.to(db_ptr.dtype.element_ty), mask=db_mask)
     tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
              (ds_acc * scaling).to(ds_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
@@ -107,7 +108,8 @@ def _lora_bwd_dx_kernel(
 def _lora_bwd_da_kernel(
     ds_ptr,  # (M, r)
     x_ptr,  # (M, K)
-    da_ptr,  # (r, K) fp32 when USE_ATOMICS, else (SPLIT_M, r, K) fp32 partials
+    da_ptr,  # (r, K) fp32 when USE_ATOMICS; else (SPLIT_M, r, K) fp32 partials, or (r, K) in A's dtype
+             # when SPLIT_M == 1 (no reduction left: the launcher skips sum and cast)
     M, K, r,
     stride_dsm, stride_dsr,
     stride_xm, stride_xk,
@@ -145,4 +147,4 @@ def _lora_bwd_da_kernel(
     if USE_ATOMICS:
         tl.atomic_add(da_ptrs, acc, mask=da_mask, sem="relaxed")
     else:
-        tl.store(da_ptrs, acc, mask=da_mask)
+        tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=da_mask)

@@ -2,16 +2,18 @@
 import csv
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 from fused_lora.benchmarks import cli, measure, model, report
-from fused_lora.benchmarks.providers import BUILDERS, Params, make_input, torch_backend_for_cpu
+from fused_lora.benchmarks.providers import BUILDERS, Layer, Params, make_input, torch_backend_for_cpu
 from fused_lora.benchmarks.sweep import HEADLINE, PROVIDERS, Point, parse_shapes
-from fused_lora.kernels import configs, ops
+from fused_lora.kernels import configs, ops, plans
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 TAGS = ("mode", "device", "torch", "triton", "git_commit", "date_utc")
@@ -196,11 +198,11 @@ def test_launchers_launch_the_plan_the_model_reports(monkeypatch, M, r, p):
     x, dy = make_input(point, "cpu")
     BUILDERS["fused"](params).forward(x).backward(dy)
 
-    planned = [l for l in ops.plan_lora_fwd(M, 24, 40, r, torch.float16, dropout=p > 0, bias=False)
-               + ops.plan_lora_bwd_dy(M, 24, r, torch.float16, deterministic=False)
-               + ops.plan_lora_bwd_dx(M, 24, 40, r, torch.float16, dropout=p > 0)
-               + ops.plan_lora_bwd_da(M, 40, r, torch.float16, dropout=p > 0, deterministic=False,
-                                      num_sms=ops._INTERPRETER_SMS) if l.is_triton]
+    planned = [l for l in plans.plan_lora_fwd(M, 24, 40, r, torch.float16, dropout=p > 0, bias=False)
+               + plans.plan_lora_bwd_dy(M, 24, r, torch.float16, deterministic=False)
+               + plans.plan_lora_bwd_dx(M, 24, 40, r, torch.float16, dropout=p > 0)
+               + plans.plan_lora_bwd_da(M, 40, r, torch.float16, dropout=p > 0, deterministic=False,
+                                        num_sms=ops._INTERPRETER_SMS) if l.is_triton]
     expected = [(l.kernel, l.grid, l.constexprs, l.config.num_warps, l.config.num_stages) for l in planned]
     assert log == expected
     modeled = [l.name for l in model.fused_launches(point, "fwd+bwd", num_sms=ops._INTERPRETER_SMS)
@@ -246,6 +248,73 @@ def test_time_gpu_uses_do_bench_quantiles(monkeypatch):
     assert seen == {"quantiles": [0.5, 0.2, 0.8], "grads": grads}
 
 
+def test_cpu_timing_is_round_robin_with_fresh_grads():
+    calls = []
+    leaf = torch.zeros(1, requires_grad=True)
+
+    def fn(name):
+        def run():
+            assert leaf.grad is None  # cleared before every call, warm-up included
+            calls.append(name)
+            leaf.grad = torch.ones(1)
+        return run
+
+    timed = measure.time_cpu_interleaved({"a": fn("a"), "b": fn("b")}, {"a": [leaf], "b": [leaf]},
+                                         warmup=1, min_reps=3, max_reps=3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then 3 rounds, alternating
+    assert {name: reps for name, (_, reps) in timed.items()} == {"a": 3, "b": 3}
+    med, p20, p80 = timed["a"][0]
+    assert 0 <= p20 <= med <= p80
+
+
+class _FakeCuda:
+    """torch.cuda's memory counters over a fake allocator driven by the layer under test."""
+
+    def __init__(self):
+        self.allocated = self.peak = 0
+        self.events = []
+
+    def synchronize(self):
+        pass
+
+    def memory_allocated(self):
+        return self.allocated
+
+    def max_memory_allocated(self):
+        return self.peak
+
+    def reset_peak_memory_stats(self):
+        self.events.append("reset")
+        self.peak = self.allocated
+
+    def alloc(self, n):
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+
+
+def test_peak_memory_warms_up_then_measures_one_fresh_step():
+    cuda = _FakeCuda()
+    cuda.alloc(1000)  # inputs and parameters
+    leaf = torch.zeros(2, requires_grad=True)
+    workspace = {"allocated": False}
+
+    class FakeOut:
+        def backward(self, dy):
+            cuda.events.append(f"step grad={'old' if leaf.grad is not None else 'fresh'}")
+            if not workspace["allocated"]:  # cuBLAS's one-off workspace, kept by the allocator
+                workspace["allocated"] = True
+                cuda.alloc(500)
+            cuda.alloc(70)  # saved activations and temporaries, freed at the end of the step
+            cuda.allocated -= 70
+            leaf.grad = torch.ones(2)
+
+    layer = Layer(lambda x: FakeOut(), [leaf], [])
+    leaf.grad = torch.ones(2)  # left over from an earlier timing
+    assert measure.peak_memory(layer, None, None, [leaf], cuda=cuda) == 70
+    assert cuda.events == ["step grad=fresh", "reset", "step grad=fresh"]
+    assert leaf.grad is None
+
+
 def test_format_table_aligns_columns():
     text = report.format_table(["name", "ms"], [["fused", 1.5], ["gemm", 12.25]])
     lines = text.splitlines()
@@ -266,3 +335,91 @@ def test_import_touches_neither_triton_nor_cuda():
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
+
+
+def test_plans_import_no_triton():
+    check = ("import sys\nimport fused_lora.kernels.plans as plans\n"
+             "assert 'triton' not in sys.modules, 'importing fused_lora.kernels.plans imported triton'\n"
+             "import torch\nplans.plan_lora_fwd(64, 64, 64, 8, torch.bfloat16, dropout=False, bias=False)\n"
+             "assert 'triton' not in sys.modules\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+                         env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+
+
+def test_plans_module_itself_imports_neither_triton_nor_the_launchers():
+    import ast
+    import pathlib
+
+    tree = ast.parse(pathlib.Path(plans.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "math", "dataclasses", "torch", ""}, imported  # "" is `from . import configs`
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_addmm_provider_grads_match_autograd(p):
+    from fused_lora.benchmarks.providers import _AddmmLoRA
+
+    g = torch.Generator().manual_seed(0)
+    x, W, A, B, dy = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((9, 7), (5, 7), (3, 7), (5, 3),
+                                                                                   (9, 5)))
+    leaves = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    torch.manual_seed(1)
+    _AddmmLoRA.apply(leaves[0], W, None, leaves[1], leaves[2], 2.0, p).backward(dy)
+    ref = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    torch.manual_seed(1)  # the same native_dropout draw
+    x_lora = torch.native_dropout(ref[0], p, True)[0] if p else ref[0]
+    (ref[0] @ W.t() + 2.0 * (x_lora @ ref[1].t()) @ ref[2].t()).backward(dy)
+    for got, want in zip(leaves, ref):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_modeled_bytes_count_a_broadcast_once():
+    t = torch.empty(64, device="meta", dtype=torch.bfloat16)
+    assert model._addressed_bytes(t.expand(1024, 64)) == 64 * 2
+    assert model._addressed_bytes(torch.empty(8, 4, device="meta").t()) == 8 * 4 * 4
+    point = Point(256, 128, 512, 16, 0.0, "bfloat16", bias=True)
+    (launch,) = model.traced_launches("gemm", point)["fwd"]
+    assert launch.name == "aten.addmm"
+    assert launch.bytes == (512 * 256 + 128 * 256 + 128 + 512 * 128) * 2  # x, W, b, y once each
+
+
+def test_fused_grad_casts_follow_the_plan(monkeypatch):
+    point = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")
+    assert [l.name for l in model.fused_launches(point, "bwd")].count("to(bfloat16)") == 2
+    original = plans.plan_lora_bwd_da
+
+    def da_in_param_dtype(M, K, r, dtype, **kw):  # as if the kernel stored dA in A's dtype
+        return [replace(l, writes=tuple(replace(op, dtype=dtype) if op.name == "dA" else op for op in l.writes))
+                for l in original(M, K, r, dtype, **kw)]
+
+    monkeypatch.setattr(plans, "plan_lora_bwd_da", da_in_param_dtype)
+    casts = [l for l in model.fused_launches(point, "bwd") if l.name == "to(bfloat16)"]
+    assert len(casts) == 1 and casts[0].detail.startswith("r:dB_float32")
+
+
+def test_git_commit_of_an_untracked_copy_is_unknown(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    copy = tmp_path / "report.py"
+    copy.write_text("# an installed copy inside someone else's repository\n")
+    assert report.git_commit(copy) == ("unknown", None)
+    assert report.git_commit()[0] != "unknown" or shutil.which("git") is None
+
+
+def test_peft_missing_is_a_note_or_an_error(monkeypatch, capsys, tmp_path):
+    from fused_lora.benchmarks import providers
+
+    monkeypatch.setattr(providers, "peft_available", lambda: False)
+    assert cli.usable_providers(("fused", "peft")) == (("fused",), ["provider peft skipped: peft is not installed "
+                                                                    "(pip install 'fused_lora[peft]')"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--providers", "peft", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "no provider left to run: provider peft skipped: peft is not installed" in capsys.readouterr().err
+
+
+def test_unquoted_arrow_gets_a_hint(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["--shapes", "4096-", "--out", str(tmp_path)])  # what bash passes for --shapes 4096->4096
+    assert "shell redirection" in capsys.readouterr().err

@@ -56,8 +56,9 @@ def test_fwd_chooses_regime():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_bwd_dy(dtype, r, deterministic):
-    M, N = 133, 75
+@pytest.mark.parametrize("M", [133, 20])  # several row blocks (atomics / partials), and one (direct store)
+def test_bwd_dy(dtype, r, deterministic, M):
+    N = 75
     _, _, _, _, bb = make_inputs((M,), 8, N, r, dtype)
     g = torch.Generator().manual_seed(5)
     dy = torch.randn(M, N, generator=g).to(dtype)
@@ -92,6 +93,22 @@ def test_bwd_da(dtype, M, r, p, deterministic):
     da = ops.lora_bwd_da(ds, x, dropout_p=p, seed=SEED, deterministic=deterministic)
     keep = _keep(M, K, p, torch.float64)
     _check("dA", da, lambda ds, x, keep: ds.t() @ (x * keep.to(x.dtype)), (ds, x, keep), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_single_block_grads_are_stored_in_the_parameter_dtype(dtype):
+    """Few tokens: dB and dA come straight from their kernels in the parameters' dtype (no memset, no
+    sum, no cast launched), and equal the fp32-accumulated result rounded once."""
+    M, N, K, r = 20, 75, 70, 16
+    x, _, _, _, bb = make_inputs((M,), K, N, r, dtype)
+    g = torch.Generator().manual_seed(9)
+    dy, s = torch.randn(M, N, generator=g).to(dtype), torch.randn(M, r, generator=g).to(dtype)
+    ds, db = ops.lora_bwd_dy(dy, bb, s, 1.5)
+    da = ops.lora_bwd_da(ds, x)
+    assert db.dtype == dtype and da.dtype == dtype
+    _check("dB", db, lambda dy, s: 1.5 * dy.t() @ s, (dy, s), dtype)
+    _check("dA", da, lambda ds, x: ds.t() @ x, (ds, x), dtype)
+    assert ops.lora_bwd_dy(dy, bb, s, 1.5, deterministic=True)[1].dtype == dtype
 
 
 def test_da_split_covers_all_rows():

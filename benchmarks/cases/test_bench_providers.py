@@ -21,13 +21,15 @@ def _run(benchmark, provider, direction, point, device, rounds):
         for t in grads:
             t.grad = None
 
-    def fwd():
-        return layer.forward(x)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def fwd():  # synchronised: without it a GPU round times the launches, not the kernels
+        layer.forward(x)
+        sync()
 
     def fwd_bwd():
         layer.forward(x).backward(dy)
-        if device != "cpu":
-            torch.cuda.synchronize()
+        sync()
 
     fn = fwd if direction == "fwd" else fwd_bwd
     benchmark.extra_info.update(point.as_dict(), provider=provider, direction=direction)

@@ -1,0 +1,189 @@
+"""The three parts of a run: measured timings, saved-activation bytes, the modeled H100 table.
+
+Each returns one dict per (point, provider) (per direction too for the model): the rows of the
+CSV / JSON files and of the terminal tables.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from . import sweep as sw
+from .sweep import DIRECTIONS, Point, Sweep
+
+RATIO_REFERENCES = ("gemm", "eager", "peft")
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def add_ratios(by_provider: dict, value_key: str, ratio_key: str) -> None:
+    """row[ratio_key.format(ref=...)] = row[value_key] / the reference provider's, for each reference."""
+    for row in by_provider.values():
+        for ref in RATIO_REFERENCES:
+            row[ratio_key.format(ref=ref)] = ratio(row.get(value_key), by_provider.get(ref, {}).get(value_key))
+
+
+def _error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+def _where(point: Point) -> str:
+    return f"{point.shape} M={point.tokens} r={point.r} p={point.dropout} {point.dtype}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Measured
+# ---------------------------------------------------------------------------------------------
+
+def run_measured(points: list[Point], providers: tuple[str, ...], device, progress, warnings) -> list[dict]:
+    """Time each provider at each point; saved bytes and (GPU) peak memory alongside.
+
+    GPU: one provider after another, do_bench per direction. CPU: every provider of a point timed
+    round-robin per direction (measure.time_cpu_interleaved), so their ratios share the same load.
+    """
+    import torch
+
+    from . import measure
+    from .providers import BUILDERS, Params, make_input, torch_backend_for_cpu
+
+    gpu = device.type == "cuda"
+    kind = "measured-gpu" if gpu else "measured-cpu"
+    rows = []
+    for point in points:
+        params = Params.make(point, device)
+        x, dy = make_input(point, device)
+        by_provider, fns, grads = {}, {}, {}
+        for provider in providers:
+            progress.step(f"measure {provider} {_where(point)}")
+            row = by_provider[provider] = {"kind": kind, **point.as_dict(), "provider": provider}
+            try:
+                with contextlib.nullcontext() if gpu else torch_backend_for_cpu():
+                    layer = BUILDERS[provider](params)
+                    saved = measure.saved_activation_bytes(layer, x)
+                    row["saved_bytes"] = saved.activation_bytes
+                    row["saved_tensors"] = "; ".join(saved.tensors)
+                    grads[provider] = layer.trainable + [x]
+                    if gpu:
+                        # Before direction_fns: its retained graph must not be alive while measuring.
+                        row["peak_mem_bytes"] = measure.peak_memory(layer, x, dy, grads[provider])
+                        for direction, fn in measure.direction_fns(layer, x, dy).items():
+                            _store_time(row, point, direction, *measure.time_gpu(fn, grads[provider]))
+                    else:
+                        fns[provider] = measure.direction_fns(layer, x, dy)
+            except Exception as e:  # one failing provider (OOM at a big point) must not end the sweep
+                if gpu and isinstance(e, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                row["error"] = _error_text(e)
+                warnings.append(f"{provider} at {_where(point)}: {row['error']}")
+                fns.pop(provider, None)
+            measure.clear_grads([x])
+        if not gpu and fns:
+            with torch_backend_for_cpu():
+                for direction in DIRECTIONS:
+                    timed = measure.time_cpu_interleaved({p: f[direction] for p, f in fns.items()}, grads)
+                    for provider, (stats, reps) in timed.items():
+                        _store_time(by_provider[provider], point, direction, stats, reps)
+        del fns
+        for direction in DIRECTIONS:
+            add_ratios(by_provider, f"{direction}_ms", f"{direction}_ratio_to_{{ref}}")
+        rows += by_provider.values()
+    return rows
+
+
+def _store_time(row: dict, point: Point, direction: str, stats, reps) -> None:
+    from .measure import tflops
+
+    med, p20, p80 = stats
+    row[f"{direction}_ms"], row[f"{direction}_ms_p20"], row[f"{direction}_ms_p80"] = med, p20, p80
+    row[f"{direction}_tflops"] = tflops(point.useful_flops(row["provider"], direction), med)
+    if reps is not None:
+        row[f"{direction}_reps"] = reps
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Saved bytes
+# ---------------------------------------------------------------------------------------------
+
+def saved_bytes_points(model_sweep: Sweep) -> list[Point]:
+    """Where the saved-bytes table measures: every swept shape and dropout at 8192 tokens and r = 16
+    (or the largest token count and the first rank swept). Saved bytes are linear in tokens."""
+    tokens = sw.HEADLINE["tokens"] if sw.HEADLINE["tokens"] in model_sweep.tokens else max(model_sweep.tokens)
+    r = sw.HEADLINE["r"] if sw.HEADLINE["r"] in model_sweep.ranks else model_sweep.ranks[0]
+    return Sweep(model_sweep.shapes, (tokens,), (r,), model_sweep.dropouts, model_sweep.dtypes[:1]).points()
+
+
+def run_saved_bytes(points: list[Point], providers, progress, warnings) -> list[dict]:
+    """Exact saved-activation bytes at real sizes on meta tensors (no memory), dropout as on CUDA."""
+    from . import measure
+    from .providers import BUILDERS, Params, cuda_dropout_on_meta, make_input, torch_backend_for_cpu
+
+    rows = []
+    for point in points:
+        params = Params.make(point, "meta")
+        x, _ = make_input(point, "meta")
+        by_provider = {}
+        for provider in providers:
+            progress.step(f"saved bytes {provider} {_where(point)}")
+            try:
+                with cuda_dropout_on_meta(), torch_backend_for_cpu():
+                    saved = measure.saved_activation_bytes(BUILDERS[provider](params), x)
+            except Exception as e:
+                warnings.append(f"saved bytes of {provider} at {_where(point)}: {_error_text(e)}")
+                continue
+            by_provider[provider] = {"kind": "measured-saved-bytes (meta, as on CUDA)", **point.as_dict(),
+                                     "provider": provider, "saved_bytes": saved.activation_bytes,
+                                     "saved_bytes_per_token": saved.activation_bytes / point.tokens,
+                                     "saved_tensors": "; ".join(saved.tensors)}
+        fused = by_provider.get("fused", {}).get("saved_bytes")
+        for row in by_provider.values():
+            row["ratio_to_fused"] = ratio(row["saved_bytes"], fused)
+        rows += by_provider.values()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Modeled
+# ---------------------------------------------------------------------------------------------
+
+def run_modeled(points: list[Point], providers, progress, warnings) -> list[dict]:
+    """One row per point, provider and direction; row["_launches"] holds the modeled launch list."""
+    from . import model
+
+    rows = []
+    for point in points:
+        per_provider = {}
+        for provider in providers:
+            progress.step(f"model {provider} {_where(point)}")
+            try:
+                per_provider[provider] = model.model_point(provider, point)
+            except Exception as e:
+                warnings.append(f"model of {provider} at {_where(point)}: {_error_text(e)}")
+        rows_at = {}  # {(provider, direction): row}
+        for direction in DIRECTIONS:
+            by_provider = {}
+            for provider, by_direction in per_provider.items():
+                m = by_direction[direction]
+                by_provider[provider] = rows_at[provider, direction] = {
+                    "kind": "modeled-h100", **point.as_dict(), "provider": provider, "direction": direction,
+                    "modeled_launches": len(m.launches), "modeled_gflop": m.flops / 1e9,
+                    "modeled_hbm_mib": m.bytes / 2**20, "modeled_us": m.seconds * 1e6,
+                    "modeled_tflops": point.useful_flops(provider, direction) / m.seconds / 1e12,
+                    "_launches": m.launches}
+            add_ratios(by_provider, "modeled_us", "modeled_ratio_to_{ref}")
+        rows += [rows_at[provider, direction] for provider in per_provider for direction in DIRECTIONS]
+    return rows
+
+
+def point_of(row: dict) -> Point:
+    return Point(row["in_features"], row["out_features"], row["tokens"], row["r"], row["dropout"], row["dtype"],
+                 row["bias"])
+
+
+def detail_points(model_points: list[Point]) -> list[Point]:
+    """The points whose modeled launches are printed: the headline shape, tokens, r and dtype (both
+    dropouts), else the first modeled point."""
+    K, N = sw.HEADLINE["shape"]
+    return [p for p in model_points if (p.in_features, p.out_features) == (K, N)
+            and p.tokens == sw.HEADLINE["tokens"] and p.r == sw.HEADLINE["r"]
+            and p.dtype == sw.HEADLINE["dtype"]] or model_points[:1]

@@ -1,0 +1,88 @@
+"""The terminal tables of fused-lora-bench, from the rows of benchmarks.runs."""
+from __future__ import annotations
+
+from . import sweep as sw
+from .report import MiB, format_table
+from .runs import ratio
+from .sweep import PROVIDERS
+
+
+def _ms(row, direction):
+    med = row.get(f"{direction}_ms")
+    if med is None:
+        return row.get("error", "-")[:20] if direction == "fwd" else "-"
+    return f"{med:.3g} [{row[f'{direction}_ms_p20']:.3g}-{row[f'{direction}_ms_p80']:.3g}]"
+
+
+def _x(v):
+    return f"{v:.2f}x" if v is not None else "-"
+
+
+def _mib(v):
+    return v / MiB if v is not None else None
+
+
+def measured_table(rows: list[dict], gpu: bool) -> str:
+    headers = ["shape", "tokens", "r", "p", "dtype", "provider", "fwd ms [p20-p80]", "bwd ms [p20-p80]",
+               "fwd+bwd ms [p20-p80]", "fwd+bwd TFLOP/s", "fwd+bwd x gemm", "x eager", "x peft", "saved MiB"]
+    if gpu:
+        headers.append("peak MiB")
+    out = []
+    for r in rows:
+        line = [r["shape"], r["tokens"], r["r"], r["dropout"], r["dtype"], r["provider"],
+                _ms(r, "fwd"), _ms(r, "bwd"), _ms(r, "fwd+bwd"), r.get("fwd+bwd_tflops"),
+                _x(r.get("fwd+bwd_ratio_to_gemm")), _x(r.get("fwd+bwd_ratio_to_eager")),
+                _x(r.get("fwd+bwd_ratio_to_peft")), _mib(r.get("saved_bytes"))]
+        if gpu:
+            line.append(_mib(r.get("peak_mem_bytes")))
+        out.append(line)
+    return format_table(headers, out)
+
+
+def saved_table(rows: list[dict]) -> str:
+    return format_table(
+        ["shape", "tokens", "r", "p", "dtype", "provider", "saved MiB", "bytes/token", "x fused", "saved tensors"],
+        [[r["shape"], r["tokens"], r["r"], r["dropout"], r["dtype"], r["provider"], r["saved_bytes"] / MiB,
+          int(r["saved_bytes_per_token"]), _x(r["ratio_to_fused"]), r["saved_tensors"]] for r in rows])
+
+
+def modeled_detail_table(rows: list[dict]) -> str:
+    return format_table(
+        ["provider", "direction", "launches", "GFLOP", "HBM MiB", "modeled us", "modeled TFLOP/s",
+         "modeled x gemm", "modeled x eager"],
+        [[r["provider"], r["direction"], r["modeled_launches"], r["modeled_gflop"], r["modeled_hbm_mib"],
+          r["modeled_us"], r["modeled_tflops"], _x(r["modeled_ratio_to_gemm"]), _x(r["modeled_ratio_to_eager"])]
+         for r in rows])
+
+
+def modeled_summary_table(rows: list[dict], r_: int, dropout: float, dtype: str) -> str:
+    """fwd+bwd per shape and token count: modeled µs of each provider and fused's modeled speed-ups."""
+    sel = [r for r in rows if r["r"] == r_ and r["dropout"] == dropout and r["dtype"] == dtype
+           and r["direction"] == "fwd+bwd"]
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in sel)]
+    keys = sorted({(r["in_features"], r["out_features"], r["tokens"]) for r in sel},
+                  key=lambda k: (sw.MODEL_SHAPES.index(k[:2]) if k[:2] in sw.MODEL_SHAPES else 99, k))
+    table = []
+    for K, N, M in keys:
+        at = {r["provider"]: r for r in sel if (r["in_features"], r["out_features"], r["tokens"]) == (K, N, M)}
+        fused = at.get("fused")
+        speedups = [_x(ratio(at[p]["modeled_us"], fused["modeled_us"])) if fused and p in at else "-"
+                    for p in ("eager", "addmm")]
+        table.append([f"{K}->{N}", M] + [at[p]["modeled_us"] if p in at else None for p in providers]
+                     + speedups + [_x(fused["modeled_ratio_to_gemm"]) if fused else "-"])
+    headers = (["shape", "tokens"] + [f"{p} modeled us" for p in providers]
+               + ["modeled eager/fused", "modeled addmm/fused", "modeled fused/gemm"])
+    return format_table(headers, table)
+
+
+def launch_lines(rows: list[dict]) -> str:
+    """Each modeled launch of the fwd and bwd rows (fwd+bwd is the two lists one after the other)."""
+    out = []
+    for r in rows:
+        if r["direction"] == "fwd+bwd":
+            continue
+        out.append(f"  {r['provider']} {r['direction']} (modeled):")
+        for launch in r["_launches"]:
+            out.append(f"    {launch.name:<28} {launch.flops / 1e9:9.3f} GFLOP {launch.bytes / 2**20:9.2f} MiB  "
+                       f"{launch.detail}")
+    return "\n".join(out)

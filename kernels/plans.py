@@ -1,0 +1,202 @@
+"""Launch plans of the LoRA kernels: pure functions of sizes, dtype and flags.
+
+Each ``plan_*`` function returns the launches one launcher of fused_lora.kernels.ops makes: the
+kernel's grid, tile config and constexprs, and the torch ops around it (memsets for atomics,
+reductions of per-tile partials). The launchers launch exactly these plans, and
+``fused_lora.benchmarks`` models the same launches from the same functions, so its roofline follows
+every config change. No tensors, no CUDA, and no triton: importing this imports torch and
+``.configs`` only (the benchmark's modeled table runs where triton is not installed).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import configs
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A tensor a launch reads or writes, by role (``X``, ``W``, ``dB_partials``...)."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One GPU launch: a Triton kernel (``kernel`` is its function name), or a torch op the launcher
+    runs on its own buffers (``zeros``, ``zero_``, ``sum(0)``).
+
+    ``flops`` counts the dots as the kernel executes them: whole tiles (edge tiles are masked, not
+    skipped) and the padded rank R, since tl.dot runs on the padded operands.
+    """
+    kernel: str
+    grid: tuple[int, ...] = ()
+    config: configs.TileConfig | None = None
+    constexprs: dict = field(default_factory=dict)
+    args: dict = field(default_factory=dict)  # runtime scalars the plan derives
+    reads: tuple[Operand, ...] = ()
+    writes: tuple[Operand, ...] = ()
+    flops: int = 0
+
+    @property
+    def is_triton(self) -> bool:
+        return self.config is not None
+
+    def operand(self, name: str) -> Operand:
+        for op in self.reads + self.writes:
+            if op.name == name:
+                return op
+        raise KeyError(f"{self.kernel} has no operand {name!r}")
+
+    @property
+    def hbm_bytes(self) -> int:
+        """Compulsory traffic: each distinct operand read once, each distinct operand written once."""
+        reads = {op.name: op.nbytes for op in self.reads}
+        writes = {op.name: op.nbytes for op in self.writes}
+        return sum(reads.values()) + sum(writes.values())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _torch_op(kernel: str, *, reads=(), writes=()) -> list[Launch]:
+    """A torch op on the launcher's buffers; none when it writes no element (torch launches nothing)."""
+    if all(math.prod(op.shape) == 0 for op in writes):
+        return []
+    return [Launch(kernel, reads=tuple(reads), writes=tuple(writes))]
+
+
+def _block_constexprs(cfg: configs.TileConfig) -> dict:
+    """The tile constexprs a kernel with a grouped launch order takes (GROUP_M = 1: no grouping)."""
+    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M or 1)
+
+
+def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool) -> list[Launch]:
+    S = Operand("S", (M, r), dtype)
+    if M == 0:
+        return []
+    if K == 0:
+        return _torch_op("zero_", writes=[S])
+    R = configs.padded_rank(r)
+    cfg = configs.shrink_config(R, dtype)
+    grid_m = _cdiv(M, cfg.BLOCK_M)
+    flops = 2 * grid_m * cfg.BLOCK_M * R * _cdiv(K, cfg.BLOCK_K) * cfg.BLOCK_K
+    return [Launch("_lora_shrink_kernel", (grid_m,), cfg, dict(R=R, APPLY_DROPOUT=dropout, **cfg.constexprs()),
+                   reads=(Operand("X", (M, K), dtype), Operand("A", (r, K), dtype)), writes=(S,), flops=flops)]
+
+
+def plan_lora_fwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, bias: bool,
+                  fuse_shrink: bool | None = None) -> list[Launch]:
+    """The shrink launch (unless fused) and the forward GEMM launch."""
+    R = configs.padded_rank(r)
+    cfg, fuse = configs.fwd_config(M, R, dtype)
+    if fuse_shrink is not None:
+        fuse = fuse_shrink
+    if M == 0 or N == 0:
+        fuse = False
+    launches = [] if fuse else plan_lora_shrink(M, K, r, dtype, dropout=dropout)
+    if M == 0 or N == 0:
+        return launches
+    grid_m, grid_n = _cdiv(M, cfg.BLOCK_M), _cdiv(N, cfg.BLOCK_N)
+    Mp, Np, Kp = grid_m * cfg.BLOCK_M, grid_n * cfg.BLOCK_N, _cdiv(K, cfg.BLOCK_K) * cfg.BLOCK_K
+    flops = 2 * Mp * Np * Kp + 2 * Mp * Np * R  # x W^T, then S B^T over the padded rank
+    if fuse:
+        flops += 2 * Mp * Kp * R * grid_n  # every N tile column recomputes its S = x' A^T
+    S = Operand("S", (M, r), dtype)
+    reads = [Operand("X", (M, K), dtype), Operand("W", (N, K), dtype)]
+    reads += [Operand("bias", (N,), dtype)] if bias else []
+    reads += [Operand("A", (r, K), dtype)] if fuse else [S]
+    reads += [Operand("B", (N, r), dtype)]
+    writes = [Operand("Y", (M, N), dtype)] + ([S] if fuse else [])
+    constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), HAS_BIAS=bias, FUSE_SHRINK=fuse, APPLY_DROPOUT=dropout,
+                      **_block_constexprs(cfg))
+    return launches + [Launch("_lora_fwd_kernel", (grid_m * grid_n,), cfg, constexprs,
+                              reads=tuple(reads), writes=tuple(writes), flops=flops)]
+
+
+def plan_lora_bwd_dy(M: int, N: int, r: int, dtype: torch.dtype, *, deterministic: bool) -> list[Launch]:
+    """dS and dB from one pass over dY; dB via fp32 atomics, or per-row-block partials and a sum.
+
+    When one row block covers M there is nothing to reduce: the kernel stores dB once, in B's dtype,
+    so no memset, sum or cast is launched (3 of the 7 backward launches at decode sizes).
+    """
+    dS = Operand("dS", (M, r), dtype)
+    dB = Operand("dB", (N, r), torch.float32)
+    if M == 0 or N == 0:
+        return _torch_op("zero_", writes=[dS]) + _torch_op("zeros", writes=[dB])
+    R = configs.padded_rank(r)
+    cfg = configs.bwd_dy_config(R, dtype)
+    m_blocks = _cdiv(M, cfg.BLOCK_M)
+    flops = 4 * m_blocks * cfg.BLOCK_M * _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N * R  # dY B and dY^T S
+    reads = (Operand("dY", (M, N), dtype), Operand("B", (N, r), dtype), Operand("S", (M, r), dtype))
+    use_atomics = m_blocks > 1 and not deterministic
+    constexprs = dict(R=R, USE_ATOMICS=use_atomics, **cfg.constexprs())
+
+    def kernel(out: Operand) -> Launch:
+        return Launch("_lora_bwd_dy_kernel", (m_blocks,), cfg, constexprs, reads=reads, writes=(dS, out),
+                      flops=flops)
+
+    if m_blocks == 1:
+        return [kernel(Operand("dB", (N, r), dtype))]
+    if use_atomics:
+        return _torch_op("zeros", writes=[dB]) + [kernel(dB)]
+    partials = Operand("dB_partials", (m_blocks, N, r), torch.float32)
+    return [kernel(partials)] + _torch_op("sum(0)", reads=[partials], writes=[dB])
+
+
+def plan_lora_bwd_dx(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool) -> list[Launch]:
+    if M == 0 or K == 0:
+        return []
+    R = configs.padded_rank(r)
+    cfg = configs.bwd_dx_config(M, dtype)
+    grid_m, grid_k = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
+    Mp, Kp, Np = grid_m * cfg.BLOCK_M, grid_k * cfg.BLOCK_K, _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N
+    flops = 2 * Mp * Kp * (R + Np)  # dS A seeds the accumulator, then dY W
+    reads = (Operand("dY", (M, N), dtype), Operand("W", (N, K), dtype), Operand("dS", (M, r), dtype),
+             Operand("A", (r, K), dtype))
+    constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, **_block_constexprs(cfg))
+    return [Launch("_lora_bwd_dx_kernel", (grid_m * grid_k,), cfg, constexprs, reads=reads,
+                   writes=(Operand("dX", (M, K), dtype),), flops=flops)]
+
+
+def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, deterministic: bool,
+                     num_sms: int) -> list[Launch]:
+    """dA over SPLIT_M slices of M: fp32 atomics into a zeroed dA, or partials and a sum; with one
+    slice, dA is stored once in A's dtype (no memset, sum or cast)."""
+    dA = Operand("dA", (r, K), torch.float32)
+    if M == 0 or K == 0:
+        return _torch_op("zeros", writes=[dA])
+    R = configs.padded_rank(r)
+    cfg = configs.bwd_da_config(R, dtype)
+    splits, per_split = configs.da_split(M, K, cfg.BLOCK_M, cfg.BLOCK_K, num_sms)
+    use_atomics = splits > 1 and not deterministic
+    k_blocks, m_blocks = _cdiv(K, cfg.BLOCK_K), _cdiv(M, cfg.BLOCK_M)
+    flops = 2 * k_blocks * cfg.BLOCK_K * m_blocks * cfg.BLOCK_M * R
+    reads = (Operand("dS", (M, r), dtype), Operand("X", (M, K), dtype))
+    constexprs = dict(R=R, USE_ATOMICS=use_atomics, APPLY_DROPOUT=dropout, **cfg.constexprs())
+
+    def kernel(out: Operand) -> Launch:
+        return Launch("_lora_bwd_da_kernel", (k_blocks, splits), cfg, constexprs,
+                      args=dict(m_blocks_per_split=per_split), reads=reads, writes=(out,), flops=flops)
+
+    if splits == 1:
+        return [kernel(Operand("dA", (r, K), dtype))]
+    if use_atomics:
+        return _torch_op("zeros", writes=[dA]) + [kernel(dA)]
+    partials = Operand("dA_partials", (splits, r, K), torch.float32)
+    return [kernel(partials)] + _torch_op("sum(0)", reads=[partials], writes=[dA])
+
+
+def find_launch(plan: list[Launch], kernel: str) -> Launch | None:
+    """The plan's launch of ``kernel``; None when the plan does not launch it (empty sizes)."""
+    found = [launch for launch in plan if launch.kernel == kernel]
+    return found[0] if found else None
