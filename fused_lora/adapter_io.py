@@ -193,18 +193,50 @@ def _check_config(config: dict) -> None:
                                  f"with the base weights PEFT modified at init; convert it to a plain LoRA first "
                                  f"(save_pretrained(path_initial_model_for_weight_conversion=...))")
     r = config.get("r", 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+    if not _is_rank(r):
         raise AdapterFormatError(f"adapter_config.json has r={r!r}; expected a positive int")
     alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+    if not _is_alpha(alpha):
         raise AdapterFormatError(f"adapter_config.json has lora_alpha={alpha!r}; expected a finite number")
     p = config.get("lora_dropout", 0.0)
-    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
         raise AdapterFormatError(f"adapter_config.json has lora_dropout={p!r}; expected a number in [0, 1)")
-    for pattern_name in ("rank_pattern", "alpha_pattern"):
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterFormatError(f"adapter_config.json has use_rslora={config['use_rslora']!r}; expected true or false")
+    for field_name, required in (("target_modules", True), ("exclude_modules", False)):
+        spec = config.get(field_name)
+        if (spec is None and required) or not (spec is None or isinstance(spec, str) or
+                                               (isinstance(spec, list) and all(isinstance(t, str) for t in spec))):
+            raise AdapterFormatError(f"adapter_config.json has {field_name}={spec!r}; expected a list of module "
+                                     f"names or a regex string")
+        if isinstance(spec, str) and spec.lower() != ALL_LINEAR:
+            try:
+                re.compile(spec)
+            except re.error as exc:
+                raise AdapterFormatError(f"adapter_config.json has {field_name}={spec!r}, not a valid regex: "
+                                         f"{exc}") from None
+    for pattern_name, is_valid, expected in (("rank_pattern", _is_rank, "a positive int"),
+                                             ("alpha_pattern", _is_alpha, "a finite number")):
         pattern = config.get(pattern_name) or {}
         if not isinstance(pattern, dict):
             raise AdapterFormatError(f"adapter_config.json has {pattern_name}={pattern!r}; expected an object")
+        for key, value in pattern.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise AdapterFormatError(f"adapter_config.json {pattern_name} key {key!r} is not a valid regex: "
+                                         f"{exc}") from None
+            if not is_valid(value):
+                raise AdapterFormatError(f"adapter_config.json has {pattern_name}[{key!r}]={value!r}; expected "
+                                         f"{expected}")
+
+
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_alpha(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _module_tensors(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -268,16 +300,11 @@ def _plan(model: nn.Module, config: dict, modules: dict) -> list[tuple[str, nn.M
         unexpected = sorted(file_names - set(existing))
         where = "the model's LoRALinear layers"
     else:
-        spec = config.get("target_modules")
-        if spec is None:
-            raise AdapterFormatError("adapter_config.json has no target_modules")
-        if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
-            targeted = set(match_targets(model, spec))
-        else:
-            targeted = set(match_targets(model, spec if isinstance(spec, str) else list(spec)))
+        spec = config["target_modules"]
+        targeted = set(match_targets(model, spec))
         exclude = config.get("exclude_modules")
         if exclude:
-            targeted = {n for n in targeted if not name_matches(exclude if isinstance(exclude, str) else list(exclude), n)}
+            targeted = {n for n in targeted if not name_matches(exclude, n)}
         missing = sorted(targeted - file_names)
         unexpected = sorted(file_names - targeted)
         where = f"the modules target_modules={spec!r} selects"
@@ -351,8 +378,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     modules = _module_tensors(state)
     plan = _plan(model, config, modules)
 
-    use_rslora = bool(config.get("use_rslora", False))
+    use_rslora = config.get("use_rslora", False)
     lora_dropout = float(config.get("lora_dropout", 0.0))
+    spec = config["target_modules"]
+    injection = InjectionConfig(spec if isinstance(spec, str) else sorted(spec), config.get("r", 8),
+                                config.get("lora_alpha", 8), lora_dropout, use_rslora, sorted(modules))
+    # Everything above is checked; nothing below can fail on the file's content.
     injected_now = []
     with torch.no_grad():
         for name, target, r, alpha in plan:
@@ -369,8 +400,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             layer.lora_B.copy_(modules[name]["B"])
     if injected_now:
         freeze_base(model)
-    spec = config.get("target_modules")
-    setattr(model, CONFIG_ATTR, InjectionConfig(
-        spec if isinstance(spec, str) else sorted(spec), config.get("r", 8), config.get("lora_alpha", 8),
-        lora_dropout, use_rslora, sorted(modules)))
+    setattr(model, CONFIG_ATTR, injection)
     return model

@@ -30,7 +30,7 @@ class LoRALinear(nn.Module):
     the layer then computes with ``weight.t()`` (a strided view, no copy).
 
     ``merge()`` folds s B A into W (computed in fp32); a merged layer computes x W^T + b only, until
-    ``unmerge()`` subtracts it again.
+    ``unmerge()`` subtracts it again. state_dict records ``merged`` (key ``_extra_state``) with W.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
@@ -147,6 +147,14 @@ class LoRALinear(nn.Module):
         self._check_finite(unmerged, "unmerging")
         self.weight.copy_(unmerged)
         self.merged = False
+
+    def get_extra_state(self) -> torch.Tensor:
+        """``merged``, saved in state_dict (as a tensor, which safetensors can store): a merged layer's weight
+        already holds s B A, so loading its state into an unmerged layer must mark that layer merged too."""
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.merged = bool(state)
 
     def to_base_layer(self) -> nn.Module:
         """A plain nn.Linear (or Conv1D when fan_in_fan_out) sharing this layer's W and b tensors."""

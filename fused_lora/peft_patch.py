@@ -3,13 +3,16 @@
 A patched layer keeps its PEFT module object, parameters and state; only its class changes, to
 ``FusedLinear`` (a subclass of ``peft.tuners.lora.layer.Linear`` that overrides ``forward``), so
 state_dict, save_pretrained, set_adapter, disable_adapter(), merging, optimizers and gradient
-checkpointing see the same module. ``unpatch_peft`` sets the class back.
+checkpointing see the same module. The model's ``LoraModel`` becomes ``FusedLoraModel`` the same way,
+whose ``inject_adapter`` (behind add_adapter, PeftModel.load_adapter, add_weighted_adapter) patches the
+layers it creates. ``unpatch_peft`` sets the classes back.
 
 Per call, the fused path is taken only when it computes what PEFT computes; otherwise the layer runs
 PEFT's own forward for that call (see ``fused_plan``): adapter-level configurations (DoRA and other
-variants, lora_bias) are checked there, so a layer fuses again once a supported adapter is active.
-Layers that can never fuse (quantized or non-Linear base layers, non-Linear LoRA layers, hooked base
-layers) keep PEFT's class. One warning at patch time lists every layer that falls back, with the reason.
+variants, lora_bias) and hooks on the base layer are checked there, so a layer fuses again once a
+supported adapter is active. Layers that can never fuse (quantized or non-Linear base layers, non-Linear
+LoRA layers) keep PEFT's class. One warning at patch time (and one per later inject_adapter) lists every
+layer that falls back, with the reason.
 """
 from __future__ import annotations
 
@@ -24,9 +27,10 @@ from ._validation import KERNEL_DTYPES, MAX_RANK
 from .functional import lora_linear
 from .layer import is_conv1d
 
-__all__ = ["patch_peft", "unpatch_peft", "fused_plan", "FusedFallbackWarning"]  # FusedLinear: built lazily
+__all__ = ["patch_peft", "unpatch_peft", "fused_plan", "FusedFallbackWarning"]  # Fused*: built lazily
 
-_FUSED_CLASS: type | None = None
+# {"FusedLinear": ..., "FusedLoraModel": ...}, built on first use so that importing fused_lora does not import peft.
+_FUSED_CLASSES: dict[str, type] = {}
 # dtypes the fused path takes; others (fp64) run PEFT's forward. The parity tests widen it for the reference.
 FUSED_DTYPES = KERNEL_DTYPES
 
@@ -35,20 +39,22 @@ class FusedFallbackWarning(UserWarning):
     """Some PEFT LoRA layers keep PEFT's own forward; the message lists them and why."""
 
 
-def _peft_linear_class() -> type:
+def _peft_classes() -> dict[str, type]:
+    """{fused class name: the PEFT class it subclasses}."""
     from peft.tuners.lora.layer import Linear
-    return Linear
+    from peft.tuners.lora.model import LoraModel
+    return {"FusedLinear": Linear, "FusedLoraModel": LoraModel}
 
 
-def _fused_class() -> type:
-    """FusedLinear, built on first use so that importing fused_lora does not import peft."""
-    global _FUSED_CLASS
-    if _FUSED_CLASS is None:
-        _FUSED_CLASS = _make_fused_class(_peft_linear_class())
-    return _FUSED_CLASS
+def _fused_class(name: str) -> type:
+    if not _FUSED_CLASSES:
+        peft_classes = _peft_classes()
+        _FUSED_CLASSES.update(FusedLinear=_make_fused_linear(peft_classes["FusedLinear"]),
+                              FusedLoraModel=_make_fused_lora_model(peft_classes["FusedLoraModel"]))
+    return _FUSED_CLASSES[name]
 
 
-def _make_fused_class(peft_linear: type) -> type:
+def _make_fused_linear(peft_linear: type) -> type:
     class FusedLinear(peft_linear):
         """peft.tuners.lora.layer.Linear whose forward runs fused_lora.lora_linear when it can."""
 
@@ -58,14 +64,32 @@ def _make_fused_class(peft_linear: type) -> type:
                 return peft_linear.forward(self, x, *args, **kwargs)
             return _fused_forward(self, x, *plan)
 
-    FusedLinear.__module__ = __name__
-    FusedLinear.__qualname__ = "FusedLinear"
-    return FusedLinear
+    return _public(FusedLinear)
+
+
+def _make_fused_lora_model(lora_model: type) -> type:
+    class FusedLoraModel(lora_model):
+        """peft LoraModel whose inject_adapter patches the LoRA layers it creates or extends."""
+
+        def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            layers = list(_lora_layers(self))
+            # stacklevel 3: the line that called PeftModel.add_adapter (PEFT's call into inject_adapter is 2).
+            _warn_fallbacks(_patch_layers(layers, new_adapter=adapter_name), len(layers), stacklevel=3)
+
+    return _public(FusedLoraModel)
+
+
+def _public(cls: type) -> type:
+    """Named as an attribute of this module, so that pickle and repr find it."""
+    cls.__module__ = __name__
+    cls.__qualname__ = cls.__name__
+    return cls
 
 
 def __getattr__(name: str):
-    if name == "FusedLinear":
-        return _fused_class()
+    if name in ("FusedLinear", "FusedLoraModel"):
+        return _fused_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -86,18 +110,30 @@ def _dropout_p(module: nn.Module) -> float | None:
     return None
 
 
+def _base_bypass_reason(base: nn.Module) -> str | None:
+    """Why calling the fused op instead of ``base(x)`` would skip something the base layer runs, or None."""
+    if base._forward_hooks or base._forward_pre_hooks:
+        return "the base layer has forward hooks, which the fused op would bypass"
+    if "forward" in base.__dict__:
+        return "the base layer has an instance-level forward (e.g. an accelerate hook), which the fused op would bypass"
+    return None
+
+
 def fused_plan(layer, x: torch.Tensor, args: tuple, kwargs: dict):
     """(adapters, dtype, dropout_p) when the fused op computes this call as PEFT would, else None.
 
     Cheap Python checks on module state and dtypes only (no tensor values), so torch.compile can guard
     on them. PEFT's forward runs instead when: extra forward arguments are given (``adapter_names`` for
-    mixed batches, variant kwargs); adapters are disabled or merged (PEFT then runs the base layer);
+    mixed batches, variant kwargs); the base layer has forward hooks or an instance-level forward;
+    adapters are disabled or merged (PEFT then runs the base layer);
     an active adapter is a variant (DoRA, ...) or has lora_bias, added after patching; the active
     adapters' stacked rank exceeds MAX_RANK; several active adapters in training with dropout (PEFT
     draws an independent mask per adapter, one fused call would share one); the compute dtype is not
     fp16 / bf16 / fp32; the base weight's dtype differs from the compute dtype outside autocast.
     """
     if args or any(value is not None for value in kwargs.values()):
+        return None
+    if _base_bypass_reason(layer.base_layer) is not None:
         return None
     if layer.disable_adapters or layer.merged:
         return None
@@ -165,7 +201,7 @@ def _is_plain_conv1d(module: nn.Module) -> bool:
 
 def _unsupported_layer_reason(module: nn.Module) -> str | None:
     """Why a LoRA layer can never be fused (its class or base layer), or None."""
-    peft_linear = _peft_linear_class()
+    peft_linear = _peft_classes()["FusedLinear"]
     cls = type(module)
     if cls is not peft_linear:
         source = cls.__module__.rsplit(".", 1)[-1]
@@ -180,16 +216,17 @@ def _unsupported_layer_reason(module: nn.Module) -> str | None:
     weight = base.weight
     if type(weight) is not nn.Parameter or type(weight.data) is not torch.Tensor:
         return f"base weight is a {type(weight.data).__name__} (quantized or tensor subclass), not a plain tensor"
-    if base._forward_hooks or base._forward_pre_hooks:
-        return "the base layer has forward hooks, which the fused op would bypass"
-    if "forward" in module.__dict__ or "forward" in base.__dict__:
-        return "an instance-level forward is set (e.g. an accelerate hook); it would bypass the fused forward"
+    if "forward" in module.__dict__:
+        return "the LoRA layer has an instance-level forward (e.g. an accelerate hook), which replaces any class forward"
     return None
 
 
-def _unsupported_adapter_reason(module: nn.Module) -> str | None:
-    """Why the layer's current adapters would always run PEFT's forward, or None."""
-    for name in module.lora_A:
+def _fallback_reason(module: nn.Module, adapters) -> str | None:
+    """Why a patched layer runs PEFT's forward now (its base layer, or one of ``adapters``), or None."""
+    reason = _base_bypass_reason(module.base_layer)
+    if reason is not None:
+        return reason + " (checked per call)"
+    for name in adapters:
         if getattr(module, "use_dora", {}).get(name, False):
             return f"adapter {name!r} uses DoRA"
         if name in module.lora_variant:
@@ -212,47 +249,66 @@ def _lora_layers(model: nn.Module):
             yield name, module
 
 
+def _patch_layers(layers, new_adapter: str | None = None) -> list[tuple[str, str]]:
+    """Give every supported layer the FusedLinear class; (name, reason) for each layer that falls back.
+
+    new_adapter=None (patch_peft): every layer not patched yet. new_adapter=name (after PEFT's
+    inject_adapter): the layers holding that adapter, and only that adapter's configuration is reported.
+    """
+    fused_cls = _fused_class("FusedLinear")
+    fallbacks = []
+    for name, module in layers:
+        if new_adapter is None and type(module) is fused_cls:
+            continue
+        if new_adapter is not None and new_adapter not in module.r:
+            continue
+        reason = None if type(module) is fused_cls else _unsupported_layer_reason(module)
+        if reason is None:
+            # Adapter-level reasons (DoRA, lora_bias, rank) and base-layer hooks are checked again per call,
+            # so a layer whose adapter is unsupported now fuses once a supported adapter is active.
+            module.__class__ = fused_cls
+            reason = _fallback_reason(module, module.lora_A if new_adapter is None else [new_adapter])
+        if reason is not None:
+            fallbacks.append((name, reason))
+    return fallbacks
+
+
+def _warn_fallbacks(fallbacks: list[tuple[str, str]], n_layers: int, stacklevel: int) -> None:
+    """One FusedFallbackWarning listing ``fallbacks``; stacklevel counts from the caller of this function."""
+    if fallbacks:
+        lines = "\n".join(f"  {name}: {reason}" for name, reason in fallbacks)
+        warnings.warn(f"fused_lora.patch_peft: {len(fallbacks)} of {n_layers} LoRA layers run PEFT's own "
+                      f"forward:\n{lines}", FusedFallbackWarning, stacklevel=stacklevel + 1)
+
+
 def patch_peft(model: nn.Module) -> nn.Module:
     """Make every supported LoRA Linear layer of a PEFT model compute with fused_lora.lora_linear.
 
     Uses PEFT's own parameters and modules (in place; returns ``model``). Layers with an unsupported
-    configuration keep PEFT's forward; one FusedFallbackWarning lists them with the reason. Raises
-    TypeError when the model contains no PEFT LoRA layer. Patching twice is a no-op.
+    configuration keep PEFT's forward; one FusedFallbackWarning lists them with the reason. Layers that
+    PEFT creates later (add_adapter, PeftModel.load_adapter, add_weighted_adapter) are patched as they
+    are created, with a warning of their own for those that fall back. Raises TypeError when the model
+    contains no PEFT LoRA layer. Patching twice is a no-op.
     """
-    fused_cls = _fused_class()
     layers = list(_lora_layers(model))
     if not layers:
         raise TypeError(f"patch_peft expects a PEFT model with LoRA layers (get_peft_model with a LoraConfig); "
                         f"{type(model).__name__} contains none")
-    fallbacks = []
-    for name, module in layers:
-        if type(module) is fused_cls:
-            continue
-        layer_reason = _unsupported_layer_reason(module)
-        if layer_reason is None:
-            # Adapter-level reasons (DoRA, lora_bias, rank) are checked again per call, so a layer whose
-            # adapter is unsupported now fuses once a supported adapter is active.
-            module.__class__ = fused_cls
-        reason = layer_reason or _unsupported_adapter_reason(module)
-        if reason is not None:
-            fallbacks.append((name, reason))
-    if fallbacks:
-        lines = "\n".join(f"  {name}: {reason}" for name, reason in fallbacks)
-        warnings.warn(f"fused_lora.patch_peft: {len(fallbacks)} of {len(layers)} LoRA layers run PEFT's own "
-                      f"forward:\n{lines}", FusedFallbackWarning, stacklevel=2)
+    peft_classes = _peft_classes()
+    for module in model.modules():
+        if type(module) is peft_classes["FusedLoraModel"]:
+            module.__class__ = _fused_class("FusedLoraModel")
+    _warn_fallbacks(_patch_layers(layers), len(layers), stacklevel=2)
     return model
 
 
 def unpatch_peft(model: nn.Module) -> nn.Module:
-    """Restore PEFT's own Linear class on every patched layer (in place; returns ``model``)."""
-    if _FUSED_CLASS is None:
+    """Restore PEFT's own classes on every patched module (in place; returns ``model``)."""
+    if not _FUSED_CLASSES:
         return model
-    peft_linear = _peft_linear_class()
-    for _, module in model.named_modules():
-        if type(module) is _FUSED_CLASS:
-            module.__class__ = peft_linear
+    originals = {_FUSED_CLASSES[name]: cls for name, cls in _peft_classes().items()}
+    for module in model.modules():
+        original = originals.get(type(module))
+        if original is not None:
+            module.__class__ = original
     return model
-
-
-def is_patched(module: nn.Module) -> bool:
-    return _FUSED_CLASS is not None and type(module) is _FUSED_CLASS

@@ -64,8 +64,9 @@ def test_save_adapter_loads_in_peft(tmp_path):
 
 @pytest.mark.parametrize("into", ["plain", "injected"])
 def test_peft_adapter_loads(tmp_path, into):
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.05,
-                        rank_pattern={"q_proj": 4}, alpha_pattern={"model.layers.1.mlp.up_proj": 3})
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.05, use_rslora=True,
+                        rank_pattern={"q_proj": 4, "model.layers.1.mlp.down_proj": 16},
+                        alpha_pattern={"model.layers.1.mlp.up_proj": 3})
     peft = peft_model(tiny_llama(), config).eval()
     peft.save_pretrained(tmp_path)
     model = tiny_llama().eval()
@@ -73,18 +74,21 @@ def test_peft_adapter_loads(tmp_path, into):
         fused_lora.inject(model, "all-linear", r=8)
         with torch.no_grad():
             for name, layer in lora_layers(model):
-                if name.endswith("q_proj"):  # an injected model must have the adapter's ranks
-                    layer.r, layer.lora_A, layer.lora_B = 4, torch.nn.Parameter(layer.lora_A[:4]), \
-                        torch.nn.Parameter(layer.lora_B[:, :4])
+                r = 4 if name.endswith("q_proj") else 16 if name == "model.layers.1.mlp.down_proj" else 8
+                if r != layer.r:  # an injected model must have the adapter's ranks
+                    layer.r, layer.lora_A, layer.lora_B = r, torch.nn.Parameter(layer.lora_A.new_zeros(r, layer.in_features)), \
+                        torch.nn.Parameter(layer.lora_B.new_zeros(layer.out_features, r))
     fused_lora.load_adapter(model, tmp_path)
     _assert_same_adapter(model, peft)
     assert all(layer.lora_dropout == 0.05 for _, layer in lora_layers(model))
     ids, _ = inputs()
     torch.testing.assert_close(model(input_ids=ids).logits, peft(input_ids=ids).logits, **TOL)
-    fused_lora.save_adapter(model, tmp_path / "again")  # and back out: the same tensors
+    fused_lora.save_adapter(model, tmp_path / "again")  # and back out: the same tensors, read as PEFT read its own
     again = load_file(tmp_path / "again" / "adapter_model.safetensors")
     theirs = load_file(tmp_path / "adapter_model.safetensors")
     assert again.keys() == theirs.keys() and all(torch.equal(again[k], theirs[k]) for k in theirs)
+    peft_again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "again").eval()
+    assert torch.equal(peft_again(input_ids=ids).logits, peft(input_ids=ids).logits)
 
 
 def test_peft_fan_in_fan_out_adapter_loads(tmp_path):
@@ -144,6 +148,17 @@ REJECTIONS = {
               "dtype torch.int32"),
     "nan": (lambda p: _edit_state(p, lambda s: s[f"{Q0}.lora_B.weight"].fill_(float("nan"))), "NaN or inf"),
     "bin": (lambda p: os.rename(p / "adapter_model.safetensors", p / "adapter_model.bin"), "adapter_model.bin found"),
+    # Checked before any layer changes: these used to fail half-way through loading.
+    "alpha_pattern value": (lambda p: _edit_config(p, alpha_pattern={"v_proj": "16"}),
+                            "alpha_pattern['v_proj']='16'; expected a finite number"),
+    "alpha_pattern nan": (lambda p: _edit_config(p, alpha_pattern={"v_proj": float("nan")}), "alpha_pattern['v_proj']=nan"),
+    "target_modules type": (lambda p: _edit_config(p, target_modules=5), "target_modules=5; expected a list"),
+    "rank_pattern regex": (lambda p: _edit_config(p, rank_pattern={"(q_proj": 4}), "rank_pattern key '(q_proj' is not a valid regex"),
+    "rank_pattern value": (lambda p: _edit_config(p, rank_pattern={"q_proj": 4.0}), "rank_pattern['q_proj']=4.0; expected a positive int"),
+    "use_rslora": (lambda p: _edit_config(p, use_rslora="yes"), "use_rslora='yes'; expected true or false"),
+    "json": (lambda p: (p / "adapter_config.json").write_text("{not json"), "is not valid JSON"),
+    "corrupt file": (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage"),
+                     "is not a readable safetensors file"),
 }
 
 
@@ -164,6 +179,16 @@ def test_rejections_leave_model_untouched(tmp_path, case, into):
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+
+
+def test_unknown_config_keys_are_tolerated(tmp_path):
+    # PEFT adds LoraConfig fields across versions; a field fused_lora does not know must not stop a load.
+    path = _peft_dir(tmp_path)
+    _edit_config(path, some_future_field={"x": 1}, another_new_flag=None)
+    model = fused_lora.load_adapter(tiny_llama().eval(), path)
+    peft = PeftModel.from_pretrained(tiny_llama(), _peft_dir(tmp_path / "clean")).eval()
+    ids, _ = inputs()
+    torch.testing.assert_close(model(input_ids=ids).logits, peft(input_ids=ids).logits, **TOL)
 
 
 def test_injected_set_must_equal_file(tmp_path):

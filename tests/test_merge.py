@@ -123,3 +123,40 @@ def test_merge_and_unload_patched_peft_model():
     base = fused_lora.merge_and_unload(model)
     assert type(base.model.layers[0].self_attn.q_proj) is nn.Linear
     torch.testing.assert_close(base(input_ids=ids).logits, y, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_state_dict_loads_as_merged():
+    # A merged layer's W holds s B A: its state must not load into an unmerged layer as a plain W (s B A twice).
+    merged = _layer()
+    x = torch.randn(5, 48)
+    y = merged(x)
+    merged.merge()
+    fresh = _layer(seed=1)
+    fresh.load_state_dict(merged.state_dict())
+    assert fresh.merged
+    torch.testing.assert_close(fresh(x), y, rtol=1e-5, atol=1e-5)
+    fresh.unmerge()
+    merged.unmerge()
+    fresh.load_state_dict(merged.state_dict())
+    assert not fresh.merged
+
+
+def test_save_adapter_of_merged_model_loads_in_peft(tmp_path):
+    # The file holds lora_A / lora_B (the merge lives in W, which an adapter file does not carry): loaded
+    # onto the original base it gives the unmerged outputs.
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from peft_parity import inputs, tiny_llama
+    model = fused_lora.inject(tiny_llama().eval(), ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, fused_lora.LoRALinear):
+                layer.lora_B.normal_(std=0.02)
+    ids, _ = inputs()
+    y = model(input_ids=ids).logits
+    for layer in model.modules():
+        if isinstance(layer, fused_lora.LoRALinear):
+            layer.merge()
+    fused_lora.save_adapter(model, tmp_path)
+    peft = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(peft(input_ids=ids).logits, y, rtol=1e-5, atol=1e-5)

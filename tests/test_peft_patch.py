@@ -12,7 +12,7 @@ import fused_lora  # noqa: E402
 from fused_lora import peft_patch  # noqa: E402
 from numerics import atol_for, max_err  # noqa: E402
 from peft_parity import (_configs, dropout_training_parity, inputs, parity, peft_model,  # noqa: E402
-                         run, tiny_llama)
+                         randomize_lora, run, tiny_llama)
 
 from peft import LoraConfig, PeftModel  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
@@ -20,54 +20,38 @@ from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
 ALL_LINEAR = dict(r=8, lora_alpha=16, target_modules="all-linear")
 
 
-# Project policy (tests/numerics.py): our error vs fp64 <= factor x the baseline's error vs fp64 + half an
-# ulp of max|ref|. Logits: factor 2. LoRA grads: factor 3 per tensor, because with 28-56 grad tensors per
-# model some sit at rounding-noise level where PEFT's own error is a lucky draw: the worst ratio measured
-# over the configs here was 2.24 (two active adapters, one lora_A grad; its logits ratio 0.79).
-LOGITS_FACTOR, GRADS_FACTOR = 2.0, 3.0
+# Project policy (tests/numerics.py): per tensor (the logits and each LoRA grad), our error vs fp64 <= 2x
+# the baseline's error vs fp64 + half an ulp of max|ref|. Baseline: the larger error of two plain-torch
+# computations of the patched model at the same dtype: PEFT's (one matmul pair per adapter) and
+# fused_lora.reference's (Parity.same_op: the stacked op the kernels compute). Against PEFT alone two
+# active adapters need 2.24x: the stacked sum rounds differently from PEFT's per-adapter sums, and plain
+# torch computing the stacked op has up to 1.3x PEFT's error (lora_A.second of layers.1.v_proj: PEFT
+# 3.2 ulp, stacked torch 4.1 ulp, ours 7.6 ulp). Worst measured (ours - atol) / baseline over every
+# tensor of every config: 1.73. A relative change of 1e-6 in lora_B fails the logits check.
+FACTOR = 2.0
 
 
-def assert_parity(result, baseline_errors=None):
-    """Checks logits and every LoRA grad; baseline_errors adds another baseline (max over them)."""
-    (lo, go), (lp, gp), (lr, gr) = result.ours, result.peft, result.ref
-    checks = [("logits", lo, lp, lr)] + [(f"grad {k}", go[k], gp[k], gr[k]) for k in gr]
-    assert set(go) == set(gp) == set(gr) and len(gr) > 0
-    for name, ours, base, ref in checks:
-        base_err = max_err(base, ref)
-        if baseline_errors is not None:
-            base_err = max(base_err, baseline_errors[name])
-        factor = LOGITS_FACTOR if name == "logits" else GRADS_FACTOR
-        bound = factor * base_err + atol_for(ref, result.dtype)
+def assert_parity(result):
+    (lo, go), (lp, gp), (ls, gs), (lr, gr) = result.ours, result.peft, result.same_op, result.ref
+    checks = [("logits", lo, lp, ls, lr)] + [(f"grad {k}", go[k], gp[k], gs[k], gr[k]) for k in gr]
+    assert set(go) == set(gp) == set(gs) == set(gr) and len(gr) > 0
+    for name, ours, peft, same_op, ref in checks:
+        bound = FACTOR * max(max_err(peft, ref), max_err(same_op, ref)) + atol_for(ref, result.dtype)
         err = max_err(ours, ref)
         assert err <= bound, f"{result.name}: {name} error {err:.3e} > bound {bound:.3e}"
 
 
-def _errors(result):
-    (lp, gp), (lr, gr) = result.peft, result.ref
-    return {"logits": max_err(lp, lr), **{f"grad {k}": max_err(gp[k], gr[k]) for k in gr}}
-
-
-FP32_CONFIGS = [name for name in _configs() if not name.startswith("bf16")]
-
-
-@pytest.mark.parametrize("name", FP32_CONFIGS)
-def test_parity_fp32(name):
+@pytest.mark.parametrize("name", list(_configs()))
+def test_parity(name):
     result = parity(name)
     assert_parity(result)
-    figures = result.figures()
-    assert figures["logits_vs_peft"] < 5e-6 and figures["grads_vs_peft"] < 5e-5, figures
-
-
-def test_parity_bf16_base_fp32_adapters():
-    # The fused op computes the branch in bf16 (fp32 accumulation), PEFT in fp32. Baseline: the worse of
-    # PEFT's fp32-branch and PEFT's all-bf16 result (the same op at our dtype), as the policy asks.
-    ours = parity("bf16 base, fp32 adapters")
-    peft_bf16 = parity("bf16 base, bf16 adapters")
-    bf16_errors = _errors(peft_bf16)
-    # Same initial weights (bf16 adapters are the fp32 ones rounded), so the parameter names line up.
-    assert_parity(ours, baseline_errors=bf16_errors)
-    for grads in (ours.ours[1], ours.peft[1]):
-        assert all(g.dtype == torch.float32 for g in grads.values())  # grads reach the fp32 parameters
+    if result.dtype == torch.float32:
+        figures = result.figures()
+        assert figures["logits_vs_peft"] < 5e-6 and figures["grads_vs_peft"] < 5e-5, figures
+    if "fp32 adapters" in name:
+        # The fused op computes the branch in the base's dtype (fp32 accumulation), PEFT in fp32; the grads
+        # still reach the fp32 parameters.
+        assert all(g.dtype == torch.float32 for g in result.ours[1].values())
 
 
 def test_dropout_training_matches_reference_with_same_seed():
@@ -127,28 +111,91 @@ def test_adapter_switching_and_disable():
     reference = copy.deepcopy(model)
     fused_lora.patch_peft(model)
     ids, _ = inputs()
-    for active in ("second", "default", ["default", "second"]):
-        model.base_model.set_adapter(active)
-        reference.base_model.set_adapter(active)
+
+    def check(change=None):
+        for m in (model, reference):
+            if change is not None:
+                change(m)
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-6)
+
+    for active in ("second", "default", ["default", "second"]):
+        check(lambda m: m.base_model.set_adapter(active))
     with model.disable_adapter(), reference.disable_adapter():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)  # PEFT's base path
+    # PEFT's scaling calls write layer.scaling, which the fused forward reads per call.
+    check(lambda m: [layer.set_scale("default", 0.3) for layer in m.modules() if isinstance(layer, PeftLinear)])
+    check(lambda m: [layer.scale_layer(2.5) for layer in m.modules() if isinstance(layer, PeftLinear)])
+    check(lambda m: m.base_model.add_weighted_adapter(["default", "second"], [0.7, 0.5], "mix",
+                                                      combination_type="cat"))
+    check(lambda m: m.base_model.set_adapter("mix"))
+    check(lambda m: (m.base_model.delete_adapter("second"), m.base_model.set_adapter(["default", "mix"])))
 
 
-def test_gradient_checkpointing_with_dropout():
-    model = peft_model(tiny_llama(), LoraConfig(**ALL_LINEAR, lora_dropout=0.1))
+def test_layers_added_after_patch_are_patched(tmp_path):
+    model = peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).eval()
     fused_lora.patch_peft(model)
+    source = peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["o_proj"]))
+    source.save_pretrained(tmp_path)
+    reference = copy.deepcopy(model)
+    fused_lora.unpatch_peft(reference)
+    with pytest.warns(peft_patch.FusedFallbackWarning) as record:
+        for m in (model, reference):
+            m.add_adapter("v", LoraConfig(r=4, target_modules=["v_proj", "q_proj"], lora_bias=True))
+    fallbacks = [w for w in record if w.category is peft_patch.FusedFallbackWarning]
+    assert len(fallbacks) == 1  # the patched model's add_adapter only
+    message = str(fallbacks[0].message)
+    assert "4 of 4 LoRA layers" in message and "model.layers.0.self_attn.v_proj: adapter 'v' has lora_bias=True" in message
+    for m in (model, reference):
+        m.load_adapter(tmp_path, adapter_name="o")
+    layers = [m for m in model.modules() if isinstance(m, PeftLinear)]
+    assert len(layers) == 6 and all(type(m).__name__ == "FusedLinear" for m in layers)
+    randomize_lora(model)
+    randomize_lora(reference)
+    ids, _ = inputs()
+    model.base_model.set_adapter(["default", "o"]), reference.base_model.set_adapter(["default", "o"])
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    fused_lora.unpatch_peft(model)
+    assert type(model.base_model).__name__ == "LoraModel" and all(type(m) is PeftLinear for m in layers)
+
+
+def test_base_layer_hook_added_after_patch_runs():
+    model = fused_lora.patch_peft(peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).eval())
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 8, 64)
+    fused = layer(x)
+    handle = layer.base_layer.register_forward_hook(lambda module, args, out: out * 0)
+    assert peft_patch.fused_plan(layer, x, (), {}) is None
+    lora_only = layer(x)  # PEFT's forward: the hooked base output is zero
+    torch.testing.assert_close(lora_only, fused - torch.nn.functional.linear(x, layer.base_layer.weight),
+                               rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert peft_patch.fused_plan(layer, x, (), {}) is not None
+
+
+@pytest.fixture(scope="module")
+def dropout_training_run():
+    """A patched model with dropout in training, and its logits / LoRA grads with seeds 7 and 8."""
+    model = peft_model(tiny_llama(), LoraConfig(**ALL_LINEAR, lora_dropout=0.1))
+    fused_lora.patch_peft(model).train()
+    ids, grad_out = inputs()
+    return model, run(model, ids, grad_out, seed=7), run(model, ids, grad_out, seed=8)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_with_dropout(dropout_training_run, use_reentrant):
+    # The recompute must apply the forward's masks: their seeds come from the CPU generator, whose state
+    # checkpoint restores (preserve_rng_state). Another mask changes every lora_A grad (seed 8 vs 7).
+    model, plain, other_seed = dropout_training_run
+    assert not any(torch.equal(other_seed[1][k], plain[1][k]) for k in plain[1] if "lora_A" in k)
     checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     checkpointed.train()
     ids, grad_out = inputs()
-    plain = run(model, ids, grad_out, seed=7)
-    recomputed = run(checkpointed, ids, grad_out, seed=7)  # the recompute redraws the same seeds
-    torch.testing.assert_close(recomputed[0], plain[0], rtol=0, atol=0)
-    for k in plain[1]:
-        torch.testing.assert_close(recomputed[1][k], plain[1][k], rtol=1e-6, atol=1e-7)
+    recomputed = run(checkpointed, ids, grad_out, seed=7)
+    assert torch.equal(recomputed[0], plain[0])
+    assert recomputed[1].keys() == plain[1].keys()
+    assert all(torch.equal(recomputed[1][k], plain[1][k]) for k in plain[1])  # same ops, same order: bit-equal
 
 
 def test_fallbacks_warn_once_and_match_peft():
