@@ -187,8 +187,9 @@ def print_modeled(modeled: list[dict], model_points: list[Point], detail: list[P
     from . import model
 
     print(f"[3/3] MODELED H100 SXM (not measured): per launch max(FLOPs / {model.PEAK_FLOPS['bfloat16'] / 1e12:g} "
-          f"TFLOP/s, compulsory bytes / {model.HBM_BYTES_PER_S / 1e12:g} TB/s) + {model.LAUNCH_OVERHEAD_S * 1e6:g} us "
-          "assumed launch overhead, summed over launches.")
+          f"TFLOP/s, compulsory bytes / {model.HBM_BYTES_PER_S / 1e12:g} TB/s) / occupancy + "
+          f"{model.LAUNCH_OVERHEAD_S * 1e6:g} us assumed launch overhead, summed over launches; occupancy = "
+          f"min(1, programs / {model.NUM_SMS} SMs) for a Triton launch, 1 for a torch op.")
     print("  fused: launches from the launchers' plans (grids, tiles, passes; FLOPs of whole tiles and the padded "
           "rank; fp32 atomics, whose L2 traffic is not modeled); others: aten ops traced on meta tensors "
           "(FLOPs of the real rank).")

@@ -1,6 +1,9 @@
 """A modeled (not measured) H100 roofline of every provider, launch by launch.
 
-modeled time = sum over launches of max(flops / peak, compulsory bytes / bandwidth) + per-launch overhead.
+modeled time = sum over launches of max(flops / peak, compulsory bytes / bandwidth) / occupancy
+               + per-launch overhead,
+where occupancy = min(1, programs / SMs) for a Triton launch (its grid) and 1 for a torch op (cuBLAS and
+torch's kernels size their grids to the GPU, e.g. split-K for few tokens).
 
 Launch lists are derived, not typed in:
 - fused: from the launchers' own plans (fused_lora.kernels.plans.plan_*): grids, tiles, passes, partial
@@ -37,7 +40,9 @@ ASSUMPTIONS = {
     "hbm_bytes_per_s": HBM_BYTES_PER_S,
     "launch_overhead_s": LAUNCH_OVERHEAD_S,
     "num_sms": NUM_SMS,
-    "formula": "sum over launches of max(flops / peak, bytes / bandwidth) + launch overhead",
+    "formula": "sum over launches of max(flops / peak, bytes / bandwidth) / occupancy + launch overhead",
+    "occupancy": "Triton launches: min(1, programs / 132), one resident program per SM (a grid of 4 "
+                 "programs gets 4/132 of the peaks); torch ops: 1",
     "bytes": "compulsory HBM traffic: each distinct tensor a launch reads once plus each it writes once "
              "(an in-place update reads and writes its tensor; a broadcast tensor counts its distinct "
              "elements); L2 reuse and re-reads not counted, nor fused's fp32 atomic adds into L2 (one "
@@ -56,9 +61,14 @@ class ModeledLaunch:
     flops: int
     bytes: int
     detail: str = ""
+    programs: int | None = None  # a Triton launch's grid size; None: a torch op, which fills the GPU
+
+    @property
+    def occupancy(self) -> float:
+        return 1.0 if self.programs is None else min(1.0, self.programs / NUM_SMS)
 
     def seconds(self, peak: float) -> float:
-        return max(self.flops / peak, self.bytes / HBM_BYTES_PER_S) + LAUNCH_OVERHEAD_S
+        return max(self.flops / peak, self.bytes / HBM_BYTES_PER_S) / self.occupancy + LAUNCH_OVERHEAD_S
 
     def bound(self, peak: float) -> str:
         return "compute" if self.flops / peak >= self.bytes / HBM_BYTES_PER_S else "memory"
@@ -97,7 +107,8 @@ def _from_plan(launch) -> ModeledLaunch:
                     for op in launch.reads + launch.writes)
     grid = f" grid={launch.grid} {launch.config.BLOCK_M}x{launch.config.BLOCK_N}x{launch.config.BLOCK_K}" \
         if launch.is_triton else ""
-    return ModeledLaunch(launch.kernel, launch.flops, launch.hbm_bytes, f"{ops}{grid}")
+    return ModeledLaunch(launch.kernel, launch.flops, launch.hbm_bytes, f"{ops}{grid}",
+                         programs=math.prod(launch.grid) if launch.is_triton else None)
 
 
 def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERMINISTIC,

@@ -83,6 +83,7 @@ def launch_lines(rows: list[dict]) -> str:
             continue
         out.append(f"  {r['provider']} {r['direction']} (modeled):")
         for launch in r["_launches"]:
+            occupancy = f"occupancy {launch.occupancy:4.2f}" if launch.programs is not None else " " * 14
             out.append(f"    {launch.name:<28} {launch.flops / 1e9:9.3f} GFLOP {launch.bytes / 2**20:9.2f} MiB  "
-                       f"{launch.detail}")
+                       f"{occupancy}  {launch.detail}")
     return "\n".join(out)

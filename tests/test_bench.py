@@ -423,3 +423,15 @@ def test_unquoted_arrow_gets_a_hint(capsys, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["--shapes", "4096-", "--out", str(tmp_path)])  # what bash passes for --shapes 4096->4096
     assert "shell redirection" in capsys.readouterr().err
+
+
+def test_modeled_occupancy_charges_small_grids():
+    """A Triton launch with fewer programs than SMs gets that fraction of the peaks; torch ops fill the GPU."""
+    from fused_lora.benchmarks import model
+
+    full = model.ModeledLaunch("k", flops=0, bytes=10**9, programs=model.NUM_SMS)
+    quarter = model.ModeledLaunch("k", flops=0, bytes=10**9, programs=model.NUM_SMS // 4)
+    torch_op = model.ModeledLaunch("aten.mm", flops=0, bytes=10**9)
+    body = full.seconds(1e15) - model.LAUNCH_OVERHEAD_S
+    assert torch_op.seconds(1e15) == full.seconds(1e15)
+    assert quarter.seconds(1e15) - model.LAUNCH_OVERHEAD_S == pytest.approx(4 * body)
