@@ -7,8 +7,8 @@ torch's kernels size their grids to the GPU, e.g. split-K for few tokens).
 
 Launch lists are derived, not typed in:
 - fused: from the launchers' own plans (fused_lora.kernels.plans.plan_*): grids, tiles, passes, partial
-  buffers and memsets, as the launchers will launch them, plus the two grad casts of
-  fused_lora.functional (fp32 dA, dB to the parameters' dtype).
+  buffers and memsets, as the launchers will launch them, plus the grad casts of
+  fused_lora._library (an fp32 dA or dB to the parameters' dtype).
 - eager, peft, addmm, gemm: by running them once on meta tensors under a TorchDispatchMode that
   records every aten op autograd and the module run (views and allocations excluded), with FLOPs
   from torch.utils.flop_counter's formulas and compulsory bytes from the op's tensors.
@@ -36,7 +36,7 @@ DETERMINISTIC = False
 
 ASSUMPTIONS = {
     "device": "H100 SXM (modeled, not measured)",
-    "peak_flops_bf16_fp16": 989e12,
+    "peak_flops_bf16_fp16": PEAK_FLOPS["bfloat16"],
     "hbm_bytes_per_s": HBM_BYTES_PER_S,
     "launch_overhead_s": LAUNCH_OVERHEAD_S,
     "num_sms": NUM_SMS,

@@ -1,6 +1,7 @@
 """fused_lora.lora_linear: input checks and backend choice; the op itself is in _library.py."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -51,5 +52,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
                                      dropout_p=dropout_p, training=training, seed=seed)
     K, N = x.shape[-1], weight.shape[0]
-    y2 = lora_linear_2d(x.reshape(-1, K), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+    # Rows as a product, not -1: reshape(-1, 0) is ambiguous and raises for K = 0.
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)
+    y2 = lora_linear_2d(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
     return y2.reshape(*x.shape[:-1], N)

@@ -156,6 +156,20 @@ class LoRALinear(nn.Module):
     def set_extra_state(self, state: torch.Tensor) -> None:
         self.merged = bool(state)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A state_dict without the flag (saved before it existed, or built by other tools) holds an unmerged
+        # W: it loads, strict or not, and marks the layer unmerged when it brings W.
+        flag = prefix + "_extra_state"
+        has_flag = flag in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not has_flag:
+            if flag in missing_keys:
+                missing_keys.remove(flag)
+            if prefix + "weight" in state_dict:
+                self.merged = False
+
     def to_base_layer(self) -> nn.Module:
         """A plain nn.Linear (or Conv1D when fan_in_fan_out) sharing this layer's W and b tensors."""
         if self.fan_in_fan_out:

@@ -195,6 +195,8 @@ _QUANTIZED_MODULES = ("bnb", "gptq", "awq", "aqlm", "eetq", "hqq", "inc", "torch
 
 
 def _is_plain_conv1d(module: nn.Module) -> bool:
+    # Exact type, as for nn.Linear below: a subclass may override forward (quantized or hooked variants),
+    # which the fused path would skip. (layer.is_conv1d accepts subclasses: from_linear only reads W, b.)
     pytorch_utils = sys.modules.get("transformers.pytorch_utils")
     return pytorch_utils is not None and type(module) is pytorch_utils.Conv1D
 

@@ -12,7 +12,7 @@ def _lora_bwd_dy_kernel(
     s_ptr,  # (M, r), saved from forward
     ds_ptr,  # (M, r) output: s * dY B, x's dtype
     db_ptr,  # (N, r) fp32 when USE_ATOMICS; else (cdiv(M, BLOCK_M), N, r) fp32 partials, or (N, r) in
-             # B's dtype when there is one row block (no reduction left: the launcher skips sum and cast)
+             # dY's dtype (B's, under lora_linear) when there is one row block (no reduction left: the launcher skips sum and cast)
     M, N, r,
     stride_dym, stride_dyn,
     stride_bn, stride_br,
@@ -108,7 +108,7 @@ def _lora_bwd_dx_kernel(
 def _lora_bwd_da_kernel(
     ds_ptr,  # (M, r)
     x_ptr,  # (M, K)
-    da_ptr,  # (r, K) fp32 when USE_ATOMICS; else (SPLIT_M, r, K) fp32 partials, or (r, K) in A's dtype
+    da_ptr,  # (r, K) fp32 when USE_ATOMICS; else (SPLIT_M, r, K) fp32 partials, or (r, K) in x's dtype (A's, under lora_linear)
              # when SPLIT_M == 1 (no reduction left: the launcher skips sum and cast)
     M, K, r,
     stride_dsm, stride_dsr,

@@ -107,8 +107,8 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: floa
 
 
 def lora_bwd_dy(dy, lora_B, s, scaling: float, *, deterministic: bool | None = None):
-    """(dS, dB) from one pass over dY: dS = s dY B (x's dtype), dB = s dY^T S (fp32, or B's dtype when
-    one row block covers M)."""
+    """(dS, dB) from one pass over dY: dS = s dY B (x's dtype), dB = s dY^T S (fp32, or dY's dtype when
+    one row block covers M: callers cast to B's dtype)."""
     M, N = dy.shape
     r = lora_B.shape[1]
     ds = torch.empty((M, r), device=dy.device, dtype=s.dtype)
@@ -149,8 +149,8 @@ def lora_bwd_dx(dy, weight, ds, lora_A, *, dropout_p: float = 0.0, seed: int = 0
 
 
 def lora_bwd_da(ds, x, *, dropout_p: float = 0.0, seed: int = 0, deterministic: bool | None = None):
-    """dA = dS^T dropout(x), (r, K) in fp32 (in x's dtype when SPLIT_M == 1), reduced over M in SPLIT_M
-    slices."""
+    """dA = dS^T dropout(x), (r, K) in fp32 (in x's dtype when SPLIT_M == 1: callers cast to A's dtype),
+    reduced over M in SPLIT_M slices."""
     M, K = x.shape
     r = ds.shape[1]
     if deterministic is None:

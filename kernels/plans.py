@@ -126,7 +126,7 @@ def plan_lora_fwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout
 def plan_lora_bwd_dy(M: int, N: int, r: int, dtype: torch.dtype, *, deterministic: bool) -> list[Launch]:
     """dS and dB from one pass over dY; dB via fp32 atomics, or per-row-block partials and a sum.
 
-    When one row block covers M there is nothing to reduce: the kernel stores dB once, in B's dtype,
+    When one row block covers M there is nothing to reduce: the kernel stores dB once, in dY's dtype,
     so no memset, sum or cast is launched (3 of the 7 backward launches at decode sizes).
     """
     dS = Operand("dS", (M, r), dtype)
@@ -171,7 +171,7 @@ def plan_lora_bwd_dx(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, drop
 def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, deterministic: bool,
                      num_sms: int) -> list[Launch]:
     """dA over SPLIT_M slices of M: fp32 atomics into a zeroed dA, or partials and a sum; with one
-    slice, dA is stored once in A's dtype (no memset, sum or cast)."""
+    slice, dA is stored once in x's dtype (no memset, sum or cast)."""
     dA = Operand("dA", (r, K), torch.float32)
     if M == 0 or K == 0:
         return _torch_op("zeros", writes=[dA])

@@ -109,6 +109,30 @@ def run(model, ids, grad_out, *, seed=None):
 
 
 @contextlib.contextmanager
+def count_fused_calls():
+    """Counts calls of the fused op's eager path (the kernels under TRITON_INTERPRET=1), so a test can tell
+    a patched layer that fused from one that fell back to PEFT's forward or ran the reference."""
+    from fused_lora._library import LoRALinearFunction
+    counter = {"calls": 0}
+    original = LoRALinearFunction.apply
+
+    def apply(*args):
+        counter["calls"] += 1
+        return original(*args)
+
+    LoRALinearFunction.apply = apply
+    try:
+        yield counter
+    finally:
+        del LoRALinearFunction.apply  # back to torch.autograd.Function.apply
+
+
+def lora_linear_layers(model) -> int:
+    from peft.tuners.lora.layer import Linear
+    return sum(isinstance(m, Linear) for m in model.modules())
+
+
+@contextlib.contextmanager
 def reference_lora():
     """Patched layers compute with fused_lora.reference.lora_linear (and accept fp64), same seeds."""
     saved = peft_patch.lora_linear, peft_patch.FUSED_DTYPES
@@ -134,6 +158,8 @@ class Parity:
     same_op: tuple  # (logits, grads) patched, fused_lora.reference at the same dtype
     ref: tuple      # (logits, grads) fp64
     baseline: str = "PEFT"
+    fused_calls: int = 0  # fused-op calls during the patched run
+    lora_layers: int = 0  # PEFT LoRA Linear layers in the model: each should make one fused call
 
     def figures(self) -> dict:
         def worst(grads_a, grads_b):
@@ -181,11 +207,13 @@ def parity(name: str) -> Parity:
     ref = run(reference, ids, grad_out)
     peft_result = run(model, ids, grad_out)
     fused_lora.patch_peft(model)
-    ours = run(model, ids, grad_out)
+    with count_fused_calls() as counter:
+        ours = run(model, ids, grad_out)
     with reference_lora():
         same_op = run(model, ids, grad_out)
     fused_lora.unpatch_peft(model)
-    return Parity(name, dtype, ours, peft_result, same_op, ref)
+    return Parity(name, dtype, ours, peft_result, same_op, ref, fused_calls=counter["calls"],
+                  lora_layers=lora_linear_layers(model))
 
 
 def dropout_training_parity(p=0.1, seed=1234) -> Parity:
@@ -196,12 +224,13 @@ def dropout_training_parity(p=0.1, seed=1234) -> Parity:
     fused_lora.patch_peft(model)
     reference = copy.deepcopy(model).double()
     ids, grad_out = inputs()
-    ours = run(model, ids, grad_out, seed=seed)
+    with count_fused_calls() as counter:
+        ours = run(model, ids, grad_out, seed=seed)
     with reference_lora():
         low = run(model, ids, grad_out, seed=seed)
         ref = run(reference, ids, grad_out, seed=seed)
     return Parity(f"dropout {p}, training (vs our reference)", torch.float32, ours, low, low, ref,
-                  baseline="reference fp32")
+                  baseline="reference fp32", fused_calls=counter["calls"], lora_layers=lora_linear_layers(model))
 
 
 def all_parities():

@@ -4,17 +4,13 @@ import os
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel  # the dev extra installs peft and safetensors: missing must fail, not skip
+from safetensors.torch import load_file, save_file
 
-pytest.importorskip("peft")
-pytest.importorskip("safetensors")
-
-import fused_lora  # noqa: E402
-from fused_lora.adapter_io import AdapterFormatError  # noqa: E402
-from fused_lora.injection import lora_layers  # noqa: E402
-from peft_parity import inputs, peft_model, randomize_lora, tiny_gpt2, tiny_llama  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from peft import LoraConfig, PeftModel  # noqa: E402
+import fused_lora
+from fused_lora.adapter_io import AdapterFormatError
+from fused_lora.injection import lora_layers
+from peft_parity import inputs, peft_model, randomize_lora, tiny_gpt2, tiny_llama
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fused kernel vs PEFT's separate matmuls, fp32
 

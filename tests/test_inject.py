@@ -1,17 +1,15 @@
 """inject: PEFT's target matching on a plain transformers model, freezing, errors that leave the model as it was."""
+import peft  # the dev extra installs peft and transformers: missing must fail, not skip
 import pytest
 import torch
 from torch import nn
 
 import fused_lora
 from fused_lora.injection import lora_layers, match_targets
-
-pytest.importorskip("transformers")
-from peft_parity import inputs, tiny_gpt2, tiny_llama  # noqa: E402
+from peft_parity import inputs, tiny_gpt2, tiny_llama
 
 
 def _peft_targets(model, target_modules):
-    peft = pytest.importorskip("peft")
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=target_modules))
     return sorted(peft_model.base_model.targeted_module_names)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fused_lora.dropout import dropout_keep_mask
-from fused_lora.kernels import configs, ops
+from fused_lora.kernels import configs, ops, plans
 from numerics import assert_within_torch_error, make_inputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -106,6 +106,10 @@ def test_single_block_grads_are_stored_in_the_parameter_dtype(dtype):
     ds, db = ops.lora_bwd_dy(dy, bb, s, 1.5)
     da = ops.lora_bwd_da(ds, x)
     assert db.dtype == dtype and da.dtype == dtype
+    one_launch = [plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=False),
+                  plans.plan_lora_bwd_da(M, K, r, dtype, dropout=False, deterministic=False, num_sms=132)]
+    assert [[launch.kernel for launch in plan] for plan in one_launch] == [["_lora_bwd_dy_kernel"],
+                                                                           ["_lora_bwd_da_kernel"]]
     _check("dB", db, lambda dy, s: 1.5 * dy.t() @ s, (dy, s), dtype)
     _check("dA", da, lambda ds, x: ds.t() @ x, (ds, x), dtype)
     assert ops.lora_bwd_dy(dy, bb, s, 1.5, deterministic=True)[1].dtype == dtype

@@ -8,7 +8,7 @@ from numerics import compare_with_reference, make_inputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (leading shape of x, K, N, r, dropout_p, bias): every rank in {1, 7, 8, 16, 64, 256}, M in
-# {0, 1, 3, 127, 3-D}, K and N not multiples of 16, both token regimes, fused and unfused shrink.
+# {0, 1, 3, 127, 3-D}, K and N not multiples of 16 (and 0), both token regimes, fused and unfused shrink.
 CASES = [
     ((0,), 77, 53, 8, 0.1, True),
     ((1,), 77, 53, 1, 0.0, True),
@@ -18,6 +18,8 @@ CASES = [
     ((127,), 77, 53, 256, 0.1, False),
     ((4, 33), 48, 72, 8, 0.1, True),
     ((127,), 33, 129, 64, 0.0, False),
+    ((5,), 0, 24, 4, 0.1, True),  # K = 0: y is the bias
+    ((2, 3), 40, 0, 4, 0.1, True),  # N = 0
 ]
 
 

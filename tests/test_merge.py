@@ -41,7 +41,6 @@ def test_merge_matches_unmerged_and_round_trips(dtype):
 
 
 def test_merge_fan_in_fan_out():
-    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
     torch.manual_seed(0)
     conv = Conv1D(24, 48)
@@ -113,7 +112,6 @@ def test_merge_and_unload_refusal_merges_nothing():
 
 
 def test_merge_and_unload_patched_peft_model():
-    pytest.importorskip("peft")
     from peft import LoraConfig
     from peft_parity import inputs, peft_model, tiny_llama
     model = fused_lora.patch_peft(peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
@@ -141,10 +139,25 @@ def test_merged_state_dict_loads_as_merged():
     assert not fresh.merged
 
 
+def test_state_dict_without_the_merged_flag_loads_strictly():
+    """Checkpoints from before the flag existed: strict load works and the layer is unmerged."""
+    source = _layer()
+    old_state = {k: v for k, v in source.state_dict().items() if not k.endswith("_extra_state")}
+    target = _layer(seed=1)
+    target.merge()
+    target.load_state_dict(old_state)  # strict: no missing-key error for _extra_state
+    assert not target.merged
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    lora_only = {k: v for k, v in old_state.items() if "lora_" in k}
+    target.merge()
+    target.load_state_dict(lora_only, strict=False)  # W not loaded: still merged
+    assert target.merged
+
+
 def test_save_adapter_of_merged_model_loads_in_peft(tmp_path):
     # The file holds lora_A / lora_B (the merge lives in W, which an adapter file does not carry): loaded
     # onto the original base it gives the unmerged outputs.
-    pytest.importorskip("peft")
     from peft import PeftModel
     from peft_parity import inputs, tiny_llama
     model = fused_lora.inject(tiny_llama().eval(), ["q_proj", "v_proj"], r=4, lora_alpha=8)
