@@ -18,7 +18,7 @@ from fused_lora.functional import interpreting
 from ._interpreter import install_bf16_fixes
 from ._lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
 from ._lora_fwd import _lora_fwd_kernel, _lora_shrink_kernel
-from .plans import (Operand, find_launch, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_fwd,
+from .plans import (Launch, Operand, find_launch, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_fwd,
                     plan_lora_shrink)
 
 # Programs per SM the interpreter pretends to have: small, so tests still see several dA splits.
@@ -56,6 +56,16 @@ def _dropout_scalars(dropout_p: float, seed: int) -> dict:
 
 def _buffer(op: Operand, device, *, zeroed: bool = False) -> torch.Tensor:
     return (torch.zeros if zeroed else torch.empty)(op.shape, device=device, dtype=op.dtype)
+
+
+def _reduction_buffer(launch: Launch, device) -> torch.Tensor:
+    """The buffer a dB / dA launch writes (its last operand, as plans._reduced_over_m sized it): zeroed
+    for atomics."""
+    return _buffer(launch.writes[-1], device, zeroed=launch.constexprs["USE_ATOMICS"])
+
+
+def _finish_reduction(buffer: torch.Tensor, launch: Launch) -> torch.Tensor:
+    return buffer.sum(0) if launch.writes[-1].name.endswith("_partials") else buffer
 
 
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
@@ -119,15 +129,13 @@ def lora_bwd_dy(dy, lora_B, s, scaling: float, *, deterministic: bool | None = N
     if launch is None:  # M == 0 or N == 0
         return ds.zero_(), torch.zeros((N, r), device=dy.device, dtype=torch.float32)
     _prepare()
-    use_atomics = launch.constexprs["USE_ATOMICS"]
-    reduced = launch.grid[0] == 1 or use_atomics  # the kernel writes dB itself, no partials to sum
-    db = _buffer(launch.operand("dB" if reduced else "dB_partials"), dy.device, zeroed=use_atomics)
+    db = _reduction_buffer(launch, dy.device)
     _lora_bwd_dy_kernel[launch.grid](
         dy, lora_B, s, ds, db, M, N, r,
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
         ds.stride(0), ds.stride(1), float(scaling), INPUT_PRECISION=_input_precision(dy.dtype),
         **launch.constexprs, **launch.config.launch_options())
-    return ds, (db if reduced else db.sum(0))
+    return ds, _finish_reduction(db, launch)
 
 
 def lora_bwd_dx(dy, weight, ds, lora_A, *, dropout_p: float = 0.0, seed: int = 0):
@@ -161,11 +169,9 @@ def lora_bwd_da(ds, x, *, dropout_p: float = 0.0, seed: int = 0, deterministic: 
     if launch is None:  # M == 0 or K == 0
         return torch.zeros((r, K), device=x.device, dtype=torch.float32)
     _prepare()
-    use_atomics = launch.constexprs["USE_ATOMICS"]
-    reduced = launch.grid[1] == 1 or use_atomics  # the kernel writes dA itself, no partials to sum
-    da = _buffer(launch.operand("dA" if reduced else "dA_partials"), x.device, zeroed=use_atomics)
+    da = _reduction_buffer(launch, x.device)
     _lora_bwd_da_kernel[launch.grid](
         ds, x, da, M, K, r, ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
         **launch.args, **_dropout_scalars(dropout_p, seed), INPUT_PRECISION=_input_precision(x.dtype),
         **launch.constexprs, **launch.config.launch_options())
-    return da if reduced else da.sum(0)
+    return _finish_reduction(da, launch)

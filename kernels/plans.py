@@ -50,12 +50,6 @@ class Launch:
     def is_triton(self) -> bool:
         return self.config is not None
 
-    def operand(self, name: str) -> Operand:
-        for op in self.reads + self.writes:
-            if op.name == name:
-                return op
-        raise KeyError(f"{self.kernel} has no operand {name!r}")
-
     @property
     def hbm_bytes(self) -> int:
         """Compulsory traffic: each distinct operand read once, each distinct operand written once."""
@@ -78,6 +72,21 @@ def _torch_op(kernel: str, *, reads=(), writes=()) -> list[Launch]:
 def _block_constexprs(cfg: configs.TileConfig) -> dict:
     """The tile constexprs a kernel with a grouped launch order takes (GROUP_M = 1: no grouping)."""
     return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M or 1)
+
+
+def _reduced_over_m(kernel, total: Operand, parts: int, dtype: torch.dtype, use_atomics: bool) -> list[Launch]:
+    """The launches that leave ``total`` (a grad summed over M) complete, given ``kernel(out)``, the launch
+    whose ``parts`` programs along M each write a share of it into ``out``.
+
+    One part: nothing to reduce, stored once in ``dtype``. Atomics: fp32 adds into a zeroed ``total``.
+    Otherwise: fp32 partials (``<name>_partials``, one per part) and a sum.
+    """
+    if parts == 1:
+        return [kernel(Operand(total.name, total.shape, dtype))]
+    if use_atomics:
+        return _torch_op("zeros", writes=[total]) + [kernel(total)]
+    partials = Operand(f"{total.name}_partials", (parts, *total.shape), torch.float32)
+    return [kernel(partials)] + _torch_op("sum(0)", reads=[partials], writes=[total])
 
 
 def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool) -> list[Launch]:
@@ -145,12 +154,7 @@ def plan_lora_bwd_dy(M: int, N: int, r: int, dtype: torch.dtype, *, deterministi
         return Launch("_lora_bwd_dy_kernel", (m_blocks,), cfg, constexprs, reads=reads, writes=(dS, out),
                       flops=flops)
 
-    if m_blocks == 1:
-        return [kernel(Operand("dB", (N, r), dtype))]
-    if use_atomics:
-        return _torch_op("zeros", writes=[dB]) + [kernel(dB)]
-    partials = Operand("dB_partials", (m_blocks, N, r), torch.float32)
-    return [kernel(partials)] + _torch_op("sum(0)", reads=[partials], writes=[dB])
+    return _reduced_over_m(kernel, dB, m_blocks, dtype, use_atomics)
 
 
 def plan_lora_bwd_dx(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool) -> list[Launch]:
@@ -188,12 +192,7 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
         return Launch("_lora_bwd_da_kernel", (k_blocks, splits), cfg, constexprs,
                       args=dict(m_blocks_per_split=per_split), reads=reads, writes=(out,), flops=flops)
 
-    if splits == 1:
-        return [kernel(Operand("dA", (r, K), dtype))]
-    if use_atomics:
-        return _torch_op("zeros", writes=[dA]) + [kernel(dA)]
-    partials = Operand("dA_partials", (splits, r, K), torch.float32)
-    return [kernel(partials)] + _torch_op("sum(0)", reads=[partials], writes=[dA])
+    return _reduced_over_m(kernel, dA, splits, dtype, use_atomics)
 
 
 def find_launch(plan: list[Launch], kernel: str) -> Launch | None:
