@@ -12,15 +12,16 @@ same backward (`_lora_backward`).
     fused_lora::lora_linear_bwd(dy2, x2, weight, lora_A, lora_B, S, scaling, dropout_p, seed, backend,
                                 need_dx, need_dA, need_dB) -> (dx2, dA, dB)
 
-x2 / y2 / dy2 are 2-D. ``seed`` is a 0-dim int64 CPU tensor, so a seed drawn inside a compiled region
-stays in the graph (a Python int from ``.item()`` would break it). A gradient that is not needed comes
+x2 / y2 / dy2 are 2-D. ``seed`` is a 0-dim int64 tensor on x's device (a shared CPU zero without
+dropout): a seed drawn inside a compiled region stays in the graph (a Python int from ``.item()``
+would break it), and the kernels load it, so a CUDA graph replays with the value the tensor holds. A gradient that is not needed comes
 back as an empty (0,) tensor: custom ops cannot return None.
 """
 from __future__ import annotations
 
 import torch
 
-from .dropout import draw_seed, seed_tensor
+from .dropout import seed_tensor
 
 BACKENDS_IN_OP = ("triton", "torch")
 
@@ -39,7 +40,7 @@ def _backend_module(name: str):
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                     lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    y, s = _backend_module(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    y, s = _backend_module(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return y, s
 
 
@@ -55,7 +56,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
                     backend: str, need_dx: bool, need_dA: bool, need_dB: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dA, dB = _backend_module(backend).backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p,
-                                                   int(seed), need_dx, need_dA, need_dB)
+                                                   seed, need_dx, need_dA, need_dB)
     empty = lambda: x.new_empty((0,))  # one per output: outputs may not alias each other
     return (empty() if dx is None else dx,
             empty() if dA is None else dA.to(lora_A.dtype),
@@ -126,17 +127,15 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, dW, db, dA, dB, None, None, None, None
 
 
-def lora_linear_2d(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int | None,
+def lora_linear_2d(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed,
                    backend: str) -> torch.Tensor:
     """y = x W^T + b + s (dropout(x) A^T) B^T for 2-D x on backend "triton" or "torch"; inputs validated.
 
-    Under torch.compile this is one custom op per direction; in eager, the autograd.Function.
+    Under torch.compile this is one custom op per direction; in eager, the autograd.Function. ``seed``:
+    an int, a 0-dim int64 tensor on x's device, or None (drawn from x's device's generator).
     """
+    seed = seed_tensor(seed, dropout_p, x.device)
     if torch.compiler.is_compiling():
-        y, _ = lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                               seed_tensor(seed, dropout_p), backend)
+        y, _ = lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         return y
-    if dropout_p > 0.0 and seed is None:
-        seed = draw_seed()
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                    0 if seed is None else seed, backend)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)

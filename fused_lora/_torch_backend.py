@@ -15,10 +15,16 @@ def _keep_scaled(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    # x * mask, not a masked select: NaN / inf at a dropped position give NaN, as in the reference.
     x_lora = x * _keep_scaled(x, dropout_p, seed) if dropout_p > 0.0 else x  # transient, not saved
     s = torch.mm(x_lora, lora_A.t())
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-    y.addmm_(s, lora_B.t(), alpha=scaling)
+    if scaling == 0.0:
+        # addmm_(alpha=0) skips the product (BLAS), hiding NaN / inf of S B^T that the reference's
+        # 0 * (S B^T) keeps: a rare case, paid with an M x N temporary.
+        y.add_(torch.mm(s, lora_B.t()).mul_(0.0))
+    else:
+        y.addmm_(s, lora_B.t(), alpha=scaling)
     return y, s
 
 

@@ -57,5 +57,68 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
         raise TypeError(f"scaling must be a finite Python float, got {scaling!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.dim() != 0 or seed.device != x.device:
+            raise ValueError(f"seed must be an int in [0, 2**63) or a 0-dim torch.int64 tensor on x's device "
+                             f"{x.device}, got a tensor of dtype {seed.dtype}, shape {tuple(seed.shape)} on {seed.device}")
+    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an int in [0, 2**63) or a 0-dim torch.int64 tensor on x's device, got {seed!r}")
+
+
+# ---- LoRA hyper-parameters ------------------------------------------------------------------------
+
+# The kernels take scaling as a float32 scalar: a larger finite Python float would reach them as inf.
+MAX_SCALING = torch.finfo(torch.float32).max
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+# name: (type test, value test, what is expected: read after "must be" and after "expected").
+LORA_CONFIG_RULES = {
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool), lambda v: 1 <= v <= MAX_RANK,
+          f"a positive int (fused_lora supports 1 <= r <= {MAX_RANK})"),
+    "lora_alpha": (_is_real, _is_finite, "a finite number (int or float)"),
+    "lora_dropout": (_is_real, lambda v: 0.0 <= v < 1.0, "in [0, 1) (an int or float)"),
+    "use_rslora": (lambda v: isinstance(v, bool), lambda v: True, "a bool"),
+}
+
+
+def lora_config_error(name: str, value) -> tuple[type[Exception], str] | None:
+    """(TypeError or ValueError, what is expected) when ``value`` is not a valid LoRA hyper-parameter ``name``
+    (a key of LORA_CONFIG_RULES); None when it is valid."""
+    is_type, is_valid, expected = LORA_CONFIG_RULES[name]
+    if not is_type(value):
+        return TypeError, expected
+    if not is_valid(value):
+        return ValueError, expected
+    return None
+
+
+def check_lora_config(r, lora_alpha, lora_dropout, use_rslora) -> float:
+    """Check a LoRA layer's hyper-parameters and return its scaling: lora_alpha / r, or / sqrt(r) with use_rslora.
+
+    Raises TypeError (wrong type) or ValueError (out of range) naming the argument, its value and what is
+    expected; ValueError too when the scaling is above float32's range.
+    """
+    for name, value in (("r", r), ("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout),
+                        ("use_rslora", use_rslora)):
+        error = lora_config_error(name, value)
+        if error is not None:
+            exc_type, expected = error
+            got = f"{value!r} ({type(value).__name__})" if exc_type is TypeError else repr(value)
+            raise exc_type(f"{name}={got}: {name} must be {expected}")
+    scaling = float(lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r)
+    if not abs(scaling) <= MAX_SCALING:
+        rule = "lora_alpha / sqrt(r) (use_rslora=True)" if use_rslora else "lora_alpha / r"
+        raise ValueError(f"lora_alpha={lora_alpha!r} with r={r} gives scaling = {rule} = {scaling:g}; the kernels "
+                         f"take scaling as a float32, so |scaling| must be <= {MAX_SCALING:g}")
+    return scaling

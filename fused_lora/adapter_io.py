@@ -8,7 +8,6 @@ load_adapter validates the whole file against the model before it changes anythi
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import Counter
@@ -16,6 +15,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ._validation import check_lora_config, lora_config_error
 from .injection import ALL_LINEAR, CONFIG_ATTR, InjectionConfig, _is_linear, _set_submodule, freeze_base, \
     lora_layers, match_targets, name_matches
 from .layer import LoRALinear
@@ -50,6 +50,8 @@ _UNSUPPORTED_FIELDS = {
 # init_lora_weights values whose adapters are plain LoRA deltas. PiSSA / OLoRA / CorDA / LoftQ / ... adapters
 # are valid only with the base weights PEFT modified at init, which the file does not contain.
 _PLAIN_INITS = (True, False, "gaussian")
+# What the config-file errors say is expected where JSON's spelling differs from Python's.
+_JSON_EXPECTED = {"use_rslora": "true or false"}
 
 
 class AdapterFormatError(ValueError):
@@ -192,17 +194,8 @@ def _check_config(config: dict) -> None:
         raise AdapterFormatError(f"adapter_config.json has init_lora_weights={init!r}: such adapters are valid only "
                                  f"with the base weights PEFT modified at init; convert it to a plain LoRA first "
                                  f"(save_pretrained(path_initial_model_for_weight_conversion=...))")
-    r = config.get("r", 8)
-    if not _is_rank(r):
-        raise AdapterFormatError(f"adapter_config.json has r={r!r}; expected a positive int")
-    alpha = config.get("lora_alpha", 8)
-    if not _is_alpha(alpha):
-        raise AdapterFormatError(f"adapter_config.json has lora_alpha={alpha!r}; expected a finite number")
-    p = config.get("lora_dropout", 0.0)
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
-        raise AdapterFormatError(f"adapter_config.json has lora_dropout={p!r}; expected a number in [0, 1)")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise AdapterFormatError(f"adapter_config.json has use_rslora={config['use_rslora']!r}; expected true or false")
+    for name, default in (("r", 8), ("lora_alpha", 8), ("lora_dropout", 0.0), ("use_rslora", False)):
+        _check_field(name, name, config.get(name, default))
     for field_name, required in (("target_modules", True), ("exclude_modules", False)):
         spec = config.get(field_name)
         if (spec is None and required) or not (spec is None or isinstance(spec, str) or
@@ -215,8 +208,7 @@ def _check_config(config: dict) -> None:
             except re.error as exc:
                 raise AdapterFormatError(f"adapter_config.json has {field_name}={spec!r}, not a valid regex: "
                                          f"{exc}") from None
-    for pattern_name, is_valid, expected in (("rank_pattern", _is_rank, "a positive int"),
-                                             ("alpha_pattern", _is_alpha, "a finite number")):
+    for pattern_name, name in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
         pattern = config.get(pattern_name) or {}
         if not isinstance(pattern, dict):
             raise AdapterFormatError(f"adapter_config.json has {pattern_name}={pattern!r}; expected an object")
@@ -226,17 +218,15 @@ def _check_config(config: dict) -> None:
             except re.error as exc:
                 raise AdapterFormatError(f"adapter_config.json {pattern_name} key {key!r} is not a valid regex: "
                                          f"{exc}") from None
-            if not is_valid(value):
-                raise AdapterFormatError(f"adapter_config.json has {pattern_name}[{key!r}]={value!r}; expected "
-                                         f"{expected}")
+            _check_field(f"{pattern_name}[{key!r}]", name, value)
 
 
-def _is_rank(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _is_alpha(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _check_field(label: str, name: str, value) -> None:
+    """AdapterFormatError unless ``value``, adapter_config.json's ``label``, is a valid LoRA ``name`` (r, ...)."""
+    error = lora_config_error(name, value)
+    if error is not None:
+        raise AdapterFormatError(f"adapter_config.json has {label}={value!r}; expected "
+                                 f"{_JSON_EXPECTED.get(name, error[1])}")
 
 
 def _module_tensors(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -291,8 +281,10 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return nx, nf
 
 
-def _plan(model: nn.Module, config: dict, modules: dict) -> list[tuple[str, nn.Module, int, float]]:
-    """[(module path, target module, r, lora_alpha)], checked against the model; raises before any change."""
+def _plan(model: nn.Module, config: dict, modules: dict) -> list[tuple[str, nn.Module, int, float, torch.Tensor,
+                                                                    torch.Tensor]]:
+    """[(module path, target module, r, lora_alpha, lora_A, lora_B)], checked against the model, the tensors cast
+    to the layer's dtype; raises before any change."""
     existing = {name: layer for name, layer in lora_layers(model)}
     file_names = set(modules)
     if existing:
@@ -316,6 +308,7 @@ def _plan(model: nn.Module, config: dict, modules: dict) -> list[tuple[str, nn.M
                                  f"{where}, e.g. {KEY_PREFIX}{unexpected[0]}.lora_A.weight")
 
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    lora_dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     plan = []
     for name in sorted(modules):
@@ -347,7 +340,20 @@ def _plan(model: nn.Module, config: dict, modules: dict) -> list[tuple[str, nn.M
             raise AdapterFormatError(f"LoRALinear {name!r} has r={target.r} but the adapter has rank {r}")
         alpha_key = _pattern_key(alpha_pattern, name)
         alpha = alpha_pattern[alpha_key] if alpha_key is not None else alpha_default
-        plan.append((name, target, r, alpha))
+        try:
+            check_lora_config(r, alpha, lora_dropout, use_rslora)
+        except (TypeError, ValueError) as exc:
+            raise AdapterFormatError(f"adapter_config.json, for module {name!r}: {exc}") from None
+        dtype = (target.lora_A if existing else target.weight).dtype
+        cast = {part: modules[name][part].to(dtype) for part in ("A", "B")}
+        for part, t in cast.items():
+            # The file's values are finite (checked on reading); a cast to a narrower dtype can still overflow.
+            if not bool(torch.isfinite(t).all()):
+                largest = modules[name][part].abs().max().item()
+                raise AdapterFormatError(f"{KEY_PREFIX}{name}.lora_{part}.weight has a value of magnitude "
+                                         f"{largest:g} that overflows the model's dtype {dtype} (largest finite "
+                                         f"{torch.finfo(dtype).max:g})")
+        plan.append((name, target, r, alpha, cast["A"], cast["B"]))
     return plan
 
 
@@ -359,8 +365,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     LoRALinear layers are injected at the modules the file's keys name (which must be the modules the
     config's target_modules selects). Honours r, lora_alpha, use_rslora, rank_pattern, alpha_pattern
     and fan_in_fan_out (from the base module's type, as PEFT does). Tensors are cast to each layer's
-    dtype (the base weight's). Everything is checked before the model changes: on any AdapterFormatError
-    the model is untouched. Returns ``model``.
+    dtype (the base weight's); a value that overflows it is refused. r, lora_alpha, lora_dropout and
+    use_rslora (and the patterns' values) are checked as LoRALinear checks them. Everything is checked
+    before the model changes: on any AdapterFormatError the model is untouched. Returns ``model``.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -386,7 +393,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     # Everything above is checked; nothing below can fail on the file's content.
     injected_now = []
     with torch.no_grad():
-        for name, target, r, alpha in plan:
+        for name, target, r, alpha, lora_A, lora_B in plan:
             if isinstance(target, LoRALinear):
                 layer = target
                 layer.lora_dropout = lora_dropout
@@ -396,8 +403,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                                                use_rslora=use_rslora)
                 _set_submodule(model, name, layer)
                 injected_now.append(name)
-            layer.lora_A.copy_(modules[name]["A"])
-            layer.lora_B.copy_(modules[name]["B"])
+            layer.lora_A.copy_(lora_A)
+            layer.lora_B.copy_(lora_B)
     if injected_now:
         freeze_base(model)
     setattr(model, CONFIG_ATTR, injection)

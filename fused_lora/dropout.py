@@ -110,11 +110,13 @@ def _keep_mask_numpy(seed: int, rows: int, cols: int, threshold: int) -> np.ndar
     return mask
 
 
-def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+def dropout_keep_mask(seed, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Boolean (rows, cols) keep-mask, identical to the one the kernels draw for this seed and p.
 
     CPU: numpy uint64 arithmetic; other devices: torch int64 arithmetic on the device (same bits).
+    ``seed``: an int, or a 0-dim integer tensor (its 64 bits).
     """
+    seed = seed_value(seed)
     device = torch.device("cpu") if device is None else torch.device(device)
     threshold = drop_threshold(p)
     if device.type == "cpu":
@@ -134,25 +136,32 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) ->
     return mask
 
 
-def _draw_seed_tensor() -> torch.Tensor:
-    return torch.randint(0, 1 << 62, (), dtype=torch.int64, device="cpu")
-
-
-def draw_seed() -> int:
-    """A fresh seed from torch's default CPU generator, so torch.manual_seed makes runs repeatable."""
-    return int(_draw_seed_tensor())
+def draw_seed(device=None) -> torch.Tensor:
+    """A fresh seed, a 0-dim int64 tensor on ``device`` (default CPU) drawn from that device's default
+    generator: torch.manual_seed makes runs repeatable, checkpointing's recompute (which restores the RNG
+    state) draws the same seed, and inside a CUDA graph each replay draws a new one."""
+    return torch.randint(0, 1 << 62, (), dtype=torch.int64, device=device)
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
-def seed_tensor(seed: int | None, dropout_p: float) -> torch.Tensor:
-    """The seed as the 0-dim int64 CPU tensor the custom ops take; drawn like draw_seed when None.
+def seed_tensor(seed, dropout_p: float, device) -> torch.Tensor:
+    """The seed as the 0-dim int64 tensor the custom ops take: ``seed`` if it is one, an int placed on
+    ``device``, drawn there when None; a shared CPU zero without dropout (the kernels do not read it).
 
-    A tensor, not a Python int, so that a seed drawn inside torch.compile stays in the graph.
+    A tensor, not a Python int: a seed drawn inside torch.compile stays in the graph, and kernels that
+    load it from memory see a new value on each CUDA graph replay.
     """
     if dropout_p <= 0.0:
         return _NO_SEED
     if seed is None:
-        return _draw_seed_tensor()
-    return torch.tensor(seed, dtype=torch.int64, device="cpu")
+        return draw_seed(device)
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.full((), seed, dtype=torch.int64, device=device)
+
+
+def seed_value(seed) -> int:
+    """The seed as a Python int (a tensor seed's 64 bits, read back: a device sync for CUDA tensors)."""
+    return int(seed) & ((1 << 64) - 1) if isinstance(seed, torch.Tensor) else int(seed)

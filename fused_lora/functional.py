@@ -33,14 +33,27 @@ def select_backend(x: torch.Tensor) -> str:
     return "torch"
 
 
+def _autocast_inputs(device_type: str, *tensors):
+    """The tensors cast to the autocast dtype, as autocast casts F.linear's (float64 is left alone)."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=False, seed=None):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T, with fused kernels on CUDA.
 
     x: (..., K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); 1 <= r <= 256.
     Dropout applies to the LoRA branch only, and only when ``training`` and ``dropout_p > 0``; its
-    keep-mask is a deterministic function of ``seed`` (drawn from torch's default CPU generator
-    when None). Differentiable in x, lora_A, lora_B, and weight / bias when they require grad.
+    keep-mask is a deterministic function of ``seed``: an int, a 0-dim int64 tensor on x's device, or
+    None (drawn from the default generator of x's device). Differentiable in x, lora_A, lora_B, and
+    weight / bias when they require grad.
+
+    Under ``torch.autocast`` it computes in the autocast dtype, as nn.Linear does: floating-point
+    tensors other than float64 are cast to it, and grads flow back to each tensor in its own dtype.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        x, weight, bias, lora_A, lora_B = _autocast_inputs(x.device.type, x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, dtypes=ALL_DTYPES)
     backend = select_backend(x)
     if backend == "triton" and x.dtype not in KERNEL_DTYPES:

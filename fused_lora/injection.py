@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ._validation import check_lora_config
 from .layer import LoRALinear, is_conv1d
 
 __all__ = ["inject", "merge_and_unload", "lora_layers", "match_targets", "InjectionConfig", "ALL_LINEAR"]
@@ -94,12 +95,10 @@ def inject(model: nn.Module, target_modules, *, r: int = 8, lora_alpha: float = 
     target_modules: a list of names (exact name or '.'-suffix match), a regex (re.fullmatch on the
     module name), or "all-linear" (every Linear except a transformers model's output head). Every
     parameter outside the LoRA layers gets requires_grad=False, as PEFT does. Raises ValueError when
-    nothing matches, TypeError when a match is not a Linear; the model is unchanged on error.
+    nothing matches, TypeError when a match is not a Linear, TypeError / ValueError for r, lora_alpha,
+    lora_dropout or use_rslora as LoRALinear does; the model is unchanged on error.
     """
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"r must be a positive int, got {r!r}")
-    if not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    check_lora_config(r, lora_alpha, lora_dropout, use_rslora)
     names = match_targets(model, target_modules)
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matched no module of {type(model).__name__}; "

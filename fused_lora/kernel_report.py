@@ -84,10 +84,11 @@ KERNELS = tuple(KERNEL_MODULES)
 WORST_CASE_FLAGS = {"HAS_BIAS": True, "APPLY_DROPOUT": True, "USE_ATOMICS": True}
 # Pointer arguments that are fp32 whatever the input dtype (dB / dA accumulators and partials).
 FP32_POINTERS = frozenset({"db_ptr", "da_ptr"})
+# The dropout seed: a 0-dim int64 tensor, declared do_not_specialize (no alignment hint).
+I64_POINTERS = frozenset({"seed_ptr"})
 FLOAT_SCALARS = frozenset({"scaling", "keep_scale"})
-I64_SCALARS = frozenset({"seed"})
 # Integer arguments whose divisibility by 16 does not depend on the tensor shapes.
-NO_HINT_INTS = frozenset({"seed", "drop_threshold", "m_blocks_per_split"})
+NO_HINT_INTS = frozenset({"drop_threshold", "m_blocks_per_split"})
 
 _TRITON_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -146,7 +147,8 @@ def launch_jobs(archs: Iterable[int] = ARCHS, dtypes: Iterable[str] = DTYPES,
 def _stride_roles(arg_names: list[str]) -> dict[str, str]:
     """{stride argument: 'inner' | 'outer' | 'rank'}; 'rank' is an outer stride equal to r.
 
-    Strides come in (outer, inner) pairs named stride_<tensor><dim>, e.g. stride_sm, stride_sr.
+    Strides come in (outer, inner) pairs named stride_<tensor><dim>, e.g. stride_sm, stride_sr; a 1-D
+    tensor's single stride (stride_bias_n) is 'inner'.
     """
     groups: dict[str, list[str]] = {}
     for n in arg_names:
@@ -154,6 +156,9 @@ def _stride_roles(arg_names: list[str]) -> dict[str, str]:
             groups.setdefault(n[:-1], []).append(n)
     roles = {}
     for prefix, names in groups.items():
+        if len(names) == 1:
+            roles[names[0]] = "inner"
+            continue
         if len(names) != 2:
             raise ValueError(f"cannot pair stride arguments {names}")
         outer, inner = names
@@ -187,14 +192,14 @@ def build_signature(kernel, dtype: str, constexprs: dict, align: str = "aligned"
         elif roles.get(n) == "inner":  # contiguous tensors: Triton turns a stride of 1 into a constant
             signature[n] = "constexpr"
             constexprs[n] = 1
+        elif n in I64_POINTERS:
+            signature[n] = "*i64"
         elif n.endswith("_ptr"):
             signature[n] = "*" + ("fp32" if n in FP32_POINTERS else _TRITON_DTYPE[dtype])
             if align != "none":
                 attrs[(i,)] = [list(a) for a in divisible]
         elif n in FLOAT_SCALARS:
             signature[n] = "fp32"
-        elif n in I64_SCALARS:
-            signature[n] = "i64"
         else:
             signature[n] = "i32"
             rank_tied = n == "r" or roles.get(n) == "rank"
@@ -236,6 +241,24 @@ def classify_sass(sass: str) -> dict:
     else:
         mma = "none"
     return {"mma": mma, "hmma_with_wgmma": bool(counts["HGMMA"] and counts["HMMA"]), "sass_counts": counts}
+
+
+_ADDPTR = re.compile(r"tt\.addptr\s+%[\w#.]+,\s*%[\w#.]+\s*:\s*\S+,\s*(\S+)")
+
+
+def int32_pointer_offsets(ttir: str) -> list[str]:
+    """The ``tt.addptr`` ops of a TTIR module whose offset is 32-bit (scalar i32 or a tensor of i32).
+
+    Every pointer offset of the kernels is built from int64 spans, so this is empty; an i32 offset is a
+    product of an i32 index and a stride, which wraps once it reaches 2**31 (N * K of a large output head,
+    or a column-major dY's M * N).
+    """
+    found = []
+    for line in ttir.splitlines():
+        m = _ADDPTR.search(line)
+        if m and re.fullmatch(r"i32|tensor<[0-9x]*xi32>", m.group(1)):
+            found.append(line.strip())
+    return found
 
 
 # Bump when parse_res_usage / classify_sass change: cached cubin inspections are keyed on it.
@@ -323,6 +346,7 @@ def compile_job(job: dict) -> dict:
         src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         record["compile_s"] = round(time.perf_counter() - t0, 3)
+        record["int32_offsets"] = int32_pointer_offsets(compiled.asm["ttir"])
         usage, kinds = inspect_cubin(compiled.asm["cubin"])
         dynamic = int(compiled.metadata.shared)
         static = usage.get("SHARED", 0)
@@ -349,6 +373,8 @@ def compile_job(job: dict) -> dict:
             problems.append(f"{record['mma']} instead of {record['expected_mma']}")
         if record["hmma_with_wgmma"]:
             problems.append("HMMA next to HGMMA")
+        if record.get("int32_offsets"):
+            problems.append(f"{len(record['int32_offsets'])} pointer offsets in int32")
     record["problems"] = problems
     record["ok"] = not problems
     record["seconds"] = round(time.perf_counter() - t0, 3)

@@ -7,11 +7,8 @@ import sys
 import torch
 from torch import nn
 
+from ._validation import check_lora_config
 from .functional import lora_linear
-
-
-def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -25,6 +22,9 @@ class LoRALinear(nn.Module):
 
     s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. A is kaiming-uniform and B is zero
     at initialisation (as PEFT does), so a new layer computes exactly what the base layer does.
+    The constructor, from_linear and set_scaling raise TypeError / ValueError for r outside
+    1..MAX_RANK (256), a non-finite lora_alpha, lora_dropout outside [0, 1), a non-bool use_rslora, or
+    a scaling beyond float32 (the kernels take it as a float32 scalar).
 
     fan_in_fan_out=True means ``weight`` is stored (in, out), as transformers' Conv1D (GPT-2) stores it;
     the layer then computes with ``weight.t()`` (a strided view, no copy).
@@ -43,10 +43,7 @@ class LoRALinear(nn.Module):
                     use_rslora=use_rslora)
 
     def _setup(self, weight, bias, *, r, lora_alpha, lora_dropout, use_rslora, fan_in_fan_out=False):
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        scaling = check_lora_config(r, lora_alpha, lora_dropout, use_rslora)
         self.fan_in_fan_out = bool(fan_in_fan_out)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = weight.shape
@@ -61,7 +58,7 @@ class LoRALinear(nn.Module):
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
         self.use_rslora = use_rslora
-        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.scaling = scaling
         self.merged = False
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
@@ -89,12 +86,11 @@ class LoRALinear(nn.Module):
         return layer
 
     def set_scaling(self, *, lora_alpha: float | None = None, use_rslora: bool | None = None) -> None:
-        """Change lora_alpha and/or use_rslora; the scaling follows."""
-        if lora_alpha is not None:
-            self.lora_alpha = lora_alpha
-        if use_rslora is not None:
-            self.use_rslora = bool(use_rslora)
-        self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+        """Change lora_alpha and/or use_rslora; the scaling follows. Invalid values raise, the layer unchanged."""
+        lora_alpha = self.lora_alpha if lora_alpha is None else lora_alpha
+        use_rslora = self.use_rslora if use_rslora is None else use_rslora
+        self.scaling = check_lora_config(self.r, lora_alpha, self.lora_dropout, use_rslora)
+        self.lora_alpha, self.use_rslora = lora_alpha, use_rslora
 
     def reset_lora_parameters(self) -> None:
         # PEFT's init_lora_weights=True: kaiming-uniform A (a = sqrt(5)), zero B.

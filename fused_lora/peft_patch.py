@@ -3,19 +3,22 @@
 A patched layer keeps its PEFT module object, parameters and state; only its class changes, to
 ``FusedLinear`` (a subclass of ``peft.tuners.lora.layer.Linear`` that overrides ``forward``), so
 state_dict, save_pretrained, set_adapter, disable_adapter(), merging, optimizers and gradient
-checkpointing see the same module. The model's ``LoraModel`` becomes ``FusedLoraModel`` the same way,
-whose ``inject_adapter`` (behind add_adapter, PeftModel.load_adapter, add_weighted_adapter) patches the
-layers it creates. ``unpatch_peft`` sets the classes back.
+checkpointing see the same module, and its repr keeps PEFT's class name. The model's ``LoraModel``
+becomes ``FusedLoraModel`` the same way, whose ``inject_adapter`` (behind add_adapter,
+PeftModel.load_adapter, add_weighted_adapter) patches the layers it creates. ``unpatch_peft`` sets the
+classes back.
 
 Per call, the fused path is taken only when it computes what PEFT computes; otherwise the layer runs
 PEFT's own forward for that call (see ``fused_plan``): adapter-level configurations (DoRA and other
 variants, lora_bias) and hooks on the base layer are checked there, so a layer fuses again once a
-supported adapter is active. Layers that can never fuse (quantized or non-Linear base layers, non-Linear
-LoRA layers) keep PEFT's class. One warning at patch time (and one per later inject_adapter) lists every
-layer that falls back, with the reason.
+supported adapter is active. Layers that can never fuse keep PEFT's class: LoRA layers other than
+lora.Linear (PEFT's quantized ones among them), and base layers other than nn.Linear / transformers
+Conv1D or their subclasses that inherit forward. One warning at patch time (and one per later
+inject_adapter), attributed to the user's line, lists every layer that falls back, with the reason.
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Any
@@ -64,7 +67,7 @@ def _make_fused_linear(peft_linear: type) -> type:
                 return peft_linear.forward(self, x, *args, **kwargs)
             return _fused_forward(self, x, *plan)
 
-    return _public(FusedLinear)
+    return _public(FusedLinear, peft_linear)
 
 
 def _make_fused_lora_model(lora_model: type) -> type:
@@ -74,16 +77,23 @@ def _make_fused_lora_model(lora_model: type) -> type:
         def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             layers = list(_lora_layers(self))
-            # stacklevel 3: the line that called PeftModel.add_adapter (PEFT's call into inject_adapter is 2).
-            _warn_fallbacks(_patch_layers(layers, new_adapter=adapter_name), len(layers), stacklevel=3)
+            _warn_fallbacks(_patch_layers(layers, new_adapter=adapter_name), len(layers))
 
-    return _public(FusedLoraModel)
+    return _public(FusedLoraModel, lora_model)
 
 
-def _public(cls: type) -> type:
-    """Named as an attribute of this module, so that pickle and repr find it."""
+def _public(cls: type, peft_cls: type) -> type:
+    """Named as an attribute of this module, so that pickle finds it; module reprs show ``peft_cls``'s name.
+
+    nn.Module.__repr__ names a module by ``_get_name()``: with PEFT's name, repr(model) and PeftModel's
+    get_layer_status() read as they do unpatched.
+    """
+    def _get_name(self) -> str:
+        return peft_cls.__name__
+
     cls.__module__ = __name__
     cls.__qualname__ = cls.__name__
+    cls._get_name = _get_name
     return cls
 
 
@@ -190,37 +200,68 @@ def _fused_forward(layer, x: torch.Tensor, adapters: list, dtype: torch.dtype, d
 
 # ---- patch time ---------------------------------------------------------------------------------
 
-# peft.tuners.lora.<module> files holding LoRA layers for quantized base layers.
-_QUANTIZED_MODULES = ("bnb", "gptq", "awq", "aqlm", "eetq", "hqq", "inc", "torchao")
+# Modules defining quantized layers or tensors: quantization libraries, torch's quantized / QAT modules, and
+# PEFT's LoRA layers for quantized base layers (peft.tuners.lora.bnb, ...). A class counts as quantized when it
+# or a class it derives from is defined under one of these; its name says nothing (torch's
+# NonDynamicallyQuantizableLinear, MultiheadAttention's out_proj, is a plain nn.Linear).
+_QUANTIZED_MODULES = ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "aqlm", "eetq", "hqq", "torchao",
+                      "optimum.quanto", "neural_compressor", "torch.ao.nn.quantized", "torch.ao.nn.qat",
+                      "torch.ao.nn.intrinsic.quantized", "torch.ao.nn.intrinsic.qat") + tuple(
+    f"peft.tuners.lora.{name}" for name in ("bnb", "gptq", "awq", "aqlm", "eetq", "hqq", "inc", "torchao"))
+# Entry points of nn.Module a base-layer class must inherit unchanged: the fused op replaces the call
+# ``base(x)`` by a matmul on base.weight / base.bias, so an override of any of them would be skipped.
+_CALL_PATH = ("forward", "__call__", "_call_impl")
 
 
-def _is_plain_conv1d(module: nn.Module) -> bool:
-    # Exact type, as for nn.Linear below: a subclass may override forward (quantized or hooked variants),
-    # which the fused path would skip. (layer.is_conv1d accepts subclasses: from_linear only reads W, b.)
+def _is_quantized(cls: type) -> bool:
+    return any(klass.__module__ == prefix or klass.__module__.startswith(prefix + ".")
+               for klass in cls.__mro__ for prefix in _QUANTIZED_MODULES)
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _linear_root(base: nn.Module) -> type | None:
+    """nn.Linear or transformers' Conv1D when ``base`` is one (or a subclass), else None."""
+    if isinstance(base, nn.Linear):
+        return nn.Linear
     pytorch_utils = sys.modules.get("transformers.pytorch_utils")
-    return pytorch_utils is not None and type(module) is pytorch_utils.Conv1D
+    if pytorch_utils is not None and isinstance(base, pytorch_utils.Conv1D):
+        return pytorch_utils.Conv1D
+    return None
+
+
+def _base_layer_reason(base: nn.Module) -> str | None:
+    """Why the fused op cannot stand in for this base layer's class or weight, or None."""
+    cls = type(base)
+    kind = "quantized" if _is_quantized(cls) else "unsupported"
+    root = _linear_root(base)
+    if root is None:
+        return f"{kind} base layer {_qualified(cls)} (fused: nn.Linear, transformers Conv1D, and their subclasses)"
+    overridden = [name for name in _CALL_PATH if getattr(cls, name) is not getattr(root, name)]
+    if overridden:
+        return (f"{kind} base layer {_qualified(cls)} overrides {', '.join(overridden)} of {root.__name__}, "
+                f"which the fused op would bypass")
+    weight = base.weight
+    subclass = next((t for t in (type(weight), type(weight.data)) if t not in (nn.Parameter, torch.Tensor)), None)
+    if subclass is not None:
+        return f"quantized base weight: a {_qualified(subclass)} (tensor subclass; fused: plain tensors)"
+    if type(weight) is not nn.Parameter:
+        return "the base weight is not an nn.Parameter (e.g. a parametrization computes it)"
+    return None
 
 
 def _unsupported_layer_reason(module: nn.Module) -> str | None:
     """Why a LoRA layer can never be fused (its class or base layer), or None."""
-    peft_linear = _peft_classes()["FusedLinear"]
     cls = type(module)
-    if cls is not peft_linear:
-        source = cls.__module__.rsplit(".", 1)[-1]
-        if source in _QUANTIZED_MODULES or "quant" in cls.__name__.lower():
-            return f"quantized base layer ({cls.__module__}.{cls.__name__})"
+    if cls is not _peft_classes()["FusedLinear"]:
+        if _is_quantized(cls):
+            return f"quantized base layer ({_qualified(cls)})"
         return f"LoRA layer type {cls.__name__} is not supported (fused_lora fuses lora.Linear only)"
-    base = module.base_layer
-    if not (type(base) is nn.Linear or _is_plain_conv1d(base)):
-        base_name = type(base).__name__
-        kind = "quantized" if any(tag in base_name.lower() for tag in ("quant", "4bit", "8bit")) else "unsupported"
-        return f"{kind} base layer {type(base).__module__}.{base_name} (fused: nn.Linear, transformers Conv1D)"
-    weight = base.weight
-    if type(weight) is not nn.Parameter or type(weight.data) is not torch.Tensor:
-        return f"base weight is a {type(weight.data).__name__} (quantized or tensor subclass), not a plain tensor"
     if "forward" in module.__dict__:
         return "the LoRA layer has an instance-level forward (e.g. an accelerate hook), which replaces any class forward"
-    return None
+    return _base_layer_reason(module.base_layer)
 
 
 def _fallback_reason(module: nn.Module, adapters) -> str | None:
@@ -275,12 +316,35 @@ def _patch_layers(layers, new_adapter: str | None = None) -> list[tuple[str, str
     return fallbacks
 
 
-def _warn_fallbacks(fallbacks: list[tuple[str, str]], n_layers: int, stacklevel: int) -> None:
-    """One FusedFallbackWarning listing ``fallbacks``; stacklevel counts from the caller of this function."""
+# Packages whose frames a fallback warning skips, so that it names the user's line that called patch_peft,
+# add_adapter, load_adapter, ... (Python 3.11's warnings.warn has no skip_file_prefixes).
+_LIBRARY_PACKAGES = ("fused_lora", "peft", "transformers", "torch")
+
+
+def _library_dirs() -> tuple[str, ...]:
+    dirs = []
+    for name in _LIBRARY_PACKAGES:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if path:
+            dirs.append(os.path.dirname(path) + os.sep)
+    return tuple(dirs)
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel, for a warnings.warn in this function's caller, of the first frame outside the libraries."""
+    dirs = _library_dirs()
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(dirs):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_fallbacks(fallbacks: list[tuple[str, str]], n_layers: int) -> None:
+    """One FusedFallbackWarning listing ``fallbacks``, attributed to the user's code."""
     if fallbacks:
         lines = "\n".join(f"  {name}: {reason}" for name, reason in fallbacks)
         warnings.warn(f"fused_lora.patch_peft: {len(fallbacks)} of {n_layers} LoRA layers run PEFT's own "
-                      f"forward:\n{lines}", FusedFallbackWarning, stacklevel=stacklevel + 1)
+                      f"forward:\n{lines}", FusedFallbackWarning, stacklevel=_user_stacklevel())
 
 
 def patch_peft(model: nn.Module) -> nn.Module:
@@ -300,7 +364,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is peft_classes["FusedLoraModel"]:
             module.__class__ = _fused_class("FusedLoraModel")
-    _warn_fallbacks(_patch_layers(layers), len(layers), stacklevel=2)
+    _warn_fallbacks(_patch_layers(layers), len(layers))
     return model
 
 

@@ -11,8 +11,9 @@ from ._validation import ALL_DTYPES, check_lora_inputs
 from .dropout import draw_seed, dropout_keep_mask
 
 
-def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x * keep / (1 - p), with keep drawn from (seed, row, column) of x flattened to 2-D."""
+def dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """x * keep / (1 - p), with keep drawn from (seed, row, column) of x flattened to 2-D; NaN / inf at a
+    dropped position give NaN, as nn.Dropout's x * mask does."""
     K = x.shape[-1]
     keep = dropout_keep_mask(seed, x.numel() // max(K, 1), K, p, device=x.device).reshape(x.shape)
     return x * keep / (1.0 - p)
@@ -24,5 +25,5 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
                       dtypes=ALL_DTYPES, max_rank=None)
     x_lora = x
     if training and dropout_p > 0.0:
-        x_lora = dropout(x, dropout_p, draw_seed() if seed is None else seed)
+        x_lora = dropout(x, dropout_p, draw_seed(x.device) if seed is None else seed)
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)

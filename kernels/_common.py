@@ -4,6 +4,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _span(start, BLOCK: tl.constexpr):
+    """start + [0, BLOCK) as int64. Every pointer offset is built from these spans, so its products with
+    the (int32) strides are int64 and cannot wrap (N * K >= 2**31 for a 262144 x 8192 output head)."""
+    return tl.cast(start, tl.int64) + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols):
+    """(len(rows), len(cols)) tile of the (n_rows, n_cols) matrix at ptr; zeros outside it."""
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
 def _dropout_keep(seed, rows, cols, drop_threshold):
     """(len(rows), len(cols)) keep-mask: Philox-4x32-10 on counter (col, row, 0, 0).
 
@@ -16,6 +30,15 @@ def _dropout_keep(seed, rows, cols, drop_threshold):
     zero = c0 * 0
     word, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
     return (word >> 8).to(tl.int32) >= drop_threshold
+
+
+@triton.jit
+def _dropped(tile, seed, rows, cols, drop_threshold):
+    """tile * keep (keep in {0, 1}), as the reference's x * mask: NaN and inf at a dropped position give
+    NaN, as in PEFT, instead of vanishing as tl.where would make them."""
+    # The product is taken in fp32: exact for keep in {0, 1}, and the interpreter cannot multiply bf16.
+    keep = _dropout_keep(seed, rows, cols, drop_threshold).to(tl.float32)
+    return (tile.to(tl.float32) * keep).to(tile.dtype)
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._common import _dropout_keep, _grouped_tile_ids
+from ._common import _dropped, _grouped_tile_ids, _load_tile, _span
 
 
 @triton.jit
@@ -26,95 +26,85 @@ def _lora_bwd_dy_kernel(
     # One program owns BLOCK_M rows of dY and walks all of N, so each dY element is read once,
     # dS needs no cross-program reduction, and dB gets one partial per row block.
     pid_m = tl.program_id(0).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, R)
-    mask_m = offs_m < M
-    mask_r = offs_r < r
-    s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # (BLOCK_M, R)
+    offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
+    offs_r = _span(0, R)
+    s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r)  # (BLOCK_M, R)
     ds_acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     db_base = db_ptr + pid_m * N * r * (1 - USE_ATOMICS)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # (BLOCK_N, R)
+        offs_n = _span(n0, BLOCK_N)
+        dy = _load_tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, M, N)  # (BLOCK_M, BLOCK_N)
+        b = _load_tile(b_ptr, offs_n, offs_r, stride_bn, stride_br, N, r)  # (BLOCK_N, R)
         ds_acc = tl.dot(dy, b, ds_acc, input_precision=INPUT_PRECISION)
         db = tl.dot(tl.trans(dy), s, input_precision=INPUT_PRECISION) * scaling  # (BLOCK_N, R)
         db_ptrs = db_base + offs_n[:, None] * r + offs_r[None, :]
-        db_mask = mask_n[:, None] & mask_r[None, :]
+        db_mask = (offs_n[:, None] < N) & (offs_r[None, :] < r)
         if USE_ATOMICS:
             tl.atomic_add(db_ptrs, db, mask=db_mask, sem="relaxed")
         else:
             tl.store(db_ptrs, db.to(db_ptr.dtype.element_ty), mask=db_mask)
     tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-             (ds_acc * scaling).to(ds_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+             (ds_acc * scaling).to(ds_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < r))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_ptr"])
 def _lora_bwd_dx_kernel(
     dy_ptr,  # (M, N)
     w_ptr,  # (N, K)
     ds_ptr,  # (M, r)
     a_ptr,  # (r, K)
     dx_ptr,  # (M, K) output
+    seed_ptr,  # () int64 dropout seed; loaded only when APPLY_DROPOUT
     M, N, K, r,
     stride_dym, stride_dyn,
     stride_wn, stride_wk,
     stride_dsm, stride_dsr,
     stride_ar, stride_ak,
     stride_dxm, stride_dxk,
-    seed, drop_threshold, keep_scale,
+    drop_threshold, keep_scale,
     R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_k = _grouped_tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
+    offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
+    offs_k = _span(pid_k * BLOCK_K, BLOCK_K)
 
     # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass.
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     # A runtime loop, not pipelined: one rank slice's operands are live at a time (an unrolled
     # static_range kept every slice's loads in flight and spilled at R = 256).
     for r0 in tl.range(0, R, R_CHUNK, num_stages=1):
-        offs_r = r0 + tl.arange(0, R_CHUNK)
-        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                     mask=mask_m[:, None] & (offs_r[None, :] < r), other=0.0)  # (BLOCK_M, R_CHUNK)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=(offs_r[:, None] < r) & mask_k[None, :], other=0.0)  # (R_CHUNK, BLOCK_K)
+        offs_r = _span(r0, R_CHUNK)
+        ds = _load_tile(ds_ptr, offs_m, offs_r, stride_dsm, stride_dsr, M, r)  # (BLOCK_M, R_CHUNK)
+        a = _load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, r, K)  # (R_CHUNK, BLOCK_K)
         acc = tl.dot(ds, a, acc, input_precision=INPUT_PRECISION)
     if APPLY_DROPOUT:
-        acc = tl.where(_dropout_keep(seed, offs_m, offs_k, drop_threshold), acc * keep_scale, 0.0)
+        seed = tl.load(seed_ptr)
+        acc = _dropped(acc, seed, offs_m, offs_k, drop_threshold) * keep_scale
 
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+        offs_n = _span(n0, BLOCK_N)
+        dy = _load_tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, M, N)  # (BLOCK_M, BLOCK_N)
+        w = _load_tile(w_ptr, offs_n, offs_k, stride_wn, stride_wk, N, K)  # (BLOCK_N, BLOCK_K)
         acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-             acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+             acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_ptr"])
 def _lora_bwd_da_kernel(
     ds_ptr,  # (M, r)
     x_ptr,  # (M, K)
     da_ptr,  # (r, K) fp32 when USE_ATOMICS; else (SPLIT_M, r, K) fp32 partials, or (r, K) in x's dtype (A's, under lora_linear)
              # when SPLIT_M == 1 (no reduction left: the launcher skips sum and cast)
+    seed_ptr,  # () int64 dropout seed; loaded only when APPLY_DROPOUT
     M, K, r,
     stride_dsm, stride_dsr,
     stride_xm, stride_xk,
+    drop_threshold, keep_scale,
     m_blocks_per_split,
-    seed, drop_threshold, keep_scale,
     R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_ATOMICS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -123,27 +113,24 @@ def _lora_bwd_da_kernel(
     # dimension, which wgmma needs; R itself can be 16.
     pid_k = tl.program_id(0).to(tl.int64)
     pid_split = tl.program_id(1).to(tl.int64)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, R)
-    mask_k = offs_k < K
-    mask_r = offs_r < r
+    offs_k = _span(pid_k * BLOCK_K, BLOCK_K)
+    offs_r = _span(0, R)
+    if APPLY_DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_K, R), dtype=tl.float32)
     m_start = pid_split * m_blocks_per_split * BLOCK_M
     m_stop = tl.minimum(m_start + m_blocks_per_split * BLOCK_M, M)
     for m0 in range(m_start, m_stop, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < m_stop
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        offs_m = _span(m0, BLOCK_M)
+        x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, m_stop, K)  # (BLOCK_M, BLOCK_K)
         if APPLY_DROPOUT:
-            x = tl.where(_dropout_keep(seed, offs_m, offs_k, drop_threshold), x, 0.0)
-        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # (BLOCK_M, R)
+            x = _dropped(x, seed, offs_m, offs_k, drop_threshold)
+        ds = _load_tile(ds_ptr, offs_m, offs_r, stride_dsm, stride_dsr, m_stop, r)  # (BLOCK_M, R)
         acc = tl.dot(tl.trans(x), ds, acc, input_precision=INPUT_PRECISION)
     if APPLY_DROPOUT:
         acc = acc * keep_scale
     da_ptrs = da_ptr + pid_split * r * K * (1 - USE_ATOMICS) + offs_r[None, :] * K + offs_k[:, None]
-    da_mask = mask_k[:, None] & mask_r[None, :]
+    da_mask = (offs_k[:, None] < K) & (offs_r[None, :] < r)
     if USE_ATOMICS:
         tl.atomic_add(da_ptrs, acc, mask=da_mask, sem="relaxed")
     else:

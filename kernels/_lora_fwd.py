@@ -2,45 +2,44 @@
 import triton
 import triton.language as tl
 
-from ._common import _dropout_keep, _grouped_tile_ids
+from ._common import _dropped, _grouped_tile_ids, _load_tile, _span
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_ptr"])
 def _lora_shrink_kernel(
     x_ptr,  # (M, K)
     a_ptr,  # (r, K)
     s_ptr,  # (M, r) output, x's dtype
+    seed_ptr,  # () int64 dropout seed; loaded only when APPLY_DROPOUT
     M, K, r,
     stride_xm, stride_xk,
     stride_ar, stride_ak,
     stride_sm, stride_sr,
-    seed, drop_threshold, keep_scale,
+    drop_threshold, keep_scale,
     R: tl.constexpr,  # r padded to a power of two >= 16
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, R)
-    mask_m = offs_m < M
+    offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
+    offs_r = _span(0, R)
+    if APPLY_DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        offs_k = _span(k0, BLOCK_K)
+        x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         if APPLY_DROPOUT:
-            x = tl.where(_dropout_keep(seed, offs_m, offs_k, drop_threshold), x, 0.0)
-        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                    mask=(offs_r[None, :] < r) & mask_k[:, None], other=0.0)  # (BLOCK_K, R)
+            x = _dropped(x, seed, offs_m, offs_k, drop_threshold)
+        a = _load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, r)  # (BLOCK_K, R)
         acc = tl.dot(x, a, acc, input_precision=INPUT_PRECISION)
     if APPLY_DROPOUT:
         acc = acc * keep_scale
     tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-             acc.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_r[None, :] < r))
+             acc.to(s_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < r))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_ptr"])
 def _lora_fwd_kernel(
     x_ptr,  # (M, K)
     w_ptr,  # (N, K)
@@ -49,14 +48,16 @@ def _lora_fwd_kernel(
     a_ptr,  # (r, K); read only when FUSE_SHRINK
     b_ptr,  # (N, r)
     y_ptr,  # (M, N) output
+    seed_ptr,  # () int64 dropout seed; loaded only when FUSE_SHRINK and APPLY_DROPOUT
     M, N, K, r,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
+    stride_bias_n,
     stride_sm, stride_sr,
     stride_ar, stride_ak,
     stride_bn, stride_br,
     stride_ym, stride_yn,
-    scaling, seed, drop_threshold, keep_scale,
+    scaling, drop_threshold, keep_scale,
     R: tl.constexpr,  # r padded to a power of two >= 16
     R_CHUNK: tl.constexpr,  # rank slice per S B^T dot; bounds its shared memory
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -65,54 +66,50 @@ def _lora_fwd_kernel(
 ):
     pid_m, pid_n = _grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
+    offs_n = _span(pid_n * BLOCK_N, BLOCK_N)
     dtype = x_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FUSE_SHRINK:
-        offs_r = tl.arange(0, R)
+        offs_r = _span(0, R)
         s_acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        if APPLY_DROPOUT:
+            seed = tl.load(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_N)
+        offs_k = _span(k0, BLOCK_K)
+        x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
+        w = _load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N)  # (BLOCK_K, BLOCK_N)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         if FUSE_SHRINK:
             if APPLY_DROPOUT:
-                x = tl.where(_dropout_keep(seed, offs_m, offs_k, drop_threshold), x, 0.0)
-            a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                        mask=(offs_r[None, :] < r) & mask_k[:, None], other=0.0)  # (BLOCK_K, R)
+                x = _dropped(x, seed, offs_m, offs_k, drop_threshold)
+            a = _load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, r)  # (BLOCK_K, R)
             s_acc = tl.dot(x, a, s_acc, input_precision=INPUT_PRECISION)
 
     if FUSE_SHRINK:
         if APPLY_DROPOUT:
             s_acc = s_acc * keep_scale
-        s = s_acc.to(dtype)
+        # Columns r..R of s_acc are x . 0, which is NaN where x is inf; zeroed, so that the S B^T dot
+        # over the padded rank cannot turn one inf of x into a row of NaN.
+        s = tl.where(offs_r[None, :] < r, s_acc, 0.0).to(dtype)
         if pid_n == 0:
             tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, s,
-                     mask=mask_m[:, None] & (offs_r[None, :] < r))
-        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                    mask=mask_n[None, :] & (offs_r[:, None] < r), other=0.0)  # (R, BLOCK_N)
+                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < r))
+        b = _load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r, N)  # (R, BLOCK_N)
         lora = tl.dot(s, b, input_precision=INPUT_PRECISION)
     else:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # A runtime loop, not pipelined: one rank slice's operands are live at a time (an unrolled
         # static_range kept every slice's loads in flight and spilled at R = 256).
         for r0 in tl.range(0, R, R_CHUNK, num_stages=1):
-            offs_r = r0 + tl.arange(0, R_CHUNK)
-            s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                        mask=mask_m[:, None] & (offs_r[None, :] < r), other=0.0)  # (BLOCK_M, R_CHUNK)
-            b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                        mask=mask_n[None, :] & (offs_r[:, None] < r), other=0.0)  # (R_CHUNK, BLOCK_N)
+            offs_r = _span(r0, R_CHUNK)
+            s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r)  # (BLOCK_M, R_CHUNK)
+            b = _load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r, N)  # (R_CHUNK, BLOCK_N)
             lora = tl.dot(s, b, lora, input_precision=INPUT_PRECISION)
     acc += lora * scaling
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + offs_n * stride_bias_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(dtype),
-             mask=mask_m[:, None] & mask_n[None, :])
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))

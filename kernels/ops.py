@@ -3,12 +3,19 @@
 Each launcher mirrors one formula of the LoRA layer; the pure-torch versions of the same formulas
 live in fused_lora.reference.
 
-Each launcher first asks its pure ``plan_*`` function (fused_lora.kernels.plans) for the launches it
-will make, then launches exactly that plan; ``fused_lora.benchmarks`` models the same plans.
+Each launcher launches exactly the plan its pure ``plan_*`` function (fused_lora.kernels.plans)
+returns, which ``fused_lora.benchmarks`` models too. Plans depend only on sizes, dtype and flags, so
+the launch arguments derived from them are computed once per shape (``_ready``) and reused: at a few
+tokens the host time of a layer is the time of the GPU work.
+
+``seed`` is the dropout seed: a 0-dim int64 tensor on the inputs' device, which the kernels load (so a
+CUDA graph replays whatever value the tensor holds), or an int.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -18,11 +25,17 @@ from fused_lora.functional import interpreting
 from ._interpreter import install_bf16_fixes
 from ._lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
 from ._lora_fwd import _lora_fwd_kernel, _lora_shrink_kernel
-from .plans import (Launch, Operand, find_launch, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_fwd,
-                    plan_lora_shrink)
+from .plans import Launch, find_launch, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_fwd, plan_lora_shrink
 
 # Programs per SM the interpreter pretends to have: small, so tests still see several dA splits.
 _INTERPRETER_SMS = 2
+_SEED_DTYPE = torch.int64
+
+
+def launch_guard(device: torch.device):
+    """Makes the inputs' CUDA device current around a launch: Triton launches on the current device (and
+    its current stream), which need not be the tensors' (cuda:1 tensors with cuda:0 current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,52 +55,109 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+_bf16_fixed = False
+
+
 def _prepare() -> None:
-    if interpreting():
+    global _bf16_fixed
+    if not _bf16_fixed and interpreting():
         install_bf16_fixes()
+        _bf16_fixed = True
 
 
-def _dropout_scalars(dropout_p: float, seed: int) -> dict:
-    """Runtime dropout arguments; APPLY_DROPOUT (a constexpr) comes from the plan."""
+class _Ready(NamedTuple):
+    """A planned launch with its launch arguments: constexprs, INPUT_PRECISION and launch options."""
+    launch: Launch
+    grid: tuple
+    kwargs: dict
+    partials: bool  # its last write is per-part partials the launcher sums
+    zeroed: bool  # its last write takes fp32 atomics into a zeroed buffer
+
+
+def _ready(plan: list[Launch], kernel: str, precision: str) -> _Ready | None:
+    launch = find_launch(plan, kernel)
+    if launch is None:
+        return None
+    kwargs = {**launch.args, **launch.constexprs, "INPUT_PRECISION": precision, **launch.config.launch_options()}
+    return _Ready(launch, launch.grid, kwargs, launch.writes[-1].name.endswith("_partials"),
+                  bool(launch.constexprs.get("USE_ATOMICS", False)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _shrink_ready(M, K, r, dtype, dropout, precision):
+    return _ready(plan_lora_shrink(M, K, r, dtype, dropout=dropout), "_lora_shrink_kernel", precision)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fwd_ready(M, N, K, r, dtype, dropout, bias, fuse_shrink, precision):
+    plan = plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias, fuse_shrink=fuse_shrink)
+    return _ready(plan, "_lora_fwd_kernel", precision)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dy_ready(M, N, r, dtype, deterministic, precision):
+    return _ready(plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic), "_lora_bwd_dy_kernel", precision)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dx_ready(M, N, K, r, dtype, dropout, precision):
+    return _ready(plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout), "_lora_bwd_dx_kernel", precision)
+
+
+@functools.lru_cache(maxsize=4096)
+def _da_ready(M, K, r, dtype, dropout, deterministic, num_sms, precision):
+    plan = plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms)
+    return _ready(plan, "_lora_bwd_da_kernel", precision)
+
+
+_unused_seeds: dict[torch.device, torch.Tensor] = {}
+
+
+def _seed_arg(seed, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The seed tensor the kernels take: ``seed`` itself, an int placed on ``device``, or (no dropout: the
+    kernels never load it) one cached per device."""
+    if dropout_p <= 0.0:
+        unused = _unused_seeds.get(device)
+        if unused is None:
+            unused = _unused_seeds[device] = torch.zeros((), dtype=_SEED_DTYPE, device=device)
+        return unused
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.full((), seed, dtype=_SEED_DTYPE, device=device)
+
+
+def _dropout_scalars(dropout_p: float) -> tuple[int, float]:
+    """(drop_threshold, keep_scale); APPLY_DROPOUT (a constexpr) comes from the plan."""
     if dropout_p > 0.0:
-        return dict(seed=seed, drop_threshold=drop_threshold(dropout_p), keep_scale=keep_scale(dropout_p))
-    return dict(seed=0, drop_threshold=0, keep_scale=1.0)
+        return drop_threshold(dropout_p), keep_scale(dropout_p)
+    return 0, 1.0
 
 
-def _buffer(op: Operand, device, *, zeroed: bool = False) -> torch.Tensor:
-    return (torch.zeros if zeroed else torch.empty)(op.shape, device=device, dtype=op.dtype)
+def _reduction_buffer(ready: _Ready, device) -> torch.Tensor:
+    """The buffer a dB / dA launch writes (its last operand, as the plan sized it): zeroed for atomics."""
+    op = ready.launch.writes[-1]
+    return (torch.zeros if ready.zeroed else torch.empty)(op.shape, device=device, dtype=op.dtype)
 
 
-def _reduction_buffer(launch: Launch, device) -> torch.Tensor:
-    """The buffer a dB / dA launch writes (its last operand, as plans._reduced_over_m sized it): zeroed
-    for atomics."""
-    return _buffer(launch.writes[-1], device, zeroed=launch.constexprs["USE_ATOMICS"])
-
-
-def _finish_reduction(buffer: torch.Tensor, launch: Launch) -> torch.Tensor:
-    return buffer.sum(0) if launch.writes[-1].name.endswith("_partials") else buffer
-
-
-def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, *, dropout_p: float = 0.0, seed=0) -> torch.Tensor:
     """S = dropout(x) A^T, (M, r) in x's dtype, fp32 accumulation."""
     M, K = x.shape
     r = lora_A.shape[0]
     s = torch.empty((M, r), device=x.device, dtype=x.dtype)
-    launch = find_launch(plan_lora_shrink(M, K, r, x.dtype, dropout=dropout_p > 0.0), "_lora_shrink_kernel")
     if M == 0:
         return s
-    if launch is None:  # K == 0
+    ready = _shrink_ready(M, K, r, x.dtype, dropout_p > 0.0, _input_precision(x.dtype))
+    if ready is None:  # K == 0
         return s.zero_()
     _prepare()
-    _lora_shrink_kernel[launch.grid](
-        x, lora_A, s, M, K, r,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
-        **_dropout_scalars(dropout_p, seed), INPUT_PRECISION=_input_precision(x.dtype),
-        **launch.constexprs, **launch.config.launch_options())
+    with launch_guard(x.device):
+        _lora_shrink_kernel[ready.grid](
+            x, lora_A, s, _seed_arg(seed, dropout_p, x.device), M, K, r,
+            *x.stride(), *lora_A.stride(), *s.stride(), *_dropout_scalars(dropout_p), **ready.kwargs)
     return s
 
 
-def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: float = 0.0, seed: int = 0,
+def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: float = 0.0, seed=0,
              fuse_shrink: bool | None = None):
     """(y, S): y = x W^T + b + s * S B^T with S = dropout(x) A^T (saved for backward).
 
@@ -96,23 +166,22 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: floa
     M, K = x.shape
     N = weight.shape[0]
     r = lora_A.shape[0]
-    plan = plan_lora_fwd(M, N, K, r, x.dtype, dropout=dropout_p > 0.0, bias=bias is not None,
-                         fuse_shrink=fuse_shrink)
-    launch = find_launch(plan, "_lora_fwd_kernel")
+    ready = _fwd_ready(M, N, K, r, x.dtype, dropout_p > 0.0, bias is not None, fuse_shrink,
+                       _input_precision(x.dtype))
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if launch is None or not launch.constexprs["FUSE_SHRINK"]:
-        s = lora_shrink(x, lora_A, dropout_p=dropout_p, seed=seed)
-    else:
-        s = torch.empty((M, r), device=x.device, dtype=x.dtype)
-    if launch is None:  # M == 0 or N == 0
-        return y, s
-    _prepare()
-    _lora_fwd_kernel[launch.grid](
-        x, weight, bias if bias is not None else y, s, lora_A, lora_B, y, M, N, K, r,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
-        lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        float(scaling), **_dropout_scalars(dropout_p, seed), INPUT_PRECISION=_input_precision(x.dtype),
-        **launch.constexprs, **launch.config.launch_options())
+    with launch_guard(x.device):
+        seed = _seed_arg(seed, dropout_p, x.device)
+        if ready is None or not ready.launch.constexprs["FUSE_SHRINK"]:
+            s = lora_shrink(x, lora_A, dropout_p=dropout_p, seed=seed)
+        else:
+            s = torch.empty((M, r), device=x.device, dtype=x.dtype)
+        if ready is None:  # M == 0 or N == 0
+            return y, s
+        _prepare()
+        _lora_fwd_kernel[ready.grid](
+            x, weight, y if bias is None else bias, s, lora_A, lora_B, y, seed, M, N, K, r,
+            *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *s.stride(), *lora_A.stride(),
+            *lora_B.stride(), *y.stride(), float(scaling), *_dropout_scalars(dropout_p), **ready.kwargs)
     return y, s
 
 
@@ -124,54 +193,50 @@ def lora_bwd_dy(dy, lora_B, s, scaling: float, *, deterministic: bool | None = N
     ds = torch.empty((M, r), device=dy.device, dtype=s.dtype)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    plan = plan_lora_bwd_dy(M, N, r, dy.dtype, deterministic=deterministic)
-    launch = find_launch(plan, "_lora_bwd_dy_kernel")
-    if launch is None:  # M == 0 or N == 0
+    ready = _dy_ready(M, N, r, dy.dtype, deterministic, _input_precision(dy.dtype))
+    if ready is None:  # M == 0 or N == 0
         return ds.zero_(), torch.zeros((N, r), device=dy.device, dtype=torch.float32)
     _prepare()
-    db = _reduction_buffer(launch, dy.device)
-    _lora_bwd_dy_kernel[launch.grid](
-        dy, lora_B, s, ds, db, M, N, r,
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
-        ds.stride(0), ds.stride(1), float(scaling), INPUT_PRECISION=_input_precision(dy.dtype),
-        **launch.constexprs, **launch.config.launch_options())
-    return ds, _finish_reduction(db, launch)
+    with launch_guard(dy.device):
+        db = _reduction_buffer(ready, dy.device)
+        _lora_bwd_dy_kernel[ready.grid](
+            dy, lora_B, s, ds, db, M, N, r, *dy.stride(), *lora_B.stride(), *s.stride(), *ds.stride(),
+            float(scaling), **ready.kwargs)
+        return ds, db.sum(0) if ready.partials else db
 
 
-def lora_bwd_dx(dy, weight, ds, lora_A, *, dropout_p: float = 0.0, seed: int = 0):
+def lora_bwd_dx(dy, weight, ds, lora_A, *, dropout_p: float = 0.0, seed=0):
     """dX = dY W + dropout'(dS A), one fused GEMM (the LoRA term seeds the accumulator)."""
     M, N = dy.shape
     r, K = lora_A.shape
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
-    launch = find_launch(plan_lora_bwd_dx(M, N, K, r, dy.dtype, dropout=dropout_p > 0.0), "_lora_bwd_dx_kernel")
-    if launch is None:  # M == 0 or K == 0
+    ready = _dx_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, _input_precision(dy.dtype))
+    if ready is None:  # M == 0 or K == 0
         return dx
     _prepare()
-    _lora_bwd_dx_kernel[launch.grid](
-        dy, weight, ds, lora_A, dx, M, N, K, r,
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), ds.stride(0), ds.stride(1),
-        lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-        **_dropout_scalars(dropout_p, seed), INPUT_PRECISION=_input_precision(dy.dtype),
-        **launch.constexprs, **launch.config.launch_options())
+    with launch_guard(dy.device):
+        _lora_bwd_dx_kernel[ready.grid](
+            dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), M, N, K, r,
+            *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
+            *_dropout_scalars(dropout_p), **ready.kwargs)
     return dx
 
 
-def lora_bwd_da(ds, x, *, dropout_p: float = 0.0, seed: int = 0, deterministic: bool | None = None):
+def lora_bwd_da(ds, x, *, dropout_p: float = 0.0, seed=0, deterministic: bool | None = None):
     """dA = dS^T dropout(x), (r, K) in fp32 (in x's dtype when SPLIT_M == 1: callers cast to A's dtype),
     reduced over M in SPLIT_M slices."""
     M, K = x.shape
     r = ds.shape[1]
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    plan = plan_lora_bwd_da(M, K, r, x.dtype, dropout=dropout_p > 0.0, deterministic=deterministic,
-                            num_sms=_num_sms(x.device) if M and K else 1)
-    launch = find_launch(plan, "_lora_bwd_da_kernel")
-    if launch is None:  # M == 0 or K == 0
+    ready = _da_ready(M, K, r, x.dtype, dropout_p > 0.0, deterministic, _num_sms(x.device) if M and K else 1,
+                      _input_precision(x.dtype))
+    if ready is None:  # M == 0 or K == 0
         return torch.zeros((r, K), device=x.device, dtype=torch.float32)
     _prepare()
-    da = _reduction_buffer(launch, x.device)
-    _lora_bwd_da_kernel[launch.grid](
-        ds, x, da, M, K, r, ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
-        **launch.args, **_dropout_scalars(dropout_p, seed), INPUT_PRECISION=_input_precision(x.dtype),
-        **launch.constexprs, **launch.config.launch_options())
-    return _finish_reduction(da, launch)
+    with launch_guard(x.device):
+        da = _reduction_buffer(ready, x.device)
+        _lora_bwd_da_kernel[ready.grid](
+            ds, x, da, _seed_arg(seed, dropout_p, x.device), M, K, r, *ds.stride(), *x.stride(),
+            *_dropout_scalars(dropout_p), **ready.kwargs)
+        return da.sum(0) if ready.partials else da

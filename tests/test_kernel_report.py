@@ -123,6 +123,62 @@ def test_no_mma_sync_next_to_wgmma_on_hopper(records, rid):
     assert not r["hmma_with_wgmma"], f"{rid}: a dot runs as mma.sync next to wgmma: {_describe(r)}"
 
 
+@pytest.mark.parametrize("rid", IDS)
+def test_pointer_offsets_are_int64(records, rid):
+    """No tt.addptr takes an i32 offset: an index times a stride computed in int32 wraps at 2**31."""
+    r = records[rid]
+    assert r["error"] is None, r["error"]
+    assert r["int32_offsets"] == [], f"{rid}: int32 pointer offsets in the TTIR: {r['int32_offsets'][:3]}"
+
+
+def test_int32_pointer_offsets_finds_them():
+    ttir = ("    %5 = tt.addptr %arg0, %4 : tensor<64x32x!tt.ptr<f16>>, tensor<64x32xi32> loc(#loc1)\n"
+            "    %6 = tt.addptr %arg1, %3 : !tt.ptr<f32>, i32 loc(#loc2)\n"
+            "    %7 = tt.addptr %arg2, %9 : tensor<64x!tt.ptr<bf16>>, tensor<64xi64> loc(#loc3)\n")
+    assert [line.split()[0] for line in kr.int32_pointer_offsets(ttir)] == ["%5", "%6"]
+
+
+_SEED_SPECIALISATION = """
+import json, torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from fused_lora import kernel_report as kr
+
+backend = make_backend(GPUTarget("cuda", 90, 32))
+seeds = torch.zeros(3, dtype=torch.int64)  # seeds[1]: 8-byte aligned only
+out = {}
+for name in kr.KERNELS:
+    kernel = kr._kernel_fn(name)
+    if "seed_ptr" not in kernel.arg_names:
+        continue
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    i = kernel.arg_names.index("seed_ptr")
+    args = [torch.zeros(1) if n.endswith("_ptr") else (1.0 if n in kr.FLOAT_SCALARS else 16)
+            for n in kernel.arg_names if not kernel.params[kernel.arg_names.index(n)].is_constexpr]
+    keys = []
+    for seed in (seeds[0], seeds[1]):
+        args[i] = seed
+        _, spec, _ = binder(*args, **{p.name: 16 for p in kernel.params if p.is_constexpr})
+        keys.append(list(spec[i]))
+    out[name] = keys
+print(json.dumps(out))
+"""
+
+
+def test_seed_is_not_specialised():
+    """The dropout seed is a pointer declared do_not_specialize: seeds at any address share one compiled
+    variant, and its value is not part of the specialisation key (it is read on the device)."""
+    env = kr._worker_env()
+    out = subprocess.run([sys.executable, "-c", _SEED_SPECIALISATION], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    keys = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(keys) == {"_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dx_kernel", "_lora_bwd_da_kernel"}
+    for name, (aligned, unaligned) in keys.items():
+        assert aligned == unaligned == ["*i64", None], (name, aligned, unaligned)
+
+
 def test_matrix_covers_every_launch_choice():
     by = {}
     for j in JOBS:
@@ -192,13 +248,14 @@ class _FakeKernel:
 
 
 def test_build_signature():
-    k = _FakeKernel(["x_ptr", "db_ptr", "M", "r", "stride_xm", "stride_xk", "stride_sm", "stride_sr",
-                     "seed", "drop_threshold", "scaling"], ["R", "BLOCK_M"])
+    k = _FakeKernel(["x_ptr", "db_ptr", "seed_ptr", "M", "r", "stride_xm", "stride_xk", "stride_bias_n",
+                     "stride_sm", "stride_sr", "drop_threshold", "scaling"], ["R", "BLOCK_M"])
     sig, cx, attrs = kr.build_signature(k, "bf16", {"R": 16, "BLOCK_M": 64}, "aligned")
-    assert sig == {"x_ptr": "*bf16", "db_ptr": "*fp32", "M": "i32", "r": "i32", "stride_xm": "i32",
-                   "stride_xk": "constexpr", "stride_sm": "i32", "stride_sr": "constexpr", "seed": "i64",
-                   "drop_threshold": "i32", "scaling": "fp32", "R": "constexpr", "BLOCK_M": "constexpr"}
-    assert cx == {"R": 16, "BLOCK_M": 64, "stride_xk": 1, "stride_sr": 1}
+    assert sig == {"x_ptr": "*bf16", "db_ptr": "*fp32", "seed_ptr": "*i64", "M": "i32", "r": "i32",
+                   "stride_xm": "i32", "stride_xk": "constexpr", "stride_bias_n": "constexpr", "stride_sm": "i32",
+                   "stride_sr": "constexpr", "drop_threshold": "i32", "scaling": "fp32", "R": "constexpr",
+                   "BLOCK_M": "constexpr"}
+    assert cx == {"R": 16, "BLOCK_M": 64, "stride_xk": 1, "stride_bias_n": 1, "stride_sr": 1}
     hinted = {k.arg_names[i[0]] for i in attrs}
     assert hinted == {"x_ptr", "db_ptr", "M", "r", "stride_xm", "stride_sm"}
     _, _, attrs = kr.build_signature(k, "bf16", {"R": 16, "BLOCK_M": 64}, "rank")
