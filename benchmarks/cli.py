@@ -3,11 +3,13 @@
 On a GPU it times every provider (fwd, bwd, fwd+bwd), measures peak memory and saved activation
 bytes, and models the launches on an H100. Without one it runs in CPU mode: CPU timings of the
 CPU path on small shapes, exact saved-activation bytes at real sizes (meta tensors), and the
-modeled H100 table. Nothing in CPU mode is a GPU time.
+modeled H100 table. Nothing in CPU mode is a GPU time. Both end with the host overhead of one tiny
+fused layer (kernels stubbed out) against eager torch.
 
     fused-lora-bench                      # GPU: --quick; CPU: CPU mode (40 s on a 2-core machine)
     fused-lora-bench --full --out results/
     fused-lora-bench --model-only --shapes 4096x4096 --tokens 8192 --ranks 16 --dtypes bf16   # no timings
+    fused-lora-bench --host-only          # host time per tiny layer, kernels stubbed, against eager torch
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from . import runs, tables
 from . import sweep as sw
+from .report import wrap
 from .sweep import PROVIDERS, FilterError, Point
 
 CPU_MODE_BANNER = "CPU mode: no CUDA device; GPU timings not measured."
@@ -56,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-out", help="directory for points.csv/json, modeled.csv, "
                    "saved_bytes.csv and the PNGs (default: bench-out)")
     p.add_argument("--model-only", action="store_true", help="skip the timings: saved bytes and the modeled table")
+    p.add_argument("--host-only", action="store_true", help="only the host-overhead part: fused_lora's host time "
+                   "per tiny layer, kernels stubbed out, against eager torch (seconds)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="also print the modeled launch list of the detailed points")
@@ -131,53 +136,61 @@ def plan_points(preset: str, gpu: bool, filters: dict) -> tuple[list[Point], lis
 
 
 def print_header(preset: str, gpu: bool, meta: dict, notes: list[str], cpu_threads: int) -> None:
-    print(f"fused-lora-bench ({preset}): {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
-          f"commit {meta['git_commit'][:12]}{'+changes' if meta['git_dirty'] else ''} | {meta['date_utc']}")
+    print(wrap(f"fused-lora-bench ({preset}): {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
+               f"commit {meta['git_commit'][:12]}{'+changes' if meta['git_dirty'] else ''} | {meta['date_utc']}"))
     if not gpu:
         print(CPU_MODE_BANNER)
         interp = meta["triton_interpret_env"]
-        print("  fused here = fused_lora.lora_linear's CPU fallback (its torch backend), not the product: the same "
-              "unfused mm / addmm_ calls as addmm, plus, with dropout, a keep-mask drawn in numpy Philox so it is "
-              "bit-identical to the CUDA kernels' (eager draws torch's own mask). These times say nothing about "
-              "the Triton kernels" + (f"; TRITON_INTERPRET={interp} is ignored for timing (FUSED_LORA_BACKEND=torch)"
-                                      if interp else "") + ".")
-        print(f"  CPU timings: the preset's small fp32 sizes, {cpu_threads} thread(s), providers timed round-robin; "
-              "--shapes, --tokens and --dtypes select the saved-bytes and modeled points.")
+        print(wrap("fused here = fused_lora.lora_linear's CPU fallback (its torch backend), not the product: the same "
+                   "unfused mm / addmm_ calls as addmm, plus, with dropout, a keep-mask drawn in numpy Philox so it is "
+                   "bit-identical to the CUDA kernels' (eager draws torch's own mask). These times say nothing about "
+                   "the Triton kernels" + (f"; TRITON_INTERPRET={interp} is ignored for timing "
+                                           "(FUSED_LORA_BACKEND=torch)" if interp else "") + ".", "  "))
+        print(wrap(f"CPU timings: the preset's small fp32 sizes, {cpu_threads} thread(s), every provider and "
+                   "direction of a point timed side by side in shuffled rounds; --shapes, --tokens and --dtypes "
+                   "select the saved-bytes and modeled points.", "  "))
     for note in notes:
-        print(f"  note: {note}")
+        print(wrap(f"note: {note}", "  "))
     print(flush=True)
 
 
 def print_measured(measured: list[dict], gpu: bool, meta: dict, model_only: bool) -> None:
+    from . import measure
+
     if gpu:
-        print(f"[1/3] Measured on {meta['device']}: do_bench median [p20-p80] ms, synchronised, after warm-up, "
-              "grads set to None before each call; peak memory of one fwd+bwd from a clean state, above inputs "
-              "and parameters.")
+        print(wrap(f"[1/4] Measured on {meta['device']}: do_bench median [p20-p80] ms, synchronised, after "
+                   "warm-up, grads set to None before each call; peak memory of one fwd+bwd from a clean state, "
+                   "above inputs and parameters."))
     else:
-        print(f"[1/3] Measured CPU times (not GPU): wall-clock median [p20-p80] ms, {meta['device']}. Saved MiB "
-              "here is what torch saves on CPU (CPU dropout keeps a noise tensor in x's dtype; CUDA keeps a bool "
-              "mask: see part 2).")
-    print("  bwd = backward of a retained graph with a fixed dY (grads of x, A, B; W frozen); "
-          "x gemm / x eager / x peft: fwd+bwd time ratios at the same point.")
-    print(tables.measured_table(measured, gpu) if measured else
-          "  (skipped: --model-only)" if model_only else "  (no points)")
+        print(wrap(f"[1/4] Measured CPU times (not GPU): median [p20-p80] ms of the "
+                   f"{measure.cpu_clock(meta['cpu_threads'])[1]}, from the quietest of "
+                   f"{measure.CPU_BLOCKS} blocks of rounds, {meta['device']}. Saved MiB here is what torch saves "
+                   "on CPU (CPU dropout keeps a noise tensor in x's dtype; CUDA keeps a bool mask: see part 2)."))
+    print(wrap("bwd = backward of a retained graph with a fixed dY (grads of x, A, B; W frozen); "
+               "x gemm / x eager / x peft: fwd+bwd time ratios at the same point.", "  "))
+    if not measured:
+        print("  (skipped: --model-only)" if model_only else "  (no points)")
+        print()
+        return
+    print(tables.measured_times_table(measured))
+    print()
+    print("  The same points: fwd+bwd rates, time ratios and memory.")
+    print(tables.measured_ratios_table(measured, gpu))
     dropout_rows = [r for r in measured if r["dropout"] > 0.0]
     if not gpu and dropout_rows:
-        from . import measure
-
         big = max(dropout_rows, key=lambda r: r["tokens"] * r["in_features"])
         ms = measure.time_cpu_dropout_mask(big["tokens"], big["in_features"], big["dropout"])
-        print(f"  With dropout, fused's CPU fallback draws its Philox keep-mask in numpy: measured {ms:.3g} ms for "
-              f"a {big['tokens']}x{big['in_features']} mask here ({ms * 1e6 / (big['tokens'] * big['in_features']):.0f}"
-              " ns per element), once in forward and once in backward. The CUDA kernels draw the same mask in "
-              "registers, inside the GEMM tiles.")
+        print(wrap(f"With dropout, fused's CPU fallback draws its Philox keep-mask in numpy: measured {ms:.3g} ms "
+                   f"for a {big['tokens']}x{big['in_features']} mask here "
+                   f"({ms * 1e6 / (big['tokens'] * big['in_features']):.0f} ns per element), once in forward and "
+                   "once in backward. The CUDA kernels draw the same mask in registers, inside the GEMM tiles.", "  "))
     print()
 
 
 def print_saved(saved: list[dict]) -> None:
-    print("[2/3] Activation bytes saved for backward per layer: measured, exact "
-          "(torch.autograd.graph.saved_tensors_hooks; storages counted once, parameters excluded), "
-          "on meta tensors at real size, dropout dispatched as on CUDA (native_dropout, bool mask).")
+    print(wrap("[2/4] Activation bytes saved for backward per layer: measured, exact "
+               "(torch.autograd.graph.saved_tensors_hooks; storages counted once, parameters excluded), "
+               "on meta tensors at real size, dropout dispatched as on CUDA (native_dropout, bool mask)."))
     print(tables.saved_table(saved) if saved else "  (no points)")
     print()
 
@@ -186,13 +199,13 @@ def print_modeled(modeled: list[dict], model_points: list[Point], detail: list[P
                   verbose: bool) -> None:
     from . import model
 
-    print(f"[3/3] MODELED H100 SXM (not measured): per launch max(FLOPs / {model.PEAK_FLOPS['bfloat16'] / 1e12:g} "
-          f"TFLOP/s, compulsory bytes / {model.HBM_BYTES_PER_S / 1e12:g} TB/s) / occupancy + "
-          f"{model.LAUNCH_OVERHEAD_S * 1e6:g} us assumed launch overhead, summed over launches; occupancy = "
-          f"min(1, programs / {model.NUM_SMS} SMs) for a Triton launch, 1 for a torch op.")
-    print("  fused: launches from the launchers' plans (grids, tiles, passes; FLOPs of whole tiles and the padded "
-          "rank; fp32 atomics, whose L2 traffic is not modeled); others: aten ops traced on meta tensors "
-          "(FLOPs of the real rank).")
+    print(wrap(f"[3/4] MODELED H100 SXM (not measured): per launch max(FLOPs / "
+               f"{model.PEAK_FLOPS['bfloat16'] / 1e12:g} TFLOP/s, compulsory bytes / {model.HBM_BYTES_PER_S / 1e12:g} "
+               f"TB/s) / occupancy + {model.LAUNCH_OVERHEAD_S * 1e6:g} us assumed launch overhead, summed over "
+               f"launches; occupancy = min(1, programs / {model.NUM_SMS} SMs) for a Triton launch, 1 for a torch op."))
+    print(wrap("fused: launches from the launchers' plans (grids, tiles, passes; FLOPs of whole tiles and the padded "
+               "rank; fp32 atomics, whose L2 traffic is not modeled); others: aten ops traced on meta tensors "
+               "(FLOPs of the real rank).", "  "))
     for point in detail:
         sel = [r for r in modeled if runs.point_of(r) == point]
         print(f"  modeled at {point.shape}, {point.tokens} tokens, r={point.r}, dropout {point.dropout}, "
@@ -205,10 +218,38 @@ def print_modeled(modeled: list[dict], model_points: list[Point], detail: list[P
         first = model_points[0]
         r_ = sw.HEADLINE["r"] if any(p.r == sw.HEADLINE["r"] for p in model_points) else first.r
         dropout = 0.0 if any(p.dropout == 0.0 for p in model_points) else first.dropout
-        print(f"  modeled fwd+bwd across the sweep (r={r_}, dropout {dropout}, {first.dtype}; every point in "
-              f"{out / 'modeled.csv'}):")
+        print(wrap(f"modeled fwd+bwd us across the sweep, and fused's modeled ratios (r={r_}, dropout {dropout}, "
+                   f"{first.dtype}; every point in {out / 'modeled.csv'}):", "  "))
         print(tables.modeled_summary_table(modeled, r_, dropout, first.dtype))
         print()
+
+
+def run_host(device, warnings: list[str]) -> dict | None:
+    """The host-overhead part (benchmarks.host); a failure is a warning, not the end of the run."""
+    from . import host
+
+    try:
+        return host.measure_host_overhead(device)
+    except Exception as e:
+        warnings.append(f"host overhead: {type(e).__name__}: {e}".splitlines()[0][:300])
+        return None
+
+
+def main_host_only(device, out: Path, argv: list[str]) -> int:
+    from . import host, report
+
+    meta = report.run_metadata(device, "host", argv)
+    print(wrap(f"fused-lora-bench (host-only): {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
+               f"commit {meta['git_commit'][:12]}{'+changes' if meta['git_dirty'] else ''} | {meta['date_utc']}"))
+    print()
+    warnings: list[str] = []
+    result = run_host(device, warnings)
+    host.print_host(result, "[host]", skipped="failed: see the warning below")
+    report.write_json(out / "host.json", {"metadata": meta, "host_overhead": result, "warnings": warnings})
+    for w in warnings:
+        print(wrap(f"warning: {w}"))
+    print(f"wrote host.json to {out}/")
+    return 1 if result is None else 0
 
 
 def main(argv=None) -> int:
@@ -224,14 +265,17 @@ def main(argv=None) -> int:
 
     import torch
 
-    from . import model, plots, report
+    from . import host, model, plots, report
 
     started = time.perf_counter()
     gpu = device.type == "cuda"
     preset = "tiny" if args.tiny else "full" if args.full else "quick"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.host_only:
+        return main_host_only(device, out, argv)
     meta = report.run_metadata(device, "gpu" if gpu else "cpu", argv)
+    meta["cpu_threads"] = args.cpu_threads
     warnings: list[str] = []
     measured_points, saved_points, model_points, point_notes = plan_points(preset, gpu, filters)
     notes += point_notes
@@ -256,11 +300,14 @@ def main(argv=None) -> int:
     print_saved(saved)
     detail = runs.detail_points(model_points)
     print_modeled(modeled, model_points, detail, out, args.verbose)
+    host_result = None if args.model_only else run_host(device, warnings)
+    host.print_host(host_result, "[4/4]", skipped="skipped: --model-only" if args.model_only else
+                    "failed: see the warning below")
 
     written = report.write_files(out, meta, measured=measured, saved=saved, modeled=modeled,
                                  detailed=lambda row: runs.point_of(row) in detail,
                                  payload={"modeled_assumptions": model.ASSUMPTIONS, "notes": notes,
-                                          "warnings": warnings})
+                                          "host_overhead": host_result, "warnings": warnings})
     if args.no_plots:
         pass
     elif plots.pyplot() is None:
@@ -269,8 +316,8 @@ def main(argv=None) -> int:
         written += [p.name for p in plots.write_plots(out, gpu, measured, saved, modeled)]
 
     for w in warnings:
-        print(f"warning: {w}")
-    print(f"wrote {', '.join(written)} to {out}/ in {time.perf_counter() - started:.0f} s")
+        print(wrap(f"warning: {w}"))
+    print(wrap(f"wrote {', '.join(written)} to {out}/ in {time.perf_counter() - started:.0f} s"))
     return 0
 
 

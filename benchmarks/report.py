@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -38,18 +39,49 @@ class Progress:
             self.stream.flush()
 
 
-def format_table(headers: list[str], rows: list[list], *, indent: str = "  ") -> str:
-    """Aligned plain text: text columns left-aligned, numeric columns right-aligned."""
+# Every line fused-lora-bench prints fits this many columns: tables wider than it are split into
+# several tables that repeat their key columns, prose is wrapped.
+WIDTH = 120
+
+
+def wrap(text: str, indent: str = "", *, subsequent: str | None = None, width: int = WIDTH) -> str:
+    """text wrapped to width columns: the first line after ``indent``, the others after ``subsequent``
+    (indent plus two spaces by default). Words longer than a line (paths) are not broken."""
+    return textwrap.fill(text, width, initial_indent=indent,
+                         subsequent_indent=indent + "  " if subsequent is None else subsequent,
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def format_table(headers: list[str], rows: list[list], *, indent: str = "  ", keys: int = 0,
+                 width: int = WIDTH) -> str:
+    """Aligned plain text: text columns left-aligned, numeric columns right-aligned.
+
+    When a line would be wider than ``width``, the columns after the first ``keys`` (the row labels)
+    are dealt out to several tables, each repeating the key columns and as many of the others as
+    fit, separated by a blank line.
+    """
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     numeric = [bool(cells) and all(_is_number(row[i]) for row in cells) for i in range(len(headers))]
 
-    def line(values):
-        return indent + "  ".join(v.rjust(w) if num else v.ljust(w)
-                                  for v, w, num in zip(values, widths, numeric)).rstrip()
+    def table(columns):
+        def line(values):
+            return indent + "  ".join(values[i].rjust(widths[i]) if numeric[i] else values[i].ljust(widths[i])
+                                      for i in columns).rstrip()
 
-    rule = indent + "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule] + [line(r) for r in cells])
+        rule = indent + "  ".join("-" * widths[i] for i in columns)
+        return "\n".join([line(headers), rule] + [line(r) for r in cells])
+
+    def span(columns):
+        return len(indent) + sum(widths[i] for i in columns) + 2 * (len(columns) - 1)
+
+    key_columns = list(range(keys))
+    groups: list[list[int]] = [[]]
+    for i in range(keys, len(headers)):
+        if groups[-1] and span(key_columns + groups[-1] + [i]) > width:
+            groups.append([])
+        groups[-1].append(i)
+    return "\n\n".join(table(key_columns + group) for group in groups)
 
 
 def _cell(v) -> str:

@@ -39,8 +39,9 @@ def _where(point: Point) -> str:
 def run_measured(points: list[Point], providers: tuple[str, ...], device, progress, warnings) -> list[dict]:
     """Time each provider at each point; saved bytes and (GPU) peak memory alongside.
 
-    GPU: one provider after another, do_bench per direction. CPU: every provider of a point timed
-    round-robin per direction (measure.time_cpu_interleaved), so their ratios share the same load.
+    GPU: one provider after another, do_bench per direction. CPU: every provider and direction of a
+    point timed side by side in shuffled rounds (measure.time_cpu_interleaved), so their ratios, and
+    fwd + bwd against fwd+bwd, share the same load.
     """
     import torch
 
@@ -80,10 +81,12 @@ def run_measured(points: list[Point], providers: tuple[str, ...], device, progre
             measure.clear_grads([x])
         if not gpu and fns:
             with torch_backend_for_cpu():
-                for direction in DIRECTIONS:
-                    timed = measure.time_cpu_interleaved({p: f[direction] for p, f in fns.items()}, grads)
-                    for provider, (stats, reps) in timed.items():
-                        _store_time(by_provider[provider], point, direction, stats, reps)
+                timed = measure.time_cpu_interleaved(
+                    {(p, d): f[d] for p, f in fns.items() for d in DIRECTIONS},
+                    {(p, d): grads[p] for p in fns for d in DIRECTIONS},
+                    clock=measure.cpu_clock(torch.get_num_threads())[0])
+            for (provider, direction), (stats, reps) in timed.items():
+                _store_time(by_provider[provider], point, direction, stats, reps)
         del fns
         for direction in DIRECTIONS:
             add_ratios(by_provider, f"{direction}_ms", f"{direction}_ratio_to_{{ref}}")

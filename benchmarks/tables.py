@@ -2,16 +2,38 @@
 from __future__ import annotations
 
 from . import sweep as sw
-from .report import MiB, format_table
+from .report import MiB, format_table, wrap
 from .runs import ratio
 from .sweep import PROVIDERS
+
+
+SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# The row labels every per-point table starts with (format_table repeats them when it splits a table).
+POINT_HEADERS = ["shape", "tokens", "r", "p", "dtype", "provider"]
+
+
+def _point_labels(row: dict) -> list:
+    return [row["shape"], row["tokens"], row["r"], row["dropout"], SHORT_DTYPES.get(row["dtype"], row["dtype"]),
+            row["provider"]]
+
+
+def _short_dtypes(text: str) -> str:
+    """'bfloat16(8192, 16); bool(8192, 4096)' -> 'bf16(8192, 16); bool(8192, 4096)'."""
+    for name, short in SHORT_DTYPES.items():
+        text = text.replace(f"{name}(", f"{short}(")
+    return text
+
+
+def _num(v: float) -> str:
+    """3 significant digits, without the exponent .3g gives from 1000 on."""
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
 def _ms(row, direction):
     med = row.get(f"{direction}_ms")
     if med is None:
         return row.get("error", "-")[:20] if direction == "fwd" else "-"
-    return f"{med:.3g} [{row[f'{direction}_ms_p20']:.3g}-{row[f'{direction}_ms_p80']:.3g}]"
+    return f"{_num(med)} [{_num(row[f'{direction}_ms_p20'])}-{_num(row[f'{direction}_ms_p80'])}]"
 
 
 def _x(v):
@@ -22,41 +44,48 @@ def _mib(v):
     return v / MiB if v is not None else None
 
 
-def measured_table(rows: list[dict], gpu: bool) -> str:
-    headers = ["shape", "tokens", "r", "p", "dtype", "provider", "fwd ms [p20-p80]", "bwd ms [p20-p80]",
-               "fwd+bwd ms [p20-p80]", "fwd+bwd TFLOP/s", "fwd+bwd x gemm", "x eager", "x peft", "saved MiB"]
+def measured_times_table(rows: list[dict]) -> str:
+    """Median [p20-p80] ms of each direction, one row per point and provider."""
+    return format_table(POINT_HEADERS + ["fwd ms [p20-p80]", "bwd ms [p20-p80]", "fwd+bwd ms [p20-p80]"],
+                        [_point_labels(r) + [_ms(r, "fwd"), _ms(r, "bwd"), _ms(r, "fwd+bwd")] for r in rows],
+                        keys=len(POINT_HEADERS))
+
+
+def measured_ratios_table(rows: list[dict], gpu: bool) -> str:
+    """fwd+bwd TFLOP/s, time ratios to gemm / eager / peft, saved (and on a GPU, peak) MiB: the same rows."""
+    headers = POINT_HEADERS + ["fwd+bwd TFLOP/s", "fwd+bwd x gemm", "x eager", "x peft", "saved MiB"]
     if gpu:
         headers.append("peak MiB")
     out = []
     for r in rows:
-        line = [r["shape"], r["tokens"], r["r"], r["dropout"], r["dtype"], r["provider"],
-                _ms(r, "fwd"), _ms(r, "bwd"), _ms(r, "fwd+bwd"), r.get("fwd+bwd_tflops"),
-                _x(r.get("fwd+bwd_ratio_to_gemm")), _x(r.get("fwd+bwd_ratio_to_eager")),
-                _x(r.get("fwd+bwd_ratio_to_peft")), _mib(r.get("saved_bytes"))]
+        line = _point_labels(r) + [r.get("fwd+bwd_tflops"), _x(r.get("fwd+bwd_ratio_to_gemm")),
+                                   _x(r.get("fwd+bwd_ratio_to_eager")), _x(r.get("fwd+bwd_ratio_to_peft")),
+                                   _mib(r.get("saved_bytes"))]
         if gpu:
             line.append(_mib(r.get("peak_mem_bytes")))
         out.append(line)
-    return format_table(headers, out)
+    return format_table(headers, out, keys=len(POINT_HEADERS))
 
 
 def saved_table(rows: list[dict]) -> str:
     return format_table(
-        ["shape", "tokens", "r", "p", "dtype", "provider", "saved MiB", "bytes/token", "x fused", "saved tensors"],
-        [[r["shape"], r["tokens"], r["r"], r["dropout"], r["dtype"], r["provider"], r["saved_bytes"] / MiB,
-          int(r["saved_bytes_per_token"]), _x(r["ratio_to_fused"]), r["saved_tensors"]] for r in rows])
+        POINT_HEADERS + ["saved MiB", "bytes/token", "x fused", "saved tensors"],
+        [_point_labels(r) + [r["saved_bytes"] / MiB, int(r["saved_bytes_per_token"]), _x(r["ratio_to_fused"]),
+                             _short_dtypes(r["saved_tensors"])] for r in rows],
+        keys=len(POINT_HEADERS))
 
 
 def modeled_detail_table(rows: list[dict]) -> str:
-    return format_table(
-        ["provider", "direction", "launches", "GFLOP", "HBM MiB", "modeled us", "modeled TFLOP/s",
-         "modeled x gemm", "modeled x eager"],
-        [[r["provider"], r["direction"], r["modeled_launches"], r["modeled_gflop"], r["modeled_hbm_mib"],
-          r["modeled_us"], r["modeled_tflops"], _x(r["modeled_ratio_to_gemm"]), _x(r["modeled_ratio_to_eager"])]
-         for r in rows])
+    headers = ["provider", "direction", "launches", "GFLOP", "HBM MiB", "modeled us", "modeled TFLOP/s",
+               "modeled x gemm", "modeled x eager"]
+    return format_table(headers, [[r["provider"], r["direction"], r["modeled_launches"], r["modeled_gflop"],
+                                   r["modeled_hbm_mib"], r["modeled_us"], r["modeled_tflops"],
+                                   _x(r["modeled_ratio_to_gemm"]), _x(r["modeled_ratio_to_eager"])] for r in rows],
+                        keys=2)
 
 
 def modeled_summary_table(rows: list[dict], r_: int, dropout: float, dtype: str) -> str:
-    """fwd+bwd per shape and token count: modeled µs of each provider and fused's modeled speed-ups."""
+    """fwd+bwd per shape and token count: modeled us of each provider and fused's modeled speed-ups."""
     sel = [r for r in rows if r["r"] == r_ and r["dropout"] == dropout and r["dtype"] == dtype
            and r["direction"] == "fwd+bwd"]
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in sel)]
@@ -70,9 +99,8 @@ def modeled_summary_table(rows: list[dict], r_: int, dropout: float, dtype: str)
                     for p in ("eager", "addmm")]
         table.append([f"{K}->{N}", M] + [at[p]["modeled_us"] if p in at else None for p in providers]
                      + speedups + [_x(fused["modeled_ratio_to_gemm"]) if fused else "-"])
-    headers = (["shape", "tokens"] + [f"{p} modeled us" for p in providers]
-               + ["modeled eager/fused", "modeled addmm/fused", "modeled fused/gemm"])
-    return format_table(headers, table)
+    headers = ["shape", "tokens"] + [f"{p} us" for p in providers] + ["eager/fused", "addmm/fused", "fused/gemm"]
+    return format_table(headers, table, keys=2)
 
 
 def launch_lines(rows: list[dict]) -> str:
@@ -85,5 +113,7 @@ def launch_lines(rows: list[dict]) -> str:
         for launch in r["_launches"]:
             occupancy = f"occupancy {launch.occupancy:4.2f}" if launch.programs is not None else " " * 14
             out.append(f"    {launch.name:<28} {launch.flops / 1e9:9.3f} GFLOP {launch.bytes / 2**20:9.2f} MiB  "
-                       f"{occupancy}  {launch.detail}")
+                       f"{occupancy}".rstrip())
+            if launch.detail:
+                out.append(wrap(launch.detail, " " * 6))
     return "\n".join(out)

@@ -26,14 +26,21 @@ from .dropout import seed_tensor
 BACKENDS_IN_OP = ("triton", "torch")
 
 
+_BACKEND_MODULES: dict = {}
+
+
 def _backend_module(name: str):
+    module = _BACKEND_MODULES.get(name)
+    if module is not None:
+        return module
     if name == "triton":
-        from . import _triton_backend  # imports triton: only when the kernels are used
-        return _triton_backend
-    if name == "torch":
-        from . import _torch_backend
-        return _torch_backend
-    raise ValueError(f"backend must be one of {BACKENDS_IN_OP}, got {name!r}")
+        from . import _triton_backend as module  # imports triton: only when the kernels are used
+    elif name == "torch":
+        from . import _torch_backend as module
+    else:
+        raise ValueError(f"backend must be one of {BACKENDS_IN_OP}, got {name!r}")
+    _BACKEND_MODULES[name] = module
+    return module
 
 
 @torch.library.custom_op("fused_lora::lora_linear_fwd", mutates_args=())
@@ -122,8 +129,8 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         saved = ctx.saved_tensors  # unpacked once: non-reentrant checkpointing refuses a second unpack
         dx, dW, db, dA, dB = _lora_backward(ctx, dy, *saved, ctx.seed, bwd=_eager_bwd)
-        dA = None if dA is None else dA.to(saved[2].dtype)
-        dB = None if dB is None else dB.to(saved[3].dtype)
+        dA = dA if dA is None or dA.dtype is saved[2].dtype else dA.to(saved[2].dtype)
+        dB = dB if dB is None or dB.dtype is saved[3].dtype else dB.to(saved[3].dtype)
         return dx, dW, db, dA, dB, None, None, None, None
 
 

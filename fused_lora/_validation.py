@@ -14,22 +14,19 @@ ALL_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *,
                       dtypes=KERNEL_DTYPES, max_rank: int | None = MAX_RANK) -> None:
-    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        tensors["bias"] = bias
-    for name, t in tensors.items():
+    # One pass in the common case: this runs on every call, and at a few tokens a layer's time is host time.
+    tensors = (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)) + \
+        ((("bias", bias),) if bias is not None else ())
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    dtype, device = x.dtype, x.device
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.dtype not in dtypes:
-            names = ", ".join(str(d) for d in dtypes)
-            raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are {names}")
-    for name, t in tensors.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share x's dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on device {t.device} but x is on {x.device}; all tensors must be on one device")
+        if t.dtype is not dtype or t.device != device:
+            _check_dtypes_and_devices(tensors, dtypes)
+    if dtype not in dtypes:
+        _check_dtypes_and_devices(tensors, dtypes)
 
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
@@ -49,7 +46,7 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B must have shape ({N}, {r}) to match weight's out_features and lora_A's rank "
                          f"r={r}, got {tuple(lora_B.shape)}")
-    if x.numel() // max(K, 1) >= 2**31 or K >= 2**31 or N >= 2**31:
+    if K >= 2**31 or N >= 2**31 or x.numel() // max(K, 1) >= 2**31:
         raise ValueError(f"x has shape {tuple(x.shape)}: fused_lora needs fewer than 2**31 rows, columns and outputs")
 
     # abs(s) < inf instead of math.isfinite: it also traces when torch.compile(dynamic=True) makes s a SymFloat.
@@ -63,6 +60,22 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
                              f"{x.device}, got a tensor of dtype {seed.dtype}, shape {tuple(seed.shape)} on {seed.device}")
     elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
         raise ValueError(f"seed must be an int in [0, 2**63) or a 0-dim torch.int64 tensor on x's device, got {seed!r}")
+
+
+def _check_dtypes_and_devices(tensors, dtypes) -> None:
+    """Raises the error that names the first tensor of the wrong kind, dtype or device."""
+    x = tensors[0][1]
+    for name, t in tensors:
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d) for d in dtypes)
+            raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are {names}")
+    for name, t in tensors:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share x's dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on device {t.device} but x is on {x.device}; all tensors must be on one device")
 
 
 # ---- LoRA hyper-parameters ------------------------------------------------------------------------

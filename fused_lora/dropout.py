@@ -116,8 +116,10 @@ def dropout_keep_mask(seed, rows: int, cols: int, p: float, device=None) -> torc
     CPU: numpy uint64 arithmetic; other devices: torch int64 arithmetic on the device (same bits).
     ``seed``: an int, or a 0-dim integer tensor (its 64 bits).
     """
-    seed = seed_value(seed)
     device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "meta":  # shapes only (saved-bytes measurements): no values, no seed to read
+        return torch.empty(rows, cols, dtype=torch.bool, device=device)
+    seed = seed_value(seed)
     threshold = drop_threshold(p)
     if device.type == "cpu":
         return torch.from_numpy(_keep_mask_numpy(seed, rows, cols, threshold))

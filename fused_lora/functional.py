@@ -33,6 +33,11 @@ def select_backend(x: torch.Tensor) -> str:
     return "torch"
 
 
+def _autocasting(device_type: str) -> bool:
+    # is_autocast_enabled raises for device types without autocast (meta tensors).
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _autocast_inputs(device_type: str, *tensors):
     """The tensors cast to the autocast dtype, as autocast casts F.linear's (float64 is left alone)."""
     dtype = torch.get_autocast_dtype(device_type)
@@ -52,7 +57,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
     Under ``torch.autocast`` it computes in the autocast dtype, as nn.Linear does: floating-point
     tensors other than float64 are cast to it, and grads flow back to each tensor in its own dtype.
     """
-    if torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and _autocasting(x.device.type):
         x, weight, bias, lora_A, lora_B = _autocast_inputs(x.device.type, x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, dtypes=ALL_DTYPES)
     backend = select_backend(x)
@@ -64,6 +69,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
     if backend == "reference":
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
                                      dropout_p=dropout_p, training=training, seed=seed)
+    if x.dim() == 2:
+        return lora_linear_2d(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
     K, N = x.shape[-1], weight.shape[0]
     # Rows as a product, not -1: reshape(-1, 0) is ambiguous and raises for K = 0.
     x2 = x.reshape(math.prod(x.shape[:-1]), K)

@@ -35,7 +35,10 @@ _SEED_DTYPE = torch.int64
 def launch_guard(device: torch.device):
     """Makes the inputs' CUDA device current around a launch: Triton launches on the current device (and
     its current stream), which need not be the tensors' (cuda:1 tensors with cuda:0 current)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return torch.cuda.device(device) if device.type == "cuda" else _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()  # reusable: it holds no state
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,14 +58,9 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-_bf16_fixed = False
-
-
-def _prepare() -> None:
-    global _bf16_fixed
-    if not _bf16_fixed and interpreting():
-        install_bf16_fixes()
-        _bf16_fixed = True
+# triton decides at import whether @triton.jit interprets, so this module's kernels keep that mode.
+if interpreting():
+    install_bf16_fixes()
 
 
 class _Ready(NamedTuple):
@@ -149,7 +147,6 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, *, dropout_p: float = 0.0
     ready = _shrink_ready(M, K, r, x.dtype, dropout_p > 0.0, _input_precision(x.dtype))
     if ready is None:  # K == 0
         return s.zero_()
-    _prepare()
     with launch_guard(x.device):
         _lora_shrink_kernel[ready.grid](
             x, lora_A, s, _seed_arg(seed, dropout_p, x.device), M, K, r,
@@ -177,7 +174,6 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: floa
             s = torch.empty((M, r), device=x.device, dtype=x.dtype)
         if ready is None:  # M == 0 or N == 0
             return y, s
-        _prepare()
         _lora_fwd_kernel[ready.grid](
             x, weight, y if bias is None else bias, s, lora_A, lora_B, y, seed, M, N, K, r,
             *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *s.stride(), *lora_A.stride(),
@@ -196,7 +192,6 @@ def lora_bwd_dy(dy, lora_B, s, scaling: float, *, deterministic: bool | None = N
     ready = _dy_ready(M, N, r, dy.dtype, deterministic, _input_precision(dy.dtype))
     if ready is None:  # M == 0 or N == 0
         return ds.zero_(), torch.zeros((N, r), device=dy.device, dtype=torch.float32)
-    _prepare()
     with launch_guard(dy.device):
         db = _reduction_buffer(ready, dy.device)
         _lora_bwd_dy_kernel[ready.grid](
@@ -213,7 +208,6 @@ def lora_bwd_dx(dy, weight, ds, lora_A, *, dropout_p: float = 0.0, seed=0):
     ready = _dx_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, _input_precision(dy.dtype))
     if ready is None:  # M == 0 or K == 0
         return dx
-    _prepare()
     with launch_guard(dy.device):
         _lora_bwd_dx_kernel[ready.grid](
             dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), M, N, K, r,
@@ -233,7 +227,6 @@ def lora_bwd_da(ds, x, *, dropout_p: float = 0.0, seed=0, deterministic: bool | 
                       _input_precision(x.dtype))
     if ready is None:  # M == 0 or K == 0
         return torch.zeros((r, K), device=x.device, dtype=torch.float32)
-    _prepare()
     with launch_guard(x.device):
         da = _reduction_buffer(ready, x.device)
         _lora_bwd_da_kernel[ready.grid](

@@ -44,3 +44,33 @@ def test_deterministic_grads_on_gpu(cuda):
     first, second = lora_grads(inputs, deterministic=True), lora_grads(inputs, deterministic=True)
     for g1, g2 in zip(first, second):
         assert torch.equal(g1, g2)
+
+
+def test_dropout_mask_is_redrawn_on_each_cuda_graph_replay(cuda):
+    """The seed is drawn on the device inside the captured region and the kernels load it: each replay
+    draws a new mask (a host int seed would freeze one mask into the graph)."""
+    import fused_lora
+
+    x, w, b, a, bb = make_inputs((64,), 256, 128, 16, torch.bfloat16, device=cuda)
+    step = lambda: fused_lora.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.5, training=True)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile the kernels outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(first, out)
+
+
+def test_tensors_on_a_device_that_is_not_current(cuda):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    inputs = make_inputs((33,), 77, 53, 8, torch.bfloat16, device=torch.device("cuda", 1))
+    with torch.cuda.device(0):
+        compare_with_reference(inputs, scaling=1.7, dropout_p=0.1, seed=5)
