@@ -9,7 +9,6 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 
 def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
-    ds, dB = ops.lora_bwd_dy(dy, lora_B, s, scaling)
-    dx = ops.lora_bwd_dx(dy, weight, ds, lora_A, dropout_p=dropout_p, seed=seed) if need_dx else None
-    dA = ops.lora_bwd_da(ds, x, dropout_p=dropout_p, seed=seed) if need_dA else None
+    dx, dA, dB = ops.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p=dropout_p, seed=seed,
+                              need_dx=need_dx, need_dA=need_dA)
     return dx, dA, (dB if need_dB else None)

@@ -184,52 +184,88 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: floa
 def lora_bwd_dy(dy, lora_B, s, scaling: float, *, deterministic: bool | None = None):
     """(dS, dB) from one pass over dY: dS = s dY B (x's dtype), dB = s dY^T S (fp32, or dY's dtype when
     one row block covers M: callers cast to B's dtype)."""
-    M, N = dy.shape
-    r = lora_B.shape[1]
-    ds = torch.empty((M, r), device=dy.device, dtype=s.dtype)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    ready = _dy_ready(M, N, r, dy.dtype, deterministic, _input_precision(dy.dtype))
-    if ready is None:  # M == 0 or N == 0
-        return ds.zero_(), torch.zeros((N, r), device=dy.device, dtype=torch.float32)
+    ready = _dy_ready(*dy.shape, lora_B.shape[1], dy.dtype, deterministic, _input_precision(dy.dtype))
     with launch_guard(dy.device):
-        db = _reduction_buffer(ready, dy.device)
-        _lora_bwd_dy_kernel[ready.grid](
-            dy, lora_B, s, ds, db, M, N, r, *dy.stride(), *lora_B.stride(), *s.stride(), *ds.stride(),
-            float(scaling), **ready.kwargs)
-        return ds, db.sum(0) if ready.partials else db
+        return _bwd_dy(ready, dy, lora_B, s, scaling)
 
 
 def lora_bwd_dx(dy, weight, ds, lora_A, *, dropout_p: float = 0.0, seed=0):
     """dX = dY W + dropout'(dS A), one fused GEMM (the LoRA term seeds the accumulator)."""
-    M, N = dy.shape
-    r, K = lora_A.shape
-    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
-    ready = _dx_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, _input_precision(dy.dtype))
-    if ready is None:  # M == 0 or K == 0
-        return dx
+    ready = _dx_ready(*dy.shape, lora_A.shape[1], lora_A.shape[0], dy.dtype, dropout_p > 0.0,
+                      _input_precision(dy.dtype))
     with launch_guard(dy.device):
-        _lora_bwd_dx_kernel[ready.grid](
-            dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), M, N, K, r,
-            *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
-            *_dropout_scalars(dropout_p), **ready.kwargs)
-    return dx
+        return _bwd_dx(ready, dy, weight, ds, lora_A, dropout_p, seed)
 
 
 def lora_bwd_da(ds, x, *, dropout_p: float = 0.0, seed=0, deterministic: bool | None = None):
     """dA = dS^T dropout(x), (r, K) in fp32 (in x's dtype when SPLIT_M == 1: callers cast to A's dtype),
     reduced over M in SPLIT_M slices."""
-    M, K = x.shape
-    r = ds.shape[1]
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    ready = _da_ready(M, K, r, x.dtype, dropout_p > 0.0, deterministic, _num_sms(x.device) if M and K else 1,
-                      _input_precision(x.dtype))
+    with launch_guard(x.device):
+        return _bwd_da(_da_ready_for(x, ds.shape[1], dropout_p, deterministic, _input_precision(x.dtype)),
+                       ds, x, dropout_p, seed)
+
+
+def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: float = 0.0, seed=0,
+             need_dx: bool = True, need_dA: bool = True):
+    """(dX or None, dA or None, dB): lora_bwd_dy, then lora_bwd_dx and lora_bwd_da as needed, under one
+    device guard with one look-up of the launch arguments each."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    precision = _input_precision(dy.dtype)
+    M, N = dy.shape
+    r, K = lora_A.shape
+    with launch_guard(dy.device):
+        seed = _seed_arg(seed, dropout_p, dy.device)
+        ds, db = _bwd_dy(_dy_ready(M, N, r, dy.dtype, deterministic, precision), dy, lora_B, s, scaling)
+        dx = _bwd_dx(_dx_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, precision), dy, weight, ds, lora_A,
+                     dropout_p, seed) if need_dx else None
+        da = _bwd_da(_da_ready_for(x, r, dropout_p, deterministic, precision), ds, x, dropout_p,
+                     seed) if need_dA else None
+    return dx, da, db
+
+
+def _da_ready_for(x, r, dropout_p, deterministic, precision):
+    M, K = x.shape
+    return _da_ready(M, K, r, x.dtype, dropout_p > 0.0, deterministic, _num_sms(x.device) if M and K else 1,
+                     precision)
+
+
+def _bwd_dy(ready, dy, lora_B, s, scaling):
+    M, N = dy.shape
+    r = lora_B.shape[1]
+    ds = torch.empty((M, r), device=dy.device, dtype=s.dtype)
+    if ready is None:  # M == 0 or N == 0
+        return ds.zero_(), torch.zeros((N, r), device=dy.device, dtype=torch.float32)
+    db = _reduction_buffer(ready, dy.device)
+    _lora_bwd_dy_kernel[ready.grid](
+        dy, lora_B, s, ds, db, M, N, r, *dy.stride(), *lora_B.stride(), *s.stride(), *ds.stride(),
+        float(scaling), **ready.kwargs)
+    return ds, db.sum(0) if ready.partials else db
+
+
+def _bwd_dx(ready, dy, weight, ds, lora_A, dropout_p, seed):
+    M, N = dy.shape
+    r, K = lora_A.shape
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    if ready is None:  # M == 0 or K == 0
+        return dx
+    _lora_bwd_dx_kernel[ready.grid](
+        dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), M, N, K, r,
+        *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
+        *_dropout_scalars(dropout_p), **ready.kwargs)
+    return dx
+
+
+def _bwd_da(ready, ds, x, dropout_p, seed):
+    M, K = x.shape
+    r = ds.shape[1]
     if ready is None:  # M == 0 or K == 0
         return torch.zeros((r, K), device=x.device, dtype=torch.float32)
-    with launch_guard(x.device):
-        da = _reduction_buffer(ready, x.device)
-        _lora_bwd_da_kernel[ready.grid](
-            ds, x, da, _seed_arg(seed, dropout_p, x.device), M, K, r, *ds.stride(), *x.stride(),
-            *_dropout_scalars(dropout_p), **ready.kwargs)
-        return da.sum(0) if ready.partials else da
+    da = _reduction_buffer(ready, x.device)
+    _lora_bwd_da_kernel[ready.grid](
+        ds, x, da, _seed_arg(seed, dropout_p, x.device), M, K, r, *ds.stride(), *x.stride(),
+        *_dropout_scalars(dropout_p), **ready.kwargs)
+    return da.sum(0) if ready.partials else da

@@ -72,10 +72,13 @@ def test_layer_backward_through_kernels():
     layer.train()
     layer(x, seed=3).square().sum().backward()
     ref = fused_lora.reference.lora_linear
-    a = layer.lora_A.detach().clone().requires_grad_(True)
-    b = layer.lora_B.detach().clone().requires_grad_(True)
-    x2 = x.detach().clone().requires_grad_(True)
-    ref(x2, layer.weight, layer.bias, a, b, layer.scaling, dropout_p=0.2, training=True, seed=3).square().sum().backward()
-    torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+    def reference_grads(dtype):  # plain torch at dtype, the same dropout mask (seed 3)
+        w, bias = layer.weight.to(dtype), layer.bias.to(dtype)
+        a, b, x2 = (t.detach().to(dtype).requires_grad_(True) for t in (layer.lora_A, layer.lora_B, x))
+        ref(x2, w, bias, a, b, layer.scaling, dropout_p=0.2, training=True, seed=3).square().sum().backward()
+        return a.grad, b.grad, x2.grad
+
+    low, ref64 = reference_grads(torch.float32), reference_grads(torch.float64)
+    for name, got, want, exact in zip(("dA", "dB", "dx"), (layer.lora_A.grad, layer.lora_B.grad, x.grad), low, ref64):
+        assert_within_torch_error(name, got, want, exact, torch.float32)
