@@ -43,9 +43,10 @@ def rank_chunk(R: int) -> int:
     """Rank slice of the S B^T and dS A dots: 32 keeps their operand tiles at 16 KiB even in fp32.
 
     fp32 dots without tf32 run on FMA, which holds a whole K = R_CHUNK slice of both operands in
-    registers: a 64 slice spilled there (kernel_report), a 32 slice does not.
+    registers: a 64 slice spilled there (kernel_report), a 32 slice does not. From R = 128 on, 16:
+    the 128 x 128 dX tiles on sm_80 spilled 8 B with 32 slices and int64 pointer offsets.
     """
-    return min(R, 32)
+    return 16 if R >= 128 else min(R, 32)
 
 
 def _wide(dtype: torch.dtype) -> bool:
@@ -62,9 +63,10 @@ def fwd_config(M: int, R: int, dtype: torch.dtype) -> tuple[TileConfig, bool]:
         return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if _wide(dtype) else 128, num_warps=8,
                           num_stages=3), R <= FUSE_SHRINK_MAX_RANK
     if _wide(dtype):
-        # fp32 without tf32 runs on FMA: 128 x 128 x 32 spilled at every rank; 64 x 64 x 32 on 8 warps
-        # spilled 8 B on sm_80 with int64 pointer offsets; 64 x 64 x 16 needs 80 registers (kernel_report).
-        return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3), False
+        # fp32 without tf32 runs on FMA: 128 x 128 x 32 spilled at every rank. With int64 pointer offsets
+        # 64 x 64 x 32 on 8 warps spilled 8 B on sm_80, and 64 x 64 x 16 on 8 warps 8-32 B on sm_90 (ptxas
+        # held those to 80 registers); on 4 warps it takes 160-168 and does not spill (kernel_report).
+        return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3), False
     # Many tokens: compute-bound GEMM. 128 x 128 x 64 with 8 warps and 3 stages compiles to
     # HGMMA with no spills on sm_90 (kernel-design notes); 128 x 256 spilled there.
     return TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False
@@ -81,7 +83,8 @@ def bwd_dy_config(R: int, dtype: torch.dtype) -> TileConfig:
     # Two (BLOCK_M, R) fp32 accumulators live at once (dS and the dB partial): 8 warps above R = 64.
     if _wide(dtype):
         # FMA: the dB dot's K is BLOCK_M; 64 x 32 spilled from R = 64 on, 32 x 32 on 8 warps does not.
-        return TileConfig(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=3)
+        # 2 stages: 3 spilled 8-16 B at R = 32-64 with r % 16 != 0 and int64 pointer offsets (kernel_report).
+        return TileConfig(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
     if R <= 64:
         return TileConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     # R >= 128: BLOCK_N = 64 spilled on sm_80 (16 B at R = 128 with r % 16 != 0; 136 B at R = 256) and
@@ -96,7 +99,8 @@ def bwd_dx_config(M: int, dtype: torch.dtype) -> TileConfig:
         if M <= FEW_TOKENS:
             # BLOCK_K = 64 spilled 8 B on sm_80 with triton 3.7.1 (torch 2.13's pin); 32 does not.
             return TileConfig(BLOCK_M=64, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=3)
-        return TileConfig(BLOCK_M=128, BLOCK_K=64, BLOCK_N=32, GROUP_M=8, num_warps=8, num_stages=3)
+        # 128 x 64 x 32 spilled 32 B on sm_90 with int64 pointer offsets (r % 16 != 0); 128 x 32 x 32 does not.
+        return TileConfig(BLOCK_M=128, BLOCK_K=32, BLOCK_N=32, GROUP_M=8, num_warps=8, num_stages=3)
     if M <= FEW_TOKENS:
         # Few tokens: bound by reading W; narrow K tiles spread W over K / 64 programs.
         return TileConfig(BLOCK_M=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3)
