@@ -46,6 +46,14 @@ class Launch:
     writes: tuple[Operand, ...] = ()
     flops: int = 0
 
+    def __post_init__(self):
+        if self.config is not None:
+            limits = (_MAX_GRID_X, _MAX_GRID_YZ, _MAX_GRID_YZ)
+            if any(g > limit for g, limit in zip(self.grid, limits)):
+                raise ValueError(f"{self.kernel} would launch a grid of {self.grid} programs, beyond CUDA's "
+                                 f"limits (x < 2**31, y and z < 65536); the operand shapes are "
+                                 f"{[op.shape for op in self.reads + self.writes]}")
+
     @property
     def is_triton(self) -> bool:
         return self.config is not None
@@ -56,6 +64,10 @@ class Launch:
         reads = {op.name: op.nbytes for op in self.reads}
         writes = {op.name: op.nbytes for op in self.writes}
         return sum(reads.values()) + sum(writes.values())
+
+
+_MAX_GRID_X = 2**31 - 1
+_MAX_GRID_YZ = 65535
 
 
 def _cdiv(a: int, b: int) -> int:

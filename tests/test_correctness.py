@@ -198,3 +198,13 @@ def test_bad_seed(seed, match):
     x, w, b, a, bb = make_inputs((2,), 8, 6, 2, torch.float32)
     with pytest.raises(ValueError, match=match):
         fused_lora.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.1, training=True, seed=seed)
+
+
+def test_grids_beyond_cuda_limits_are_refused_by_the_plan():
+    from fused_lora.kernels.plans import plan_lora_bwd_dx, plan_lora_fwd
+    big = 2**31 - 1  # sizes that validation lets through; their tile grid does not fit in CUDA's x dimension
+    with pytest.raises(ValueError, match="_lora_fwd_kernel would launch a grid"):
+        plan_lora_fwd(big, big, 64, 8, torch.bfloat16, dropout=False, bias=False)
+    with pytest.raises(ValueError, match="_lora_bwd_dx_kernel would launch a grid"):
+        plan_lora_bwd_dx(big, 64, big, 8, torch.bfloat16, dropout=False)
+    assert plan_lora_fwd(2**20, 2**17, 64, 8, torch.bfloat16, dropout=False, bias=False)  # 2**27 programs: fine
