@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="the default: a few minutes on one GPU")
-    preset.add_argument("--full", action="store_true", help="the issue's whole sweep (shapes x tokens x ranks x "
+    preset.add_argument("--full", action="store_true", help="the whole sweep (shapes x tokens x ranks x "
                         "dropout x bf16/fp16)")
     preset.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests, CI)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")

@@ -22,8 +22,8 @@ import torch
 
 from .sweep import DIRECTIONS, Point
 
-# H100 SXM5: dense fp16/bf16 tensor-core peak and HBM3 bandwidth (NVIDIA datasheet figures, as in
-# the project's kernel-design notes); 132 SMs (the dA split depends on it).
+# H100 SXM5: dense fp16/bf16 tensor-core peak and HBM3 bandwidth (NVIDIA datasheet figures);
+# 132 SMs (the dA split depends on it).
 PEAK_FLOPS = {"bfloat16": 989e12, "float16": 989e12}
 HBM_BYTES_PER_S = 3.35e12
 NUM_SMS = 132

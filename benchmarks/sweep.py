@@ -14,7 +14,7 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp3
 LLAMA3_8B_SHAPES = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
 LLAMA3_70B_SHAPES = ((8192, 8192), (8192, 28672))
 MODEL_SHAPES = LLAMA3_8B_SHAPES + LLAMA3_70B_SHAPES
-# The issue's headline point: r = 16, 8192 tokens, 4096 -> 4096, bf16.
+# The headline point: r = 16, 8192 tokens, 4096 -> 4096, bf16.
 HEADLINE = dict(shape=(4096, 4096), tokens=8192, r=16, dtype="bfloat16")
 # LoRA scaling of every provider: lora_alpha = 2 r (a common choice); it does not change the cost.
 ALPHA_OVER_R = 2.0
@@ -90,7 +90,7 @@ CPU_PRESETS = {
     "quick": Sweep(((1024, 1024),), (64, 256), (16,), (0.0, 0.1), ("float32",)),
     "full": Sweep(((1024, 1024), (1024, 4096)), (64, 256, 1024), (16, 64), (0.0, 0.1), ("float32",)),
 }
-# The modeled H100 sweep in CPU mode: the issue's shapes, tokens and ranks. bf16 only: the model
+# The modeled H100 sweep in CPU mode: the full sweep's shapes, tokens and ranks. bf16 only: the model
 # gives fp16 the same peak and the same bytes, so its rows would be identical.
 MODEL_PRESETS = {
     "tiny": Sweep((HEADLINE["shape"],), (HEADLINE["tokens"],), (HEADLINE["r"],), (0.0, 0.1), ("bfloat16",)),

@@ -2,7 +2,7 @@
 per direction instead of tracing into the Triton launchers; and the eager autograd.Function.
 
 Eager calls go through LoRALinearFunction, not the ops: a whole eager `lora_linear` forward on tiny
-CPU tensors (4x8 -> 6, r=2, torch backend, 1000 calls, torch 2.13, this 2-core machine) measured
+CPU tensors (4x8 -> 6, r=2, torch backend, 1000 calls, torch 2.13, a 2-core x86_64 machine) measured
 146 us per call through the op with its registered autograd and 68 us through the Function; on a GPU
 that difference is host overhead on every layer. Both paths run the same backend functions and the
 same backward (`_lora_backward`).
@@ -14,8 +14,8 @@ same backward (`_lora_backward`).
 
 x2 / y2 / dy2 are 2-D. ``seed`` is a 0-dim int64 tensor on x's device (a shared CPU zero without
 dropout): a seed drawn inside a compiled region stays in the graph (a Python int from ``.item()``
-would break it), and the kernels load it, so a CUDA graph replays with the value the tensor holds. A gradient that is not needed comes
-back as an empty (0,) tensor: custom ops cannot return None.
+would break it), and the kernels load it, so a CUDA graph replays with the value the tensor holds.
+A gradient that is not needed comes back as an empty (0,) tensor: custom ops cannot return None.
 """
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ def test_compile_with_inductor_cpu(monkeypatch):
 
 
 def test_compile_injected_llama_fullgraph():
-    """The issue's case: an injected transformers model under torch.compile(fullgraph=True)."""
+    """An injected transformers model under torch.compile(fullgraph=True)."""
     from peft_parity import tiny_llama
     model = fused_lora.inject(tiny_llama(), "all-linear", r=4, lora_alpha=8).eval()
     for module in model.modules():

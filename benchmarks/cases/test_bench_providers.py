@@ -6,7 +6,7 @@ from fused_lora.benchmarks.providers import BUILDERS, Params, available, make_in
 from fused_lora.benchmarks.sweep import PROVIDERS, Point
 
 CPU_POINT = Point(128, 128, 64, 8, 0.0, "float32")
-GPU_POINT = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")  # the headline point
+GPU_POINT = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")  # the headline point (sweep.HEADLINE)
 
 
 def _run(benchmark, provider, direction, point, device, rounds):
