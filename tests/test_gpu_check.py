@@ -1,6 +1,5 @@
 """python -m fused_lora.gpu_check on CPU, with the GPU and the parts' subprocesses faked."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -212,11 +211,3 @@ def test_run_command_kills_the_whole_group_on_timeout(tmp_path):
 
     time.sleep(3.5)
     assert not marker.exists()
-
-
-def test_import_touches_no_cuda():
-    check = ("import sys, torch, fused_lora.gpu_check\n"
-             "assert 'triton' not in sys.modules\nassert not torch.cuda.is_initialized()\nprint('ok')")
-    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
-                         env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
-    assert out.returncode == 0, out.stderr
