@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from fused_lora.dropout import drop_threshold, keep_scale
+from fused_lora.dropout import drop_threshold, keep_scale, seed_tensor
 from fused_lora.functional import interpreting
 
 from ._interpreter import install_bf16_fixes
@@ -29,7 +29,6 @@ from .plans import Launch, find_launch, plan_lora_bwd_da, plan_lora_bwd_dx, plan
 
 # Programs per SM the interpreter pretends to have: small, so tests still see several dA splits.
 _INTERPRETER_SMS = 2
-_SEED_DTYPE = torch.int64
 
 
 def launch_guard(device: torch.device):
@@ -66,7 +65,6 @@ if interpreting():
 class _Ready(NamedTuple):
     """A planned launch with its launch arguments: constexprs, INPUT_PRECISION and launch options."""
     launch: Launch
-    grid: tuple
     kwargs: dict
     partials: bool  # its last write is per-part partials the launcher sums
     zeroed: bool  # its last write takes fp32 atomics into a zeroed buffer
@@ -77,7 +75,7 @@ def _ready(plan: list[Launch], kernel: str, precision: str) -> _Ready | None:
     if launch is None:
         return None
     kwargs = {**launch.args, **launch.constexprs, "INPUT_PRECISION": precision, **launch.config.launch_options()}
-    return _Ready(launch, launch.grid, kwargs, launch.writes[-1].name.endswith("_partials"),
+    return _Ready(launch, kwargs, launch.writes[-1].name.endswith("_partials"),
                   bool(launch.constexprs.get("USE_ATOMICS", False)))
 
 
@@ -112,16 +110,14 @@ _unused_seeds: dict[torch.device, torch.Tensor] = {}
 
 
 def _seed_arg(seed, dropout_p: float, device: torch.device) -> torch.Tensor:
-    """The seed tensor the kernels take: ``seed`` itself, an int placed on ``device``, or (no dropout: the
-    kernels never load it) one cached per device."""
+    """The seed tensor the kernels take (fused_lora.dropout.seed_tensor); without dropout, when the kernels
+    never load it, one cached per device (a pointer argument must be on the launch's device)."""
     if dropout_p <= 0.0:
         unused = _unused_seeds.get(device)
         if unused is None:
-            unused = _unused_seeds[device] = torch.zeros((), dtype=_SEED_DTYPE, device=device)
+            unused = _unused_seeds[device] = torch.zeros((), dtype=torch.int64, device=device)
         return unused
-    if isinstance(seed, torch.Tensor):
-        return seed
-    return torch.full((), seed, dtype=_SEED_DTYPE, device=device)
+    return seed_tensor(seed, dropout_p, device)
 
 
 def _dropout_scalars(dropout_p: float) -> tuple[int, float]:
@@ -148,7 +144,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, *, dropout_p: float = 0.0
     if ready is None:  # K == 0
         return s.zero_()
     with launch_guard(x.device):
-        _lora_shrink_kernel[ready.grid](
+        _lora_shrink_kernel[ready.launch.grid](
             x, lora_A, s, _seed_arg(seed, dropout_p, x.device), M, K, r,
             *x.stride(), *lora_A.stride(), *s.stride(), *_dropout_scalars(dropout_p), **ready.kwargs)
     return s
@@ -174,7 +170,7 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: floa
             s = torch.empty((M, r), device=x.device, dtype=x.dtype)
         if ready is None:  # M == 0 or N == 0
             return y, s
-        _lora_fwd_kernel[ready.grid](
+        _lora_fwd_kernel[ready.launch.grid](
             x, weight, y if bias is None else bias, s, lora_A, lora_B, y, seed, M, N, K, r,
             *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *s.stride(), *lora_A.stride(),
             *lora_B.stride(), *y.stride(), float(scaling), *_dropout_scalars(dropout_p), **ready.kwargs)
@@ -240,7 +236,7 @@ def _bwd_dy(ready, dy, lora_B, s, scaling):
     if ready is None:  # M == 0 or N == 0
         return ds.zero_(), torch.zeros((N, r), device=dy.device, dtype=torch.float32)
     db = _reduction_buffer(ready, dy.device)
-    _lora_bwd_dy_kernel[ready.grid](
+    _lora_bwd_dy_kernel[ready.launch.grid](
         dy, lora_B, s, ds, db, M, N, r, *dy.stride(), *lora_B.stride(), *s.stride(), *ds.stride(),
         float(scaling), **ready.kwargs)
     return ds, db.sum(0) if ready.partials else db
@@ -252,7 +248,7 @@ def _bwd_dx(ready, dy, weight, ds, lora_A, dropout_p, seed):
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if ready is None:  # M == 0 or K == 0
         return dx
-    _lora_bwd_dx_kernel[ready.grid](
+    _lora_bwd_dx_kernel[ready.launch.grid](
         dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), M, N, K, r,
         *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
         *_dropout_scalars(dropout_p), **ready.kwargs)
@@ -265,7 +261,7 @@ def _bwd_da(ready, ds, x, dropout_p, seed):
     if ready is None:  # M == 0 or K == 0
         return torch.zeros((r, K), device=x.device, dtype=torch.float32)
     da = _reduction_buffer(ready, x.device)
-    _lora_bwd_da_kernel[ready.grid](
+    _lora_bwd_da_kernel[ready.launch.grid](
         ds, x, da, _seed_arg(seed, dropout_p, x.device), M, K, r, *ds.stride(), *x.stride(),
         *_dropout_scalars(dropout_p), **ready.kwargs)
     return da.sum(0) if ready.partials else da

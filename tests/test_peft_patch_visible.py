@@ -3,7 +3,6 @@ import copy
 import inspect
 import warnings
 
-import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
