@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .kernels.dropout_args import drop_threshold, keep_scale, seed_on  # noqa: F401 (keep_scale: part of this API)
+
 _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
@@ -27,15 +29,6 @@ _U64_ROUND_B = np.uint64(_PHILOX_ROUND_B)
 _U64_MASK32 = np.uint64(_MASK32)
 _U64_32 = np.uint64(32)
 MAX_SEED = (1 << 63) - 1
-
-
-def drop_threshold(p: float) -> int:
-    """Integer threshold on 24 random bits: an element is dropped when its bits are < this."""
-    return int(round(p * (1 << 24)))
-
-
-def keep_scale(p: float) -> float:
-    return 1.0 / (1.0 - p)
 
 
 def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +152,7 @@ def seed_tensor(seed, dropout_p: float, device) -> torch.Tensor:
         return _NO_SEED
     if seed is None:
         return draw_seed(device)
-    if isinstance(seed, torch.Tensor):
-        return seed
-    return torch.full((), seed, dtype=torch.int64, device=device)
+    return seed_on(device, seed)
 
 
 def seed_value(seed) -> int:

@@ -8,14 +8,10 @@ import torch
 
 from . import reference
 from ._library import lora_linear_2d
+from .kernels._interpreter import interpreting  # noqa: F401 (public here: the tests and the report use it)
 from ._validation import ALL_DTYPES, KERNEL_DTYPES, check_lora_inputs
 
 BACKENDS = ("triton", "torch", "reference")
-
-
-def interpreting() -> bool:
-    """Whether triton runs kernels in its interpreter; parsed as triton's getenv_bool does."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def select_backend(x: torch.Tensor) -> str:

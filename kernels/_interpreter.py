@@ -1,4 +1,4 @@
-"""Make TRITON_INTERPRET=1 compute bf16 as the GPU does.
+"""TRITON_INTERPRET=1: whether it is on, and making it compute bf16 as the GPU does.
 
 Two gaps of the interpreter (measured: triton 3.9.0):
 - It stores bf16 as uint16 bit patterns and hands them to np.matmul unchanged, so a bf16 tl.dot
@@ -8,7 +8,14 @@ Two gaps of the interpreter (measured: triton 3.9.0):
   even (cvt.rn.bf16.f32): 510 of 1024 randn values came out one ulp off. The cast below rounds to
   nearest even, so every bf16 store of a kernel (y, S, dS, dX, dA, dB) matches the GPU's.
 """
+import os
+
 import numpy as np
+
+
+def interpreting() -> bool:
+    """Whether triton runs kernels in its interpreter; parsed as triton's getenv_bool does."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _round_fp32_to_bf16_bits(data: np.ndarray) -> np.ndarray:

@@ -19,12 +19,10 @@ from typing import NamedTuple
 
 import torch
 
-from fused_lora.dropout import drop_threshold, keep_scale, seed_tensor
-from fused_lora.functional import interpreting
-
-from ._interpreter import install_bf16_fixes
+from ._interpreter import install_bf16_fixes, interpreting
 from ._lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
 from ._lora_fwd import _lora_fwd_kernel, _lora_shrink_kernel
+from .dropout_args import drop_threshold, keep_scale, seed_on
 from .plans import Launch, find_launch, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_fwd, plan_lora_shrink
 
 # Programs per SM the interpreter pretends to have: small, so tests still see several dA splits.
@@ -110,14 +108,14 @@ _unused_seeds: dict[torch.device, torch.Tensor] = {}
 
 
 def _seed_arg(seed, dropout_p: float, device: torch.device) -> torch.Tensor:
-    """The seed tensor the kernels take (fused_lora.dropout.seed_tensor); without dropout, when the kernels
-    never load it, one cached per device (a pointer argument must be on the launch's device)."""
+    """The seed tensor the kernels take (dropout_args.seed_on); without dropout, when the kernels never
+    load it, one cached per device (a pointer argument must be on the launch's device)."""
     if dropout_p <= 0.0:
         unused = _unused_seeds.get(device)
         if unused is None:
             unused = _unused_seeds[device] = torch.zeros((), dtype=torch.int64, device=device)
         return unused
-    return seed_tensor(seed, dropout_p, device)
+    return seed_on(device, seed)
 
 
 def _dropout_scalars(dropout_p: float) -> tuple[int, float]:
