@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -135,3 +136,12 @@ def check_lora_config(r, lora_alpha, lora_dropout, use_rslora) -> float:
         raise ValueError(f"lora_alpha={lora_alpha!r} with r={r} gives scaling = {rule} = {scaling:g}; the kernels "
                          f"take scaling as a float32, so |scaling| must be <= {MAX_SCALING:g}")
     return scaling
+
+
+def regex_error(pattern: str) -> str | None:
+    """Why ``pattern`` is not a valid regex (re's message), or None."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return str(exc)
+    return None

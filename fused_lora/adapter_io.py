@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ._validation import check_lora_config, lora_config_error
+from ._validation import check_lora_config, lora_config_error, regex_error
 from .injection import ALL_LINEAR, CONFIG_ATTR, InjectionConfig, _is_linear, _set_submodule, freeze_base, \
     lora_layers, match_targets, name_matches
 from .layer import LoRALinear
@@ -202,22 +202,18 @@ def _check_config(config: dict) -> None:
                                                (isinstance(spec, list) and all(isinstance(t, str) for t in spec))):
             raise AdapterFormatError(f"adapter_config.json has {field_name}={spec!r}; expected a list of module "
                                      f"names or a regex string")
-        if isinstance(spec, str) and spec.lower() != ALL_LINEAR:
-            try:
-                re.compile(spec)
-            except re.error as exc:
-                raise AdapterFormatError(f"adapter_config.json has {field_name}={spec!r}, not a valid regex: "
-                                         f"{exc}") from None
+        error = regex_error(spec) if isinstance(spec, str) and spec.lower() != ALL_LINEAR else None
+        if error:
+            raise AdapterFormatError(f"adapter_config.json has {field_name}={spec!r}, not a valid regex: {error}")
     for pattern_name, name in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
         pattern = config.get(pattern_name) or {}
         if not isinstance(pattern, dict):
             raise AdapterFormatError(f"adapter_config.json has {pattern_name}={pattern!r}; expected an object")
         for key, value in pattern.items():
-            try:
-                re.compile(key)
-            except re.error as exc:
+            error = regex_error(key)
+            if error:
                 raise AdapterFormatError(f"adapter_config.json {pattern_name} key {key!r} is not a valid regex: "
-                                         f"{exc}") from None
+                                         f"{error}")
             _check_field(f"{pattern_name}[{key!r}]", name, value)
 
 

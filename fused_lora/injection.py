@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ._validation import check_lora_config
+from ._validation import check_lora_config, regex_error
 from .layer import LoRALinear, is_conv1d
 
 __all__ = ["inject", "merge_and_unload", "lora_layers", "match_targets", "InjectionConfig", "ALL_LINEAR"]
@@ -69,10 +69,9 @@ def match_targets(model: nn.Module, target_modules) -> list[str]:
         return [name for name, module in model.named_modules()
                 if name and name != head and (_is_linear(module) or isinstance(module, LoRALinear))]
     if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as exc:
-            raise ValueError(f"target_modules={target_modules!r} is not a valid regex: {exc}") from None
+        error = regex_error(target_modules)
+        if error:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regex: {error}")
     elif not (isinstance(target_modules, (list, tuple, set)) and all(isinstance(t, str) for t in target_modules)):
         raise TypeError(f"target_modules must be a list of module names, a regex string or 'all-linear', "
                         f"got {target_modules!r}")

@@ -14,6 +14,7 @@ from fused_lora.benchmarks import cli, measure, model, report
 from fused_lora.benchmarks.providers import BUILDERS, Layer, Params, make_input, torch_backend_for_cpu
 from fused_lora.benchmarks.sweep import HEADLINE, PROVIDERS, Point, parse_shapes
 from fused_lora.kernels import configs, ops, plans
+from spies import spy_on_kernels
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 TAGS = ("mode", "device", "torch", "triton", "git_commit", "date_utc")
@@ -236,23 +237,6 @@ def test_fused_model_follows_determinism():
     assert partials.count("sum(0)") == 2 and "zeros" not in partials
 
 
-class _Spy:
-    """Stands in for a @triton.jit kernel: records grid and constexprs, then launches the real one."""
-
-    def __init__(self, name, kernel, log):
-        self.name, self.kernel, self.log = name, kernel, log
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def run(*args, **kwargs):
-            consts = {k: v for k, v in kwargs.items() if k.isupper() and k != "INPUT_PRECISION"}
-            self.log.append((self.name, tuple(grid), consts, kwargs["num_warps"], kwargs["num_stages"]))
-            return launch(*args, **kwargs)
-
-        return run
-
-
 @pytest.mark.parametrize("M, r, p", [(70, 5, 0.1), (300, 40, 0.0)])
 def test_launchers_launch_the_plan_the_model_reports(monkeypatch, M, r, p):
     """Under TRITON_INTERPRET=1: every kernel launch of one fwd+bwd equals the modeled plan."""
@@ -260,10 +244,8 @@ def test_launchers_launch_the_plan_the_model_reports(monkeypatch, M, r, p):
 
     if not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
-    log = []
-    for name in ("_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel",
-                 "_lora_bwd_da_kernel"):
-        monkeypatch.setattr(ops, name, _Spy(name, getattr(ops, name), log))
+    launches = []
+    spy_on_kernels(monkeypatch, log=launches)
     point = Point(40, 24, M, r, p, "float16")
     params = Params.make(point, "cpu")
     x, dy = make_input(point, "cpu")
@@ -275,6 +257,7 @@ def test_launchers_launch_the_plan_the_model_reports(monkeypatch, M, r, p):
                + plans.plan_lora_bwd_da(M, 40, r, torch.float16, dropout=p > 0, deterministic=False,
                                         num_sms=ops._INTERPRETER_SMS) if l.is_triton]
     expected = [(l.kernel, l.grid, l.constexprs, l.config.num_warps, l.config.num_stages) for l in planned]
+    log = [(l.kernel, l.grid, l.constexprs, l.kwargs["num_warps"], l.kwargs["num_stages"]) for l in launches]
     assert log == expected
     modeled = [l.name for l in model.fused_launches(point, "fwd+bwd", num_sms=ops._INTERPRETER_SMS)
                if l.name.startswith("_lora")]

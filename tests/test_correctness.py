@@ -10,10 +10,9 @@ import fused_lora
 from fused_lora.dropout import dropout_keep_mask
 from fused_lora.kernels import ops
 from numerics import assert_within_torch_error, make_inputs, run_lora
+from spies import spy_on_kernels
 
 BACKENDS = ["triton", "torch"]
-KERNELS = ("_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel",
-           "_lora_bwd_da_kernel")
 
 
 def _nonfinite_pattern(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -134,27 +133,15 @@ class _GuardSpy:
             self.active.pop()
 
 
-class _KernelSpy:
-    def __init__(self, name, kernel, guard):
-        self.name, self.kernel, self.guard, self.launches = name, kernel, guard, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(list(self.guard.active))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("M", [3, 100], ids=["few-tokens", "many-tokens"])
 def test_every_launch_runs_inside_a_guard_of_the_inputs_device(monkeypatch, M):
     guard = _GuardSpy()
     monkeypatch.setattr(ops, "launch_guard", guard)
-    spies = {name: _KernelSpy(name, getattr(ops, name), guard) for name in KERNELS}
-    for name, spy in spies.items():
-        monkeypatch.setattr(ops, name, spy)
+    launches = []
+    spy_on_kernels(monkeypatch, log=launches, on_launch=lambda: list(guard.active))
     x, w, b, a, bb = make_inputs((M,), 40, 37, 5, torch.float32)
     got = run_lora(fused_lora.lora_linear, (x, w, b, a, bb), 1.0, torch.ones(M, 37), dropout_p=0.2, seed=3)
-    launched = [devices for spy in spies.values() for devices in spy.launches]
+    launched = [launch.seen for launch in launches]
     assert len(launched) >= 4  # fwd (and the shrink unless fused), dy, dx, da
     assert all(devices and devices[-1] == x.device for devices in launched), launched
     assert set(guard.entered) == {x.device} and not guard.active

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fused_lora
-from fused_lora.kernels import ops
+from spies import spy_on_kernels
 from numerics import assert_losses_within_torch_error, assert_within_torch_error, lora_backend, lora_grads, \
     make_inputs
 
@@ -19,31 +19,16 @@ def test_gradcheck_fp64(p, backend, monkeypatch):
     assert torch.autograd.gradcheck(fn, (x, w, b, a, bb))
 
 
-class _Spy:
-    """Records the constexprs each launch of a kernel receives."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 def test_deterministic_mode_is_bitwise_repeatable(monkeypatch):
-    spies = {name: _Spy(getattr(ops, name)) for name in ("_lora_bwd_dy_kernel", "_lora_bwd_da_kernel")}
-    for name, spy in spies.items():
-        monkeypatch.setattr(ops, name, spy)
+    spies = spy_on_kernels(monkeypatch, ("_lora_bwd_dy_kernel", "_lora_bwd_da_kernel"))
     inputs = make_inputs((300,), 70, 50, 16, torch.float32)
     first, second = lora_grads(inputs, deterministic=True), lora_grads(inputs, deterministic=True)
     for g1, g2 in zip(first, second):
         assert torch.equal(g1, g2)
-    assert all(not call["USE_ATOMICS"] for spy in spies.values() for call in spy.calls)
-    assert spies["_lora_bwd_da_kernel"].calls, "dA kernel was launched"
+    assert all(not call.kwargs["USE_ATOMICS"] for spy in spies.values() for call in spy.log)
+    assert spies["_lora_bwd_da_kernel"].log, "dA kernel was launched"
     fast = lora_grads(inputs, deterministic=False)  # default mode: atomics for the reductions over M
-    assert any(call["USE_ATOMICS"] for call in spies["_lora_bwd_dy_kernel"].calls)
+    assert any(call.kwargs["USE_ATOMICS"] for call in spies["_lora_bwd_dy_kernel"].log)
     with lora_backend("reference"):  # plain torch at fp32 and in fp64, the same dropout mask
         low = lora_grads(inputs)
         ref = lora_grads([t.double() for t in inputs])
