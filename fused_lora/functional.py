@@ -7,27 +7,10 @@ import os
 import torch
 
 from . import reference
+from ._dispatch import BACKENDS, select_backend  # noqa: F401 (public here)
 from ._library import lora_linear_2d
 from .kernels._interpreter import interpreting  # noqa: F401 (public here: the tests and the report use it)
 from ._validation import ALL_DTYPES, KERNEL_DTYPES, check_lora_inputs
-
-BACKENDS = ("triton", "torch", "reference")
-
-
-def select_backend(x: torch.Tensor) -> str:
-    """CUDA -> triton; CPU -> torch, or triton under TRITON_INTERPRET=1; FUSED_LORA_BACKEND overrides."""
-    forced = os.environ.get("FUSED_LORA_BACKEND", "").strip().lower()
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"FUSED_LORA_BACKEND={forced!r}; expected one of {', '.join(BACKENDS)}")
-        if forced == "triton" and not (x.is_cuda or (interpreting() and x.device.type == "cpu")):
-            raise RuntimeError(f"FUSED_LORA_BACKEND=triton needs CUDA tensors, or CPU tensors with "
-                               f"TRITON_INTERPRET=1; x is on {x.device}")
-        return forced
-    if x.is_cuda or (interpreting() and x.device.type == "cpu"):
-        return "triton"
-    return "torch"
-
 
 def _autocasting(device_type: str) -> bool:
     # is_autocast_enabled raises for device types without autocast (meta tensors).
@@ -56,7 +39,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
     if isinstance(x, torch.Tensor) and _autocasting(x.device.type):
         x, weight, bias, lora_A, lora_B = _autocast_inputs(x.device.type, x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, dtypes=ALL_DTYPES)
-    backend = select_backend(x)
+    # The op's kernels choose triton or torch themselves; here only a forced backend (reference, or an
+    # error for a bad value) and float64 on the kernels matter: one environment read on the common path.
+    backend = select_backend(x) if os.environ.get("FUSED_LORA_BACKEND") or x.dtype not in KERNEL_DTYPES else None
     if backend == "triton" and x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; the Triton kernels support float16, bfloat16 and float32 "
                         f"(float64 runs with FUSED_LORA_BACKEND=torch)")
@@ -66,9 +51,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
                                      dropout_p=dropout_p, training=training, seed=seed)
     if x.dim() == 2:
-        return lora_linear_2d(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        return lora_linear_2d(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     K, N = x.shape[-1], weight.shape[0]
     # Rows as a product, not -1: reshape(-1, 0) is ambiguous and raises for K = 0.
     x2 = x.reshape(math.prod(x.shape[:-1]), K)
-    y2 = lora_linear_2d(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+    y2 = lora_linear_2d(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return y2.reshape(*x.shape[:-1], N)

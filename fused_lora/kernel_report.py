@@ -4,8 +4,10 @@
                                       [--kernel NAME ...] [--rank 16 ...] [--align aligned rank none]
                                       [--fp32-precision ieee|tf32] [--jobs N] [--check]
 
-No GPU is needed and nothing here touches CUDA: each (kernel, arch, dtype, config) of
-``fused_lora.kernels.configs.all_launch_configs`` is compiled with ``triton.compile`` for an explicit
+No GPU is needed and nothing here touches CUDA. The jobs are the Triton launches of the plans
+(``fused_lora.kernels.plans``, which the launchers execute exactly) at sizes that reach every choice
+the launchers make: both token regimes, one row block and several, every padded rank. Each
+(kernel, arch, dtype, config) is compiled with ``triton.compile`` for an explicit
 ``GPUTarget('cuda', arch, 32)``, and the cubin is read back with the ``cuobjdump`` shipped in Triton's
 wheel:
 
@@ -23,8 +25,9 @@ shared_limit, mma ('wgmma' | 'mma' | 'fma' | 'none'), hmma_with_wgmma, expected_
 no spills, shared memory fits, mma as expected and no HMMA next to HGMMA) and error.
 
 Every compile is the register worst case of the constexpr flags the launchers pass: dropout on,
-bias on, atomics on. fp32 uses ``input_precision='ieee'`` (torch's default ``allow_tf32=False``;
-``--fp32-precision tf32`` shows the other choice), fp16/bf16 use 'tf32' (ignored for them).
+bias on, atomics on (``WORST_CASE_FLAGS`` replaces the plans' values in each job's config). fp32 uses
+``input_precision='ieee'`` (torch's default ``allow_tf32=False``; ``--fp32-precision tf32`` shows the
+other choice), fp16/bf16 use 'tf32' (ignored for them).
 
 Argument specialisation. Triton specialises a launch on its arguments: an integer equal to 1
 becomes a compile-time constant and pointers / integers divisible by 16 get a divisibility hint,
@@ -53,6 +56,7 @@ takes seconds. Timing, 2 cores: the default matrix (420 compiles) about 6.5 minu
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -60,7 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from fused_lora.functional import interpreting
 
@@ -110,13 +114,50 @@ def expected_mma(arch: int, dtype: str, fp32_precision: str = "ieee") -> str:
     return "wgmma" if arch >= 90 else "mma"
 
 
+# The sizes the plans are enumerated at. M = 1 and FEW_TOKENS + 1 are the two token regimes of the
+# forward and dX configs, and one row block of dB / dA (stored once) against several (atomics or partials).
+# N = K = 4096 gives every grid several programs, and dA several splits over M at 132 SMs (an H100).
+_PLAN_N = _PLAN_K = 4096
+_PLAN_SMS = 132
+
+
+def plan_launches(M: int, N: int, K: int, r: int, dtype, *, dropout: bool, bias: bool, deterministic: bool,
+                  num_sms: int) -> list:
+    """The Triton launches of every plan (fused_lora.kernels.plans) at one size; imports the plans."""
+    from fused_lora.kernels import plans
+
+    launches = [*plans.plan_lora_shrink(M, K, r, dtype, dropout=dropout),
+                *plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias),
+                *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic),
+                *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout),
+                *plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic,
+                                        num_sms=num_sms)]
+    return [launch for launch in launches if launch.is_triton]
+
+
+def _representative_launches(dtype) -> Iterator:
+    """Every Triton launch the plans make at sizes that reach each choice of the launchers."""
+    from fused_lora.kernels import configs
+
+    for R in configs.PADDED_RANKS:
+        for M in (1, configs.FEW_TOKENS + 1):
+            for dropout, bias, deterministic in itertools.product((False, True), repeat=3):
+                yield from plan_launches(M, _PLAN_N, _PLAN_K, R, dtype, dropout=dropout, bias=bias,
+                                         deterministic=deterministic, num_sms=_PLAN_SMS)
+
+
+def launch_config(launch) -> dict:
+    """The job config of a planned Triton launch: its constexprs at the register worst case of the
+    flags (WORST_CASE_FLAGS), and its launch options."""
+    worst = {k: v for k, v in WORST_CASE_FLAGS.items() if k in launch.constexprs}
+    return {**launch.constexprs, **worst, **launch.config.launch_options()}
+
+
 def launch_jobs(archs: Iterable[int] = ARCHS, dtypes: Iterable[str] = DTYPES,
                 kernels: Iterable[str] | None = None, ranks: Iterable[int] | None = None,
                 alignments: Iterable[str] = DEFAULT_ALIGNMENTS, fp32_precision: str = "ieee") -> list[dict]:
-    """One job per (kernel, arch, dtype, launcher config, alignment); imports torch and the configs."""
+    """One job per (kernel, arch, dtype, planned config, alignment); imports torch and the plans."""
     import torch
-
-    from fused_lora.kernels import configs
 
     kernels = set(KERNELS if kernels is None else kernels)
     unknown = kernels - set(KERNELS)
@@ -126,20 +167,15 @@ def launch_jobs(archs: Iterable[int] = ARCHS, dtypes: Iterable[str] = DTYPES,
     jobs = []
     for dtype in dtypes:
         seen = set()
-        for name, R, cfg, extra in configs.all_launch_configs(getattr(torch, _TORCH_DTYPE[dtype])):
-            if name not in kernels or (ranks is not None and R not in ranks):
+        for launch in _representative_launches(getattr(torch, _TORCH_DTYPE[dtype])):
+            config = launch_config(launch)
+            key = (launch.kernel, json.dumps(config, sort_keys=True))
+            if launch.kernel not in kernels or (ranks is not None and config["R"] not in ranks) or key in seen:
                 continue
-            constexprs = {"R": R, **cfg.constexprs(), **extra}
-            if name in ("_lora_fwd_kernel", "_lora_bwd_dx_kernel"):
-                constexprs["GROUP_M"] = cfg.GROUP_M or 1  # as the launchers pass it
-            config = {**constexprs, **cfg.launch_options()}
-            key = (name, json.dumps(config, sort_keys=True))
-            if key in seen:  # e.g. the same tiles in both token regimes
-                continue
-            seen.add(key)
+            seen.add(key)  # a config reached by several sizes or flags is compiled once
             for arch in archs:
                 for align in alignments:
-                    jobs.append({"kernel": name, "arch": int(arch), "dtype": dtype, "config": config,
+                    jobs.append({"kernel": launch.kernel, "arch": int(arch), "dtype": dtype, "config": config,
                                  "align": align, "fp32_precision": fp32_precision})
     return jobs
 

@@ -1,6 +1,11 @@
-"""Plain-PyTorch LoRA linear, written to be obviously right. The tests compare the kernels to it.
+"""Plain-PyTorch LoRA, written to be obviously right. The tests compare the op and the kernels to it.
 
-With the same seed it applies exactly the keep-mask the kernels draw (fused_lora.dropout).
+lora_linear is the whole layer; lora_shrink, lora_fwd, lora_bwd_dy, lora_bwd_dx and lora_bwd_da are the
+formulas of the launchers of the same names in fused_lora.kernels (2-D inputs, as the launchers take).
+Each of those computes with torch ops in its inputs' dtype, the plain-torch baseline the tests' error
+rule measures against, or with ``upcast=True`` in float64, returning float64: the reference itself.
+
+With the same seed they apply exactly the keep-mask the kernels draw (fused_lora.dropout).
 """
 from __future__ import annotations
 
@@ -19,11 +24,62 @@ def dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     return x * keep / (1.0 - p)
 
 
+def _dropout_if(x: torch.Tensor, p: float, seed) -> torch.Tensor:
+    # p == 0 is the identity, as in the kernels (APPLY_DROPOUT off): no mask drawn, no 1 / (1 - p) rounding.
+    return dropout(x, p, seed) if p > 0.0 else x
+
+
+def _operands(upcast: bool, *tensors):
+    return tuple(t.double() if upcast and t is not None else t for t in tensors)
+
+
+def lora_shrink(x, lora_A, *, dropout_p=0.0, seed=0, upcast=False):
+    """S = dropout(x) A^T, (M, r)."""
+    x, lora_A = _operands(upcast, x, lora_A)
+    return F.linear(_dropout_if(x, dropout_p, seed), lora_A)
+
+
+def lora_fwd(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, seed=0, upcast=False, s=None):
+    """(y, S): y = x W^T + b + scaling * S B^T with S = dropout(x) A^T.
+
+    s: an S to expand instead of computing it (returned as given, upcast too), which checks the base GEMM
+    and the expand alone on a kernel's own S.
+    """
+    x, weight, bias, lora_B, s = _operands(upcast, x, weight, bias, lora_B, s)
+    if s is None:
+        s = lora_shrink(x, lora_A, dropout_p=dropout_p, seed=seed, upcast=upcast)
+    return F.linear(x, weight, bias) + scaling * F.linear(s, lora_B), s
+
+
+def lora_bwd_dy(dy, lora_B, s, scaling, *, upcast=False):
+    """(dS, dB): dS = scaling * dY B, (M, r); dB = scaling * dY^T S, (N, r)."""
+    dy, lora_B, s = _operands(upcast, dy, lora_B, s)
+    # Scaled before the product: scaling * (dY B) rounds the product twice in a 16-bit dtype, while the
+    # kernels scale the fp32 accumulator and round once; that baseline made test_kernels' dS / dB bounds
+    # up to 2.2x looser (fp16 / bf16).
+    dy = scaling * dy
+    return dy @ lora_B, dy.t() @ s
+
+
+def lora_bwd_dx(dy, weight, ds, lora_A, *, dropout_p=0.0, seed=0, upcast=False):
+    """dX = dY W + dropout'(dS A), (M, K); dropout' multiplies by the forward's keep-mask for this seed and
+    1 / (1 - p) (as x * mask: NaN / inf of dS A at a dropped position give NaN)."""
+    dy, weight, ds, lora_A = _operands(upcast, dy, weight, ds, lora_A)
+    return dy @ weight + _dropout_if(ds @ lora_A, dropout_p, seed)
+
+
+def lora_bwd_da(ds, x, *, dropout_p=0.0, seed=0, upcast=False):
+    """dA = dS^T dropout(x), (r, K)."""
+    ds, x = _operands(upcast, ds, x)
+    return ds.t() @ _dropout_if(x, dropout_p, seed)
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=False, seed=None):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T."""
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
                       dtypes=ALL_DTYPES, max_rank=None)
-    x_lora = x
-    if training and dropout_p > 0.0:
-        x_lora = dropout(x, dropout_p, draw_seed(x.device) if seed is None else seed)
-    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)
+    if not (training and dropout_p > 0.0):
+        return lora_fwd(x, weight, bias, lora_A, lora_B, scaling)[0]
+    # The seed is drawn only when dropout applies: a draw advances the device's generator.
+    seed = draw_seed(x.device) if seed is None else seed
+    return lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)[0]

@@ -1,7 +1,7 @@
 """Tile configurations the launchers choose from, per kernel, dtype, padded rank and token regime.
 
-Every function here is pure (no CUDA queries), so the ahead-of-time report can enumerate exactly
-what the launchers can pick: see ``all_launch_configs``.
+Every function here is pure (no CUDA queries): the plans (``plans.py``) call them, and the
+ahead-of-time report enumerates the plans.
 """
 from __future__ import annotations
 
@@ -122,15 +122,3 @@ def da_split(M: int, K: int, block_m: int, block_k: int, num_sms: int) -> tuple[
     splits = max(1, min(m_blocks, (2 * num_sms) // k_blocks))
     per_split = -(-m_blocks // splits)
     return -(-m_blocks // per_split), per_split
-
-
-def all_launch_configs(dtype: torch.dtype):
-    """Yield (kernel_name, R, config, extra_constexprs) for every choice the launchers can make."""
-    for R in PADDED_RANKS:
-        yield "_lora_shrink_kernel", R, shrink_config(R, dtype), {}
-        for M in (1, FEW_TOKENS + 1):
-            cfg, fuse = fwd_config(M, R, dtype)
-            yield "_lora_fwd_kernel", R, cfg, {"FUSE_SHRINK": fuse, "R_CHUNK": rank_chunk(R)}
-            yield "_lora_bwd_dx_kernel", R, bwd_dx_config(M, dtype), {"R_CHUNK": rank_chunk(R)}
-        yield "_lora_bwd_dy_kernel", R, bwd_dy_config(R, dtype), {}
-        yield "_lora_bwd_da_kernel", R, bwd_da_config(R, dtype), {}

@@ -23,36 +23,37 @@ bwd_op = torch.ops.fused_lora.lora_linear_bwd.default
 BACKENDS = ["torch", "triton"]
 
 
-def _op_args(backend, *, bias, dropout_p, M=5, K=12, N=7, r=3, dtype=torch.float32):
+def _op_args(monkeypatch, backend, *, bias, dropout_p, M=5, K=12, N=7, r=3, dtype=torch.float32):
+    """The ops' arguments; ``backend`` is what the CPU kernel of the ops runs (FUSED_LORA_BACKEND)."""
+    monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
     x, w, b, a, bb = make_inputs((M,), K, N, r, dtype, bias=bias)
     for t in (x, a, bb):
         t.requires_grad_(True)
-    return (x, w, b, a, bb, 0.75, dropout_p, torch.tensor(11), backend)
+    return (x, w, b, a, bb, 0.75, dropout_p, torch.tensor(11))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_opcheck_fwd(backend, bias, dropout_p):
+def test_opcheck_fwd(backend, bias, dropout_p, monkeypatch):
     assert interpreting() or backend == "torch"
-    torch.library.opcheck(fwd_op, _op_args(backend, bias=bias, dropout_p=dropout_p))
+    torch.library.opcheck(fwd_op, _op_args(monkeypatch, backend, bias=bias, dropout_p=dropout_p))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("needs", [(True, True, True), (False, True, False), (True, False, False)])
-def test_opcheck_bwd(backend, needs):
-    x, w, b, a, bb, scaling, p, seed, _ = _op_args(backend, bias=True, dropout_p=0.25)
+def test_opcheck_bwd(backend, needs, monkeypatch):
+    x, w, b, a, bb, scaling, p, seed = _op_args(monkeypatch, backend, bias=True, dropout_p=0.25)
     with torch.no_grad():
-        _, s = fwd_op(x, w, b, a, bb, scaling, p, seed, backend)
+        _, s = fwd_op(x, w, b, a, bb, scaling, p, seed)
     dy = torch.randn(x.shape[0], w.shape[0])
-    torch.library.opcheck(bwd_op, (dy, x.detach(), w, a.detach(), bb.detach(), s, scaling, p, seed, backend,
-                                   *needs))
+    torch.library.opcheck(bwd_op, (dy, x.detach(), w, a.detach(), bb.detach(), s, scaling, p, seed, *needs))
 
 
-def test_ops_agree_with_the_eager_function():
+def test_ops_agree_with_the_eager_function(monkeypatch):
     """The compiled path (the ops) and the eager path (the autograd.Function) give the same numbers."""
-    x, w, b, a, bb, scaling, p, seed, backend = _op_args("triton", bias=True, dropout_p=0.25)
-    y_op, _ = fwd_op(x, w, b, a, bb, scaling, p, seed, backend)
+    x, w, b, a, bb, scaling, p, seed = _op_args(monkeypatch, "triton", bias=True, dropout_p=0.25)
+    y_op, _ = fwd_op(x, w, b, a, bb, scaling, p, seed)
     y_op.sum().backward()
     grads_op = [t.grad.clone() for t in (x, a, bb)]
     for t in (x, a, bb):
@@ -69,7 +70,7 @@ def test_fake_shapes_on_meta():
     x, w, b, a, bb = (t.to("meta") for t in make_inputs((4, 9), 16, 10, 5, torch.bfloat16))
     y = fused_lora.lora_linear(x, w, b, a, bb, 2.0)
     assert y.shape == (4, 9, 10) and y.dtype == torch.bfloat16 and y.device.type == "meta"
-    y2, s = fwd_op(x.reshape(-1, 16), w, b, a, bb, 2.0, 0.0, torch.tensor(0), "triton")
+    y2, s = fwd_op(x.reshape(-1, 16), w, b, a, bb, 2.0, 0.0, torch.tensor(0))
     assert s.shape == (36, 5) and y2.shape == (36, 10)
 
 
@@ -181,3 +182,15 @@ def test_compile_injected_llama_fullgraph():
     _, forward_graph, backward_graph = counting.graphs
     assert _ops_in(forward_graph, "lora_linear_fwd") == 14
     assert _ops_in(backward_graph, "lora_linear_bwd") == 14
+
+
+@pytest.mark.parametrize("op", ["fused_lora::lora_linear_fwd", "fused_lora::lora_linear_bwd"])
+def test_ops_have_a_kernel_per_device(op):
+    """The dispatcher's device keys (where a C++ CPU kernel or a sharding rule plugs in), not a backend string."""
+    from fused_lora import _library
+
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
+    assert set(_library.DEVICE_KERNELS) == {"cpu", "cuda"}
+    schema = str(getattr(torch.ops.fused_lora, op.split("::")[1]).default._schema)
+    assert "backend" not in schema, schema

@@ -189,6 +189,45 @@ def test_matrix_covers_every_launch_choice():
     assert len(set(IDS)) == len(IDS)
 
 
+def _random_plans(rng, dtype) -> list:
+    """Every plan's launches at one random size, rank, SM count and set of flags.
+
+    Calls the plans itself rather than kr.plan_launches, so an argument that helper fails to vary shows.
+    """
+    from fused_lora.kernels import configs, plans
+
+    M, N, K = (int(2 ** rng.uniform(0, 14)) for _ in range(3))  # log-uniform: both token regimes
+    r = rng.randint(1, configs.MAX_RANK)
+    dropout, bias, deterministic = (rng.random() < 0.5 for _ in range(3))
+    return [*plans.plan_lora_shrink(M, K, r, dtype, dropout=dropout),
+            *plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias),
+            *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic),
+            *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout),
+            *plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic,
+                                    num_sms=rng.randint(1, 200))]
+
+
+def test_every_planned_launch_has_a_job():
+    """A Triton launch of any plan at any size is a compiled config, so a new plan choice cannot escape the
+    report (its jobs come from the plans at a few representative sizes)."""
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    for dtype in kr.DTYPES:
+        jobs = {(j["kernel"], json.dumps(j["config"], sort_keys=True))
+                for j in kr.launch_jobs(archs=(90,), dtypes=(dtype,), alignments=("aligned",))}
+        kernels = set()
+        for _ in range(40):
+            for launch in _random_plans(rng, getattr(torch, kr._TORCH_DTYPE[dtype])):
+                if launch.is_triton:
+                    kernels.add(launch.kernel)
+                    key = (launch.kernel, json.dumps(kr.launch_config(launch), sort_keys=True))
+                    assert key in jobs, f"{dtype}: {key} has no job"
+        assert kernels == set(kr.KERNELS), dtype
+
+
 # --------------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""Each kernel launcher against its formula in torch (same dtype) and in fp64."""
+"""Each kernel launcher against its formula in fused_lora.reference: plain torch at the same dtype and fp64."""
 import pytest
 import torch
 
-from fused_lora.dropout import dropout_keep_mask
+from fused_lora import reference
 from fused_lora.kernels import configs, ops, plans
 from numerics import assert_within_torch_error, make_inputs
 
@@ -11,16 +11,14 @@ RANKS = [1, 7, 16, 64, 256]
 SEED = 31
 
 
-def _keep(M, K, p, dtype):
-    if p == 0:
-        return torch.ones(M, K, dtype=dtype)
-    return dropout_keep_mask(SEED, M, K, p).to(dtype) / (1 - p)
+def _refs(formula, *args, **kwargs):
+    """formula(*args) at the inputs' dtype (plain torch) and in fp64 (upcast)."""
+    return formula(*args, **kwargs), formula(*args, **kwargs, upcast=True)
 
 
-def _check(name, got, formula, args, dtype):
-    """formula(*args) evaluated at dtype (plain torch) and in fp64 bounds the kernel's error."""
-    low = formula(*[a.to(dtype) if a.is_floating_point() else a for a in args])
-    ref = formula(*[a.double() if a.is_floating_point() else a for a in args])
+def _check(name, got, low, ref, dtype):
+    """low's error against ref bounds the kernel's; got is compared at dtype (dB / dA come in fp32 when
+    reduced over several row blocks)."""
     assert_within_torch_error(name, got.to(dtype), low, ref, dtype)
 
 
@@ -30,8 +28,7 @@ def _check(name, got, formula, args, dtype):
 def test_shrink(dtype, r, p):
     x, _, _, a, _ = make_inputs((70,), 83, 8, r, dtype)
     s = ops.lora_shrink(x, a, dropout_p=p, seed=SEED)
-    keep = _keep(70, 83, p, torch.float64)
-    _check("S", s, lambda x, a, keep: (x * keep.to(x.dtype)) @ a.t(), (x, a, keep), dtype)
+    _check("S", s, *_refs(reference.lora_shrink, x, a, dropout_p=p, seed=SEED), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -41,10 +38,12 @@ def test_shrink(dtype, r, p):
 def test_fwd(dtype, M, r, fuse, p):
     x, w, b, a, bb = make_inputs((M,), 70, 45, r, dtype)
     y, s = ops.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=fuse)
-    keep = _keep(M, 70, p, torch.float64)
-    _check("S", s, lambda x, a, keep: (x * keep.to(x.dtype)) @ a.t(), (x, a, keep), dtype)
-    # y from the kernel's own S: the expand and base GEMM against torch on that S.
-    _check("y", y, lambda x, w, b, s, bb: x @ w.t() + b + 0.9 * (s @ bb.t()), (x, w, b, s, bb), dtype)
+    (y_low, s_low), (y_ref, s_ref) = _refs(reference.lora_fwd, x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED)
+    _check("S", s, s_low, s_ref, dtype)
+    _check("y", y, y_low, y_ref, dtype)
+    # y from the kernel's own S: the expand and base GEMM alone against torch on that S.
+    (y_low, _), (y_ref, _) = _refs(reference.lora_fwd, x, w, b, a, bb, 0.9, s=s)
+    _check("y given S", y, y_low, y_ref, dtype)
 
 
 def test_fwd_chooses_regime():
@@ -64,8 +63,9 @@ def test_bwd_dy(dtype, r, deterministic, M):
     dy = torch.randn(M, N, generator=g).to(dtype)
     s = torch.randn(M, r, generator=g).to(dtype)
     ds, db = ops.lora_bwd_dy(dy, bb, s, 1.5, deterministic=deterministic)
-    _check("dS", ds, lambda dy, bb: 1.5 * dy @ bb, (dy, bb), dtype)
-    _check("dB", db, lambda dy, s: 1.5 * dy.t() @ s, (dy, s), dtype)
+    (ds_low, db_low), (ds_ref, db_ref) = _refs(reference.lora_bwd_dy, dy, bb, s, 1.5)
+    _check("dS", ds, ds_low, ds_ref, dtype)
+    _check("dB", db, db_low, db_ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -78,8 +78,7 @@ def test_bwd_dx(dtype, M, r, p):
     dy = torch.randn(M, N, generator=g).to(dtype)
     ds = torch.randn(M, r, generator=g).to(dtype)
     dx = ops.lora_bwd_dx(dy, w, ds, a, dropout_p=p, seed=SEED)
-    keep = _keep(M, K, p, torch.float64)
-    _check("dX", dx, lambda dy, w, ds, a, keep: dy @ w + keep.to(dy.dtype) * (ds @ a), (dy, w, ds, a, keep), dtype)
+    _check("dX", dx, *_refs(reference.lora_bwd_dx, dy, w, ds, a, dropout_p=p, seed=SEED), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -91,8 +90,7 @@ def test_bwd_da(dtype, M, r, p, deterministic):
     x, _, _, _, _ = make_inputs((M,), K, 8, r, dtype)
     ds = torch.randn(M, r, generator=torch.Generator().manual_seed(8)).to(dtype)
     da = ops.lora_bwd_da(ds, x, dropout_p=p, seed=SEED, deterministic=deterministic)
-    keep = _keep(M, K, p, torch.float64)
-    _check("dA", da, lambda ds, x, keep: ds.t() @ (x * keep.to(x.dtype)), (ds, x, keep), dtype)
+    _check("dA", da, *_refs(reference.lora_bwd_da, ds, x, dropout_p=p, seed=SEED), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -110,8 +108,9 @@ def test_single_block_grads_are_stored_in_the_parameter_dtype(dtype):
                   plans.plan_lora_bwd_da(M, K, r, dtype, dropout=False, deterministic=False, num_sms=132)]
     assert [[launch.kernel for launch in plan] for plan in one_launch] == [["_lora_bwd_dy_kernel"],
                                                                            ["_lora_bwd_da_kernel"]]
-    _check("dB", db, lambda dy, s: 1.5 * dy.t() @ s, (dy, s), dtype)
-    _check("dA", da, lambda ds, x: ds.t() @ x, (ds, x), dtype)
+    (_, db_low), (_, db_ref) = _refs(reference.lora_bwd_dy, dy, bb, s, 1.5)
+    _check("dB", db, db_low, db_ref, dtype)
+    _check("dA", da, *_refs(reference.lora_bwd_da, ds, x), dtype)
     assert ops.lora_bwd_dy(dy, bb, s, 1.5, deterministic=True)[1].dtype == dtype
 
 

@@ -1,0 +1,42 @@
+"""Which implementation computes a fused call: the Triton kernels or the torch path, by x's device and the
+environment. One decision (``select_backend``), used by fused_lora.lora_linear and by the per-device
+kernels of the op (fused_lora._library)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .kernels._interpreter import interpreting
+
+BACKENDS = ("triton", "torch", "reference")
+_MODULES: dict = {}
+
+
+def select_backend(x: torch.Tensor) -> str:
+    """CUDA -> triton; CPU -> torch, or triton under TRITON_INTERPRET=1; FUSED_LORA_BACKEND overrides."""
+    forced = os.environ.get("FUSED_LORA_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"FUSED_LORA_BACKEND={forced!r}; expected one of {', '.join(BACKENDS)}")
+        if forced == "triton" and not (x.is_cuda or (interpreting() and x.device.type == "cpu")):
+            raise RuntimeError(f"FUSED_LORA_BACKEND=triton needs CUDA tensors, or CPU tensors with "
+                               f"TRITON_INTERPRET=1; x is on {x.device}")
+        return forced
+    if x.is_cuda or (interpreting() and x.device.type == "cpu"):
+        return "triton"
+    return "torch"
+
+
+def op_backend(x: torch.Tensor):
+    """The module (forward, backward) that computes the op for x: _triton_backend or _torch_backend
+    ("reference" never reaches the op: fused_lora.lora_linear answers it; the op computes it in torch)."""
+    name = "triton" if select_backend(x) == "triton" else "torch"
+    module = _MODULES.get(name)
+    if module is None:
+        if name == "triton":
+            from . import _triton_backend as module  # imports triton: only when the kernels are used
+        else:
+            from . import _torch_backend as module
+        _MODULES[name] = module
+    return module
