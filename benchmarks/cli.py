@@ -14,6 +14,7 @@ fused layer (kernels stubbed out) against eager torch.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import replace
@@ -21,14 +22,84 @@ from pathlib import Path
 
 from . import runs, tables
 from . import sweep as sw
-from .report import wrap
-from .sweep import PROVIDERS, FilterError, Point
+from .layout import wrap
+from .progress import Progress
+from .sweep import DTYPES, PROVIDERS, Point
 
 CPU_MODE_BANNER = "CPU mode: no CUDA device; GPU timings not measured."
 # CPU timing runs on one thread by default. Measured on this project's 2-core machine while another
 # process held one core: a 32x64x64 mm took 16 ms with 2 threads (the OpenMP barrier waits for a
 # scheduler slice) and 8 us with 1; 256x1024x1024 took 16 ms with 2 threads and 5.9 ms with 1.
 CPU_TIMING_THREADS = 1
+
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+class FilterError(ValueError):
+    """A command-line filter that cannot be parsed; the message says what was expected."""
+
+
+def _split(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise FilterError(f"empty list {text!r}")
+    return items
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """'4096x1024,8192->28672' -> ((4096, 1024), (8192, 28672)): in_features x out_features."""
+    shapes = []
+    for item in _split(text):
+        m = re.fullmatch(r"(\d+)\s*(?:x|->)\s*(\d+)", item)
+        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            hint = (" (an unquoted '->' is a shell redirection: the rest of the shape became a file name; "
+                    "quote it or write 4096x1024)") if item.endswith("-") else ""
+            raise FilterError(f"bad shape {item!r}: expected IN x OUT, e.g. 4096x1024 or '4096->1024'{hint}")
+        shapes.append((int(m.group(1)), int(m.group(2))))
+    return tuple(shapes)
+
+
+def parse_ints(text: str, what: str, low: int, high: int | None = None) -> tuple[int, ...]:
+    values = []
+    for item in _split(text):
+        if not re.fullmatch(r"\d+", item) or int(item) < low or (high is not None and int(item) > high):
+            bound = f"{low}..{high}" if high is not None else f">= {low}"
+            raise FilterError(f"bad {what} {item!r}: expected an integer {bound}")
+        values.append(int(item))
+    return tuple(values)
+
+
+def parse_dropouts(text: str) -> tuple[float, ...]:
+    values = []
+    for item in _split(text):
+        try:
+            p = float(item)
+        except ValueError:
+            p = -1.0
+        if not 0.0 <= p < 1.0:
+            raise FilterError(f"bad dropout {item!r}: expected a probability in [0, 1)")
+        values.append(p)
+    return tuple(values)
+
+
+def parse_dtypes(text: str) -> tuple[str, ...]:
+    values = []
+    for item in _split(text):
+        name = _DTYPE_ALIASES.get(item.lower(), item.lower())
+        if name not in DTYPES:
+            raise FilterError(f"unknown dtype {item!r}: expected one of {', '.join(DTYPES)} (or bf16, fp16, fp32)")
+        values.append(name)
+    return tuple(values)
+
+
+def parse_providers(text: str) -> tuple[str, ...]:
+    values = []
+    for item in _split(text):
+        if item not in PROVIDERS:
+            raise FilterError(f"unknown provider {item!r}: expected one of {', '.join(PROVIDERS)}")
+        values.append(item)
+    return tuple(p for p in PROVIDERS if p in values)
 
 
 def _positive_int(text: str) -> int:
@@ -69,11 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_filters(args) -> dict:
     parsers = {
-        "shapes": sw.parse_shapes,
-        "tokens": lambda t: sw.parse_ints(t, "token count", 1),
-        "ranks": lambda t: sw.parse_ints(t, "rank", 1, 256),
-        "dropouts": sw.parse_dropouts,
-        "dtypes": sw.parse_dtypes,
+        "shapes": parse_shapes,
+        "tokens": lambda t: parse_ints(t, "token count", 1),
+        "ranks": lambda t: parse_ints(t, "rank", 1, 256),
+        "dropouts": parse_dropouts,
+        "dtypes": parse_dtypes,
     }
     raw = {"shapes": args.shapes, "tokens": args.tokens, "ranks": args.ranks, "dropouts": args.dropout,
            "dtypes": args.dtypes}
@@ -116,7 +187,7 @@ def usable_providers(requested: tuple[str, ...]) -> tuple[tuple[str, ...], list[
 
 def plan_points(preset: str, gpu: bool, filters: dict) -> tuple[list[Point], list[Point], list[Point], list[str]]:
     """(measured, saved-bytes, modeled) points of the preset narrowed by the filters, and notes."""
-    from . import model
+    from . import roofline
 
     notes = []
     if gpu:
@@ -127,7 +198,7 @@ def plan_points(preset: str, gpu: bool, filters: dict) -> tuple[list[Point], lis
         # minutes on CPU); --shapes, --tokens and --dtypes select the modeled and saved-bytes points.
         measured_sweep = sw.CPU_PRESETS[preset].with_filters({k: filters[k] for k in ("ranks", "dropouts")})
         model_sweep = sw.MODEL_PRESETS[preset].with_filters(filters)
-    model_dtypes = tuple(d for d in model_sweep.dtypes if model.modeled_dtype_supported(d))
+    model_dtypes = tuple(d for d in model_sweep.dtypes if roofline.modeled_dtype_supported(d))
     if len(model_dtypes) < len(model_sweep.dtypes):
         notes.append("modeled table: float32 not modeled (the model's peaks are the fp16/bf16 tensor-core ones)")
     modeled = replace(model_sweep, dtypes=model_dtypes).points() if model_dtypes else []
@@ -197,12 +268,12 @@ def print_saved(saved: list[dict]) -> None:
 
 def print_modeled(modeled: list[dict], model_points: list[Point], detail: list[Point], out: Path,
                   verbose: bool) -> None:
-    from . import model
+    from . import roofline
 
     print(wrap(f"[3/4] MODELED H100 SXM (not measured): per launch max(FLOPs / "
-               f"{model.PEAK_FLOPS['bfloat16'] / 1e12:g} TFLOP/s, compulsory bytes / {model.HBM_BYTES_PER_S / 1e12:g} "
-               f"TB/s) / occupancy + {model.LAUNCH_OVERHEAD_S * 1e6:g} us assumed launch overhead, summed over "
-               f"launches; occupancy = min(1, programs / {model.NUM_SMS} SMs) for a Triton launch, 1 for a torch op."))
+               f"{roofline.PEAK_FLOPS['bfloat16'] / 1e12:g} TFLOP/s, compulsory bytes / {roofline.HBM_BYTES_PER_S / 1e12:g} "
+               f"TB/s) / occupancy + {roofline.LAUNCH_OVERHEAD_S * 1e6:g} us assumed launch overhead, summed over "
+               f"launches; occupancy = min(1, programs / {roofline.NUM_SMS} SMs) for a Triton launch, 1 for a torch op."))
     print(wrap("fused: launches from the launchers' plans (grids, tiles, passes; FLOPs of whole tiles and the padded "
                "rank; fp32 atomics, whose L2 traffic is not modeled); others: aten ops traced on meta tensors "
                "(FLOPs of the real rank).", "  "))
@@ -236,16 +307,16 @@ def run_host(device, warnings: list[str]) -> dict | None:
 
 
 def main_host_only(device, out: Path, argv: list[str]) -> int:
-    from . import host, report
+    from . import host, metadata, writers
 
-    meta = report.run_metadata(device, "host", argv)
+    meta = metadata.run_metadata(device, "host", argv)
     print(wrap(f"fused-lora-bench (host-only): {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
                f"commit {meta['git_commit'][:12]}{'+changes' if meta['git_dirty'] else ''} | {meta['date_utc']}"))
     print()
     warnings: list[str] = []
     result = run_host(device, warnings)
     host.print_host(result, "[host]", skipped="failed: see the warning below")
-    report.write_json(out / "host.json", {"metadata": meta, "host_overhead": result, "warnings": warnings})
+    writers.write_json(out / "host.json", {"metadata": meta, "host_overhead": result, "warnings": warnings})
     for w in warnings:
         print(wrap(f"warning: {w}"))
     print(f"wrote host.json to {out}/")
@@ -258,14 +329,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         filters = parse_filters(args)
-        providers, notes = usable_providers(sw.parse_providers(args.providers) if args.providers else PROVIDERS)
+        providers, notes = usable_providers(parse_providers(args.providers) if args.providers else PROVIDERS)
         device = resolve_device(args.device)
     except FilterError as e:
         parser.error(str(e))  # exits with status 2 and the message
 
     import torch
 
-    from . import host, model, plots, report
+    from . import host, metadata, plots, roofline, writers
 
     started = time.perf_counter()
     gpu = device.type == "cuda"
@@ -274,7 +345,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.host_only:
         return main_host_only(device, out, argv)
-    meta = report.run_metadata(device, "gpu" if gpu else "cpu", argv)
+    meta = metadata.run_metadata(device, "gpu" if gpu else "cpu", argv)
     meta["cpu_threads"] = args.cpu_threads
     warnings: list[str] = []
     measured_points, saved_points, model_points, point_notes = plan_points(preset, gpu, filters)
@@ -283,7 +354,7 @@ def main(argv=None) -> int:
         measured_points = []
     print_header(preset, gpu, meta, notes, args.cpu_threads)
 
-    progress = report.Progress(len(providers) * (len(measured_points) + len(saved_points) + len(model_points)),
+    progress = Progress(len(providers) * (len(measured_points) + len(saved_points) + len(model_points)),
                                enabled=not args.quiet)
     threads = torch.get_num_threads()
     if not gpu:
@@ -304,9 +375,9 @@ def main(argv=None) -> int:
     host.print_host(host_result, "[4/4]", skipped="skipped: --model-only" if args.model_only else
                     "failed: see the warning below")
 
-    written = report.write_files(out, meta, measured=measured, saved=saved, modeled=modeled,
+    written = writers.write_files(out, meta, measured=measured, saved=saved, modeled=modeled,
                                  detailed=lambda row: runs.point_of(row) in detail,
-                                 payload={"modeled_assumptions": model.ASSUMPTIONS, "notes": notes,
+                                 payload={"modeled_assumptions": roofline.ASSUMPTIONS, "notes": notes,
                                           "host_overhead": host_result, "warnings": warnings})
     if args.no_plots:
         pass

@@ -164,7 +164,7 @@ def measure_host_overhead(device="cpu", *, min_rounds: int | None = None, max_ro
 
 
 def host_table(result: dict) -> str:
-    from .report import format_table
+    from .tables import format_table
 
     return format_table(
         ["dropout", "fused us", "eager us", "fused/eager", "fused median us", "eager median us", "launches/call",
@@ -174,7 +174,7 @@ def host_table(result: dict) -> str:
 
 
 def print_host(result: dict | None, part: str, *, skipped: str | None = None) -> None:
-    from .report import wrap
+    from .layout import wrap
 
     print(wrap(f"{part} Host overhead, measured: {result['clock'] if result else 'CPU time'} of one tiny "
                "fused_lora.lora_linear forward+backward with its Triton kernels stubbed out (no-op launches), "

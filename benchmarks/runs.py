@@ -151,7 +151,7 @@ def run_saved_bytes(points: list[Point], providers, progress, warnings) -> list[
 
 def run_modeled(points: list[Point], providers, progress, warnings) -> list[dict]:
     """One row per point, provider and direction; row["_launches"] holds the modeled launch list."""
-    from . import model
+    from . import roofline
 
     rows = []
     for point in points:
@@ -159,7 +159,7 @@ def run_modeled(points: list[Point], providers, progress, warnings) -> list[dict
         for provider in providers:
             progress.step(f"model {provider} {_where(point)}")
             try:
-                per_provider[provider] = model.model_point(provider, point)
+                per_provider[provider] = roofline.model_point(provider, point)
             except Exception as e:
                 warnings.append(f"model of {provider} at {_where(point)}: {_error_text(e)}")
         rows_at = {}  # {(provider, direction): row}

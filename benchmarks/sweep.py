@@ -1,14 +1,12 @@
-"""What fused-lora-bench sweeps: providers, shapes, presets, and parsing of the command-line filters."""
+"""What fused-lora-bench sweeps: providers, directions, dtypes, shapes, points and presets."""
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import asdict, dataclass, replace
 
 PROVIDERS = ("fused", "eager", "peft", "addmm", "gemm")
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 DTYPES = ("bfloat16", "float16", "float32")
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 # (in_features K, out_features N) of the attention and MLP projections.
 LLAMA3_8B_SHAPES = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
@@ -99,69 +97,3 @@ MODEL_PRESETS = {
     "full": Sweep(MODEL_SHAPES, (1, 16, 64, 256, 1024, 2048, 4096, 8192, 16384), (8, 16, 64, 128), (0.0, 0.1),
                   ("bfloat16", "float16")),
 }
-
-
-class FilterError(ValueError):
-    """A command-line filter that cannot be parsed; the message says what was expected."""
-
-
-def _split(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise FilterError(f"empty list {text!r}")
-    return items
-
-
-def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
-    """'4096x1024,8192->28672' -> ((4096, 1024), (8192, 28672)): in_features x out_features."""
-    shapes = []
-    for item in _split(text):
-        m = re.fullmatch(r"(\d+)\s*(?:x|->)\s*(\d+)", item)
-        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-            hint = (" (an unquoted '->' is a shell redirection: the rest of the shape became a file name; "
-                    "quote it or write 4096x1024)") if item.endswith("-") else ""
-            raise FilterError(f"bad shape {item!r}: expected IN x OUT, e.g. 4096x1024 or '4096->1024'{hint}")
-        shapes.append((int(m.group(1)), int(m.group(2))))
-    return tuple(shapes)
-
-
-def parse_ints(text: str, what: str, low: int, high: int | None = None) -> tuple[int, ...]:
-    values = []
-    for item in _split(text):
-        if not re.fullmatch(r"\d+", item) or int(item) < low or (high is not None and int(item) > high):
-            bound = f"{low}..{high}" if high is not None else f">= {low}"
-            raise FilterError(f"bad {what} {item!r}: expected an integer {bound}")
-        values.append(int(item))
-    return tuple(values)
-
-
-def parse_dropouts(text: str) -> tuple[float, ...]:
-    values = []
-    for item in _split(text):
-        try:
-            p = float(item)
-        except ValueError:
-            p = -1.0
-        if not 0.0 <= p < 1.0:
-            raise FilterError(f"bad dropout {item!r}: expected a probability in [0, 1)")
-        values.append(p)
-    return tuple(values)
-
-
-def parse_dtypes(text: str) -> tuple[str, ...]:
-    values = []
-    for item in _split(text):
-        name = _DTYPE_ALIASES.get(item.lower(), item.lower())
-        if name not in DTYPES:
-            raise FilterError(f"unknown dtype {item!r}: expected one of {', '.join(DTYPES)} (or bf16, fp16, fp32)")
-        values.append(name)
-    return tuple(values)
-
-
-def parse_providers(text: str) -> tuple[str, ...]:
-    values = []
-    for item in _split(text):
-        if item not in PROVIDERS:
-            raise FilterError(f"unknown provider {item!r}: expected one of {', '.join(PROVIDERS)}")
-        values.append(item)
-    return tuple(p for p in PROVIDERS if p in values)

@@ -1,10 +1,63 @@
-"""The terminal tables of fused-lora-bench, from the rows of benchmarks.runs."""
+"""The terminal tables of fused-lora-bench: format_table, and the tables built from the rows of benchmarks.runs."""
 from __future__ import annotations
 
+import math
+
 from . import sweep as sw
-from .report import MiB, format_table, wrap
+from .layout import WIDTH, wrap
 from .runs import ratio
 from .sweep import PROVIDERS
+
+MiB = 2**20
+
+
+def format_table(headers: list[str], rows: list[list], *, indent: str = "  ", keys: int = 0,
+                 width: int = WIDTH) -> str:
+    """Aligned plain text: text columns left-aligned, numeric columns right-aligned.
+
+    When a line would be wider than ``width``, the columns after the first ``keys`` (the row labels)
+    are dealt out to several tables, each repeating the key columns and as many of the others as
+    fit, separated by a blank line.
+    """
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [bool(cells) and all(_is_number(row[i]) for row in cells) for i in range(len(headers))]
+
+    def table(columns):
+        def line(values):
+            return indent + "  ".join(values[i].rjust(widths[i]) if numeric[i] else values[i].ljust(widths[i])
+                                      for i in columns).rstrip()
+
+        rule = indent + "  ".join("-" * widths[i] for i in columns)
+        return "\n".join([line(headers), rule] + [line(r) for r in cells])
+
+    def span(columns):
+        return len(indent) + sum(widths[i] for i in columns) + 2 * (len(columns) - 1)
+
+    key_columns = list(range(keys))
+    groups: list[list[int]] = [[]]
+    for i in range(keys, len(headers)):
+        if groups[-1] and span(key_columns + groups[-1] + [i]) > width:
+            groups.append([])
+        groups[-1].append(i)
+    return "\n\n".join(table(key_columns + group) for group in groups)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.3g}" if abs(v) < 1 else f"{v:,.1f}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+def _is_number(text: str) -> bool:
+    """Right-align a column whose cells all start with a number ("1.2", "3.4 [3.1-3.6]", "-")."""
+    return text in ("", "-") or text.lstrip("-")[:1].isdigit()
 
 
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}

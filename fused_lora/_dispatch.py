@@ -1,6 +1,6 @@
 """Which implementation computes a fused call: the Triton kernels or the torch path, by x's device and the
 environment. One decision (``select_backend``), used by fused_lora.lora_linear and by the per-device
-kernels of the op (fused_lora._library)."""
+kernels of the op (fused_lora._op)."""
 from __future__ import annotations
 
 import os

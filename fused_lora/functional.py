@@ -1,4 +1,4 @@
-"""fused_lora.lora_linear: input checks and backend choice; the op itself is in _library.py."""
+"""fused_lora.lora_linear: input checks and backend choice; the op itself is in _op.py."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 
 from . import reference
 from ._dispatch import BACKENDS, select_backend  # noqa: F401 (public here)
-from ._library import lora_linear_2d
+from ._op import lora_linear_2d
 from .kernels._interpreter import interpreting  # noqa: F401 (public here: the tests and the report use it)
 from ._validation import ALL_DTYPES, KERNEL_DTYPES, check_lora_inputs
 

@@ -349,10 +349,10 @@ def device_metadata(argv: list[str]) -> dict:
     if not torch.cuda.is_available():
         raise NoCudaError("no CUDA device (torch.cuda.is_available() is False): the GPU check needs one; "
                           "nothing was run. On CPU, `pytest -m 'not gpu'` runs the interpreter tests.")
-    from fused_lora.benchmarks import report as bench_report
+    from fused_lora.benchmarks import metadata as bench_metadata
 
     device = torch.device("cuda")
-    meta = bench_report.run_metadata(device, "gpu-check", argv)
+    meta = bench_metadata.run_metadata(device, "gpu-check", argv)
     major, minor = torch.cuda.get_device_capability(device)
     meta.update(arch=major * 10 + minor, command=" ".join(["python -m fused_lora.gpu_check", *argv]))
     return meta

@@ -9,7 +9,7 @@ PeftModel.load_adapter, add_weighted_adapter) patches the layers it creates. ``u
 classes back.
 
 Per call, the fused path is taken only when it computes what PEFT computes; otherwise the layer runs
-PEFT's own forward for that call (see ``fused_plan``): adapter-level configurations (DoRA and other
+PEFT's own forward for that call (see ``fused_call_args``): adapter-level configurations (DoRA and other
 variants, lora_bias) and hooks on the base layer are checked there, so a layer fuses again once a
 supported adapter is active. Layers that can never fuse keep PEFT's class: LoRA layers other than
 lora.Linear (PEFT's quantized ones among them), and base layers other than nn.Linear / transformers
@@ -30,7 +30,7 @@ from ._validation import KERNEL_DTYPES, MAX_RANK
 from .functional import lora_linear
 from .layer import is_conv1d
 
-__all__ = ["patch_peft", "unpatch_peft", "fused_plan", "FusedFallbackWarning"]  # Fused*: built lazily
+__all__ = ["patch_peft", "unpatch_peft", "fused_call_args", "FusedFallbackWarning"]  # Fused*: built lazily
 
 # {"FusedLinear": ..., "FusedLoraModel": ...}, built on first use so that importing fused_lora does not import peft.
 _FUSED_CLASSES: dict[str, type] = {}
@@ -62,10 +62,10 @@ def _make_fused_linear(peft_linear: type) -> type:
         """peft.tuners.lora.layer.Linear whose forward runs fused_lora.lora_linear when it can."""
 
         def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            plan = fused_plan(self, x, args, kwargs)
-            if plan is None:
+            call_args = fused_call_args(self, x, args, kwargs)
+            if call_args is None:
                 return peft_linear.forward(self, x, *args, **kwargs)
-            return _fused_forward(self, x, *plan)
+            return _fused_forward(self, x, *call_args)
 
     return _public(FusedLinear, peft_linear)
 
@@ -120,48 +120,82 @@ def _dropout_p(module: nn.Module) -> float | None:
     return None
 
 
-def _base_bypass_reason(base: nn.Module) -> str | None:
-    """Why calling the fused op instead of ``base(x)`` would skip something the base layer runs, or None."""
+# Why a layer with given adapters cannot fuse, as (code, adapter name or None); _unfusable_message words it.
+# Codes, not messages: fused_call_args runs per call and formats nothing.
+_HOOKS, _INSTANCE_FORWARD, _VARIANT, _LORA_BIAS, _CUSTOM_DROPOUT, _RANK = range(6)
+
+
+def _unfusable(layer, adapters, active: list) -> tuple[int, str | None] | None:
+    """Why the fused op cannot compute ``layer`` as PEFT would, from module state alone, or None.
+
+    ``adapters`` are checked one by one (variants, lora_bias, dropout modules); ``active``, the active
+    adapters the layer holds, for their stacked rank. The single source of these conditions for the
+    per-call decision (fused_call_args) and the patch-time warning (_fallback_reason).
+    """
+    base = layer.base_layer
     if base._forward_hooks or base._forward_pre_hooks:
-        return "the base layer has forward hooks, which the fused op would bypass"
+        return _HOOKS, None
     if "forward" in base.__dict__:
-        return "the base layer has an instance-level forward (e.g. an accelerate hook), which the fused op would bypass"
+        return _INSTANCE_FORWARD, None
+    for name in adapters:
+        # PEFT's forward dispatches on lora_variant (DoRA is one); use_dora only names it in the message.
+        if name in layer.lora_variant:
+            return _VARIANT, name
+        if layer.lora_bias.get(name, False):
+            return _LORA_BIAS, name
+        if _dropout_p(layer.lora_dropout[name]) is None:
+            return _CUSTOM_DROPOUT, name
+    if _stacked_rank(layer, active) > MAX_RANK:
+        return _RANK, None
     return None
 
 
-def fused_plan(layer, x: torch.Tensor, args: tuple, kwargs: dict):
-    """(adapters, dtype, dropout_p) when the fused op computes this call as PEFT would, else None.
+def _stacked_rank(layer, adapters: list) -> int:
+    return sum(layer.r[name] for name in adapters)
+
+
+def _unfusable_message(layer, code: int, name: str | None, active: list) -> str:
+    if code == _HOOKS:
+        return "the base layer has forward hooks, which the fused op would bypass"
+    if code == _INSTANCE_FORWARD:
+        return "the base layer has an instance-level forward (e.g. an accelerate hook), which the fused op would bypass"
+    if code == _VARIANT:
+        if getattr(layer, "use_dora", {}).get(name, False):
+            return f"adapter {name!r} uses DoRA"
+        return f"adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__})"
+    if code == _LORA_BIAS:
+        return f"adapter {name!r} has lora_bias=True"
+    if code == _CUSTOM_DROPOUT:
+        return f"adapter {name!r} has a custom dropout module {type(layer.lora_dropout[name]).__name__}"
+    return f"active adapters {active} stack to rank {_stacked_rank(layer, active)} > {MAX_RANK}"
+
+
+def _active_adapters(layer) -> list:
+    return [name for name in layer.active_adapters if name in layer.lora_A]
+
+
+def fused_call_args(layer, x: torch.Tensor, args: tuple, kwargs: dict):
+    """(adapters, dtype, dropout_p) for _fused_forward when the fused op computes this call as PEFT would, else None.
 
     Cheap Python checks on module state and dtypes only (no tensor values), so torch.compile can guard
     on them. PEFT's forward runs instead when: extra forward arguments are given (``adapter_names`` for
-    mixed batches, variant kwargs); the base layer has forward hooks or an instance-level forward;
-    adapters are disabled or merged (PEFT then runs the base layer);
-    an active adapter is a variant (DoRA, ...) or has lora_bias, added after patching; the active
-    adapters' stacked rank exceeds MAX_RANK; several active adapters in training with dropout (PEFT
-    draws an independent mask per adapter, one fused call would share one); the compute dtype is not
-    fp16 / bf16 / fp32; the base weight's dtype differs from the compute dtype outside autocast.
+    mixed batches, variant kwargs); adapters are disabled or merged (PEFT then runs the base layer);
+    the layer with its active adapters cannot fuse (_unfusable: base-layer hooks or an instance-level
+    forward, a variant such as DoRA or lora_bias added after patching, a custom dropout module, a stacked
+    rank above MAX_RANK); several active adapters in training with dropout (PEFT draws an independent
+    mask per adapter, one fused call would share one); the compute dtype is not fp16 / bf16 / fp32; the
+    base weight's dtype differs from the compute dtype outside autocast.
     """
     if args or any(value is not None for value in kwargs.values()):
         return None
-    if _base_bypass_reason(layer.base_layer) is not None:
-        return None
     if layer.disable_adapters or layer.merged:
         return None
-    adapters = [name for name in layer.active_adapters if name in layer.lora_A]
+    adapters = _active_adapters(layer)
     if not adapters:
         return None
-    rank = 0
-    dropout_ps = []
-    for name in adapters:
-        if name in layer.lora_variant or layer.lora_bias.get(name, False):
-            return None
-        p = _dropout_p(layer.lora_dropout[name])
-        if p is None:
-            return None
-        dropout_ps.append(p)
-        rank += layer.r[name]
-    if rank > MAX_RANK:
+    if _unfusable(layer, adapters, adapters) is not None:
         return None
+    dropout_ps = [_dropout_p(layer.lora_dropout[name]) for name in adapters]
     if len(adapters) > 1 and any(p > 0.0 for p in dropout_ps):
         return None
     dtype = _compute_dtype(x)
@@ -266,23 +300,14 @@ def _unsupported_layer_reason(module: nn.Module) -> str | None:
 
 def _fallback_reason(module: nn.Module, adapters) -> str | None:
     """Why a patched layer runs PEFT's forward now (its base layer, or one of ``adapters``), or None."""
-    reason = _base_bypass_reason(module.base_layer)
-    if reason is not None:
-        return reason + " (checked per call)"
-    for name in adapters:
-        if getattr(module, "use_dora", {}).get(name, False):
-            return f"adapter {name!r} uses DoRA"
-        if name in module.lora_variant:
-            return f"adapter {name!r} is a LoRA variant ({type(module.lora_variant[name]).__name__})"
-        if module.lora_bias.get(name, False):
-            return f"adapter {name!r} has lora_bias=True"
-        if _dropout_p(module.lora_dropout[name]) is None:
-            return f"adapter {name!r} has a custom dropout module {type(module.lora_dropout[name]).__name__}"
-    active = [name for name in module.active_adapters if name in module.lora_A]
-    rank = sum(module.r[name] for name in active)
-    if rank > MAX_RANK:
-        return f"active adapters {active} stack to rank {rank} > {MAX_RANK}"
-    return None
+    active = _active_adapters(module)
+    unfusable = _unfusable(module, adapters, active)
+    if unfusable is None:
+        return None
+    code, name = unfusable
+    message = _unfusable_message(module, code, name, active)
+    # Hooks are run-time state (added and removed without PEFT): the layer fuses again once they are gone.
+    return message + " (checked per call)" if code in (_HOOKS, _INSTANCE_FORWARD) else message
 
 
 def _lora_layers(model: nn.Module):

@@ -16,7 +16,7 @@ from ._validation import ALL_DTYPES, check_lora_inputs
 from .dropout import draw_seed, dropout_keep_mask
 
 
-def dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
+def apply_dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     """x * keep / (1 - p), with keep drawn from (seed, row, column) of x flattened to 2-D; NaN / inf at a
     dropped position give NaN, as nn.Dropout's x * mask does."""
     K = x.shape[-1]
@@ -26,7 +26,7 @@ def dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
 
 def _dropout_if(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     # p == 0 is the identity, as in the kernels (APPLY_DROPOUT off): no mask drawn, no 1 / (1 - p) rounding.
-    return dropout(x, p, seed) if p > 0.0 else x
+    return apply_dropout(x, p, seed) if p > 0.0 else x
 
 
 def _operands(upcast: bool, *tensors):

@@ -49,7 +49,7 @@ def rank_chunk(R: int) -> int:
     return 16 if R >= 128 else min(R, 32)
 
 
-def _wide(dtype: torch.dtype) -> bool:
+def _is_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
@@ -60,9 +60,9 @@ def fwd_config(M: int, R: int, dtype: torch.dtype) -> tuple[TileConfig, bool]:
         # and BLOCK_M = 64 is the smallest M tile that one warpgroup's wgmma covers on sm_90.
         # One launch instead of two (shrink fused in) when the rank is small enough (see above).
         # 8 warps: with 4 the fused variant spilled on sm_80 (kernel_report); fp32 (FMA) needs K = 32.
-        return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if _wide(dtype) else 128, num_warps=8,
+        return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if _is_fp32(dtype) else 128, num_warps=8,
                           num_stages=3), R <= FUSE_SHRINK_MAX_RANK
-    if _wide(dtype):
+    if _is_fp32(dtype):
         # fp32 without tf32 runs on FMA: 128 x 128 x 32 spilled at every rank. With int64 pointer offsets
         # 64 x 64 x 32 on 8 warps spilled 8 B on sm_80, and 64 x 64 x 16 on 8 warps 8-32 B on sm_90 (ptxas
         # held those to 80 registers); on 4 warps it takes 160-168 and does not spill (kernel_report).
@@ -75,13 +75,13 @@ def fwd_config(M: int, R: int, dtype: torch.dtype) -> tuple[TileConfig, bool]:
 def shrink_config(R: int, dtype: torch.dtype) -> TileConfig:
     # The (64, R) fp32 accumulator is 64 registers per thread at R = 128 on 4 warps; 8 warps above 64.
     # fp32 (FMA) holds a K slice of both operands in registers: BLOCK_K = 32 spilled at R = 256.
-    return TileConfig(BLOCK_M=64, BLOCK_K=16 if _wide(dtype) else 64,
+    return TileConfig(BLOCK_M=64, BLOCK_K=16 if _is_fp32(dtype) else 64,
                       num_warps=4 if R <= 64 else 8, num_stages=3)
 
 
 def bwd_dy_config(R: int, dtype: torch.dtype) -> TileConfig:
     # Two (BLOCK_M, R) fp32 accumulators live at once (dS and the dB partial): 8 warps above R = 64.
-    if _wide(dtype):
+    if _is_fp32(dtype):
         # FMA: the dB dot's K is BLOCK_M; 64 x 32 spilled from R = 64 on, 32 x 32 on 8 warps does not.
         # 2 stages: 3 spilled 8-16 B at R = 32-64 with r % 16 != 0 and int64 pointer offsets (kernel_report).
         return TileConfig(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
@@ -94,7 +94,7 @@ def bwd_dy_config(R: int, dtype: torch.dtype) -> TileConfig:
 
 
 def bwd_dx_config(M: int, dtype: torch.dtype) -> TileConfig:
-    if _wide(dtype):
+    if _is_fp32(dtype):
         # fp32 without tf32 runs on FMA: 64 x 64 x 64 (4 warps) and 128 x 128 x 32 spilled; these do not.
         if M <= FEW_TOKENS:
             # BLOCK_K = 64 spilled 8 B on sm_80 with triton 3.7.1 (torch 2.13's pin); 32 does not.
@@ -111,8 +111,8 @@ def bwd_dx_config(M: int, dtype: torch.dtype) -> TileConfig:
 def bwd_da_config(R: int, dtype: torch.dtype) -> TileConfig:
     # (64, R) fp32 accumulator per program, as in the shrink kernel. fp32 (FMA): 4 warps spilled
     # from R = 64 on (kernel_report), so always 8.
-    return TileConfig(BLOCK_M=32 if _wide(dtype) else 64, BLOCK_K=64,
-                      num_warps=8 if _wide(dtype) or R > 64 else 4, num_stages=3)
+    return TileConfig(BLOCK_M=32 if _is_fp32(dtype) else 64, BLOCK_K=64,
+                      num_warps=8 if _is_fp32(dtype) or R > 64 else 4, num_stages=3)
 
 
 def da_split(M: int, K: int, block_m: int, block_k: int, num_sms: int) -> tuple[int, int]:

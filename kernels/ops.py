@@ -61,11 +61,12 @@ if interpreting():
 
 
 class _Ready(NamedTuple):
-    """A planned launch with its launch arguments: constexprs, INPUT_PRECISION and launch options."""
+    """A planned launch with its launch arguments (constexprs, INPUT_PRECISION, launch options) and the
+    torch ops the plan runs around it on its last operand, which the launcher executes."""
     launch: Launch
     kwargs: dict
-    partials: bool  # its last write is per-part partials the launcher sums
-    zeroed: bool  # its last write takes fp32 atomics into a zeroed buffer
+    partials: bool  # the plan sums the kernel's per-part partials ("sum(0)")
+    zeroed: bool  # the plan zeroes the buffer the kernel's atomics add into ("zeros")
 
 
 def _ready(plan: list[Launch], kernel: str, precision: str) -> _Ready | None:
@@ -73,8 +74,8 @@ def _ready(plan: list[Launch], kernel: str, precision: str) -> _Ready | None:
     if launch is None:
         return None
     kwargs = {**launch.args, **launch.constexprs, "INPUT_PRECISION": precision, **launch.config.launch_options()}
-    return _Ready(launch, kwargs, launch.writes[-1].name.endswith("_partials"),
-                  bool(launch.constexprs.get("USE_ATOMICS", False)))
+    torch_ops = {op.kernel for op in plan if not op.is_triton}
+    return _Ready(launch, kwargs, "sum(0)" in torch_ops, "zeros" in torch_ops)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -4,8 +4,9 @@ TRITON_INTERPRET must be set before triton is imported; nothing here imports tri
 """
 import os
 
+from shared_conftest import cuda, interpret_unless_gpu  # noqa: F401  (pytest finds the fixture here)
+
 
 def pytest_configure(config):
-    if (config.option.markexpr or "").strip() != "gpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    interpret_unless_gpu(config)
     os.environ.pop("FUSED_LORA_BACKEND", None)

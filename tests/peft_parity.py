@@ -112,7 +112,7 @@ def run(model, ids, grad_out, *, seed=None):
 def count_fused_calls():
     """Counts calls of the fused op's eager path (the kernels under TRITON_INTERPRET=1), so a test can tell
     a patched layer that fused from one that fell back to PEFT's forward or ran the reference."""
-    from fused_lora._library import LoRALinearFunction
+    from fused_lora._op import LoRALinearFunction
     counter = {"calls": 0}
     original = LoRALinearFunction.apply
 

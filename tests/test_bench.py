@@ -10,9 +10,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fused_lora.benchmarks import cli, measure, model, report
+from fused_lora.benchmarks import cli, layout, measure, metadata, progress, roofline, tables
 from fused_lora.benchmarks.providers import BUILDERS, Layer, Params, make_input, torch_backend_for_cpu
-from fused_lora.benchmarks.sweep import HEADLINE, PROVIDERS, Point, parse_shapes
+from fused_lora.benchmarks.cli import parse_shapes
+from fused_lora.benchmarks.sweep import HEADLINE, PROVIDERS, Point
 from fused_lora.kernels import configs, ops, plans
 from spies import spy_on_kernels
 
@@ -62,12 +63,12 @@ def test_tiny_run_fwd_bwd_is_not_above_fwd_plus_bwd(tiny_run):
 
 
 def _long_lines(text):
-    return [line for line in text.splitlines() if len(line) > report.WIDTH]
+    return [line for line in text.splitlines() if len(line) > layout.WIDTH]
 
 
 def test_tiny_run_fits_120_columns(tiny_run):
     _, text = tiny_run
-    assert report.WIDTH == 120
+    assert layout.WIDTH == 120
     assert _long_lines(text) == []
 
 
@@ -105,13 +106,13 @@ def test_gpu_tables_fit_120_columns(capsys):
 
 def test_format_table_splits_wide_tables_repeating_the_keys():
     rows = [["a", "x" * 50, "y" * 50, 1.5], ["bb", "x", "y", 2.5]]
-    text = report.format_table(["key", "first", "second", "n"], rows, keys=1, width=80)
+    text = tables.format_table(["key", "first", "second", "n"], rows, keys=1, width=80)
     tables = text.split("\n\n")
     assert len(tables) == 2
     assert all(t.splitlines()[0].split()[0] == "key" for t in tables)
     assert [t.splitlines()[0].split()[1:] for t in tables] == [["first"], ["second", "n"]]
     assert max(len(line) for line in text.splitlines()) <= 80
-    assert "\n\n" not in report.format_table(["key", "n"], rows[:1] and [["a", 1.0]], keys=1, width=80)
+    assert "\n\n" not in tables.format_table(["key", "n"], rows[:1] and [["a", 1.0]], keys=1, width=80)
 
 
 def test_tiny_run_writes_measured_points(tiny_run):
@@ -204,7 +205,7 @@ def test_parse_shapes_accepts_both_spellings():
 # --- the fused model follows the launchers -------------------------------------------------------
 
 def _fused_kernel_launches(point, **kw):
-    launches = model.fused_launches(point, "fwd", **kw) + model.fused_launches(point, "bwd", **kw)
+    launches = roofline.fused_launches(point, "fwd", **kw) + roofline.fused_launches(point, "bwd", **kw)
     return [launch.name for launch in launches]
 
 
@@ -217,7 +218,7 @@ def test_fused_model_follows_the_token_regime(monkeypatch):
 
 def test_fused_model_follows_the_tile_config(monkeypatch):
     point = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")
-    before = {l.name: l for l in model.fused_launches(point, "fwd")}["_lora_fwd_kernel"]
+    before = {l.name: l for l in roofline.fused_launches(point, "fwd")}["_lora_fwd_kernel"]
     original = configs.fwd_config
 
     def wider(M, R, dtype):
@@ -225,7 +226,7 @@ def test_fused_model_follows_the_tile_config(monkeypatch):
         return configs.TileConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=256, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M), fuse
 
     monkeypatch.setattr(configs, "fwd_config", wider)
-    after = {l.name: l for l in model.fused_launches(point, "fwd")}["_lora_fwd_kernel"]
+    after = {l.name: l for l in roofline.fused_launches(point, "fwd")}["_lora_fwd_kernel"]
     assert "grid=(2048,)" in before.detail and "grid=(1024,)" in after.detail
 
 
@@ -259,7 +260,7 @@ def test_launchers_launch_the_plan_the_model_reports(monkeypatch, M, r, p):
     expected = [(l.kernel, l.grid, l.constexprs, l.config.num_warps, l.config.num_stages) for l in planned]
     log = [(l.kernel, l.grid, l.constexprs, l.kwargs["num_warps"], l.kwargs["num_stages"]) for l in launches]
     assert log == expected
-    modeled = [l.name for l in model.fused_launches(point, "fwd+bwd", num_sms=ops._INTERPRETER_SMS)
+    modeled = [l.name for l in roofline.fused_launches(point, "fwd+bwd", num_sms=ops._INTERPRETER_SMS)
                if l.name.startswith("_lora")]
     assert modeled == [e[0] for e in expected]
 
@@ -391,14 +392,14 @@ def test_peak_memory_warms_up_then_measures_one_fresh_step():
 
 
 def test_format_table_aligns_columns():
-    text = report.format_table(["name", "ms"], [["fused", 1.5], ["gemm", 12.25]])
+    text = tables.format_table(["name", "ms"], [["fused", 1.5], ["gemm", 12.25]])
     lines = text.splitlines()
     assert len({len(line) for line in lines}) == 1
     assert lines[2].endswith("1.5") and lines[3].endswith("12.2")
 
 
 def test_progress_is_silent_off_a_terminal(capsys):
-    bar = report.Progress(3)
+    bar = progress.Progress(3)
     bar.step("x")
     bar.close()
     assert capsys.readouterr().err == ""
@@ -455,17 +456,17 @@ def test_addmm_provider_grads_match_autograd(p):
 
 def test_modeled_bytes_count_a_broadcast_once():
     t = torch.empty(64, device="meta", dtype=torch.bfloat16)
-    assert model._addressed_bytes(t.expand(1024, 64)) == 64 * 2
-    assert model._addressed_bytes(torch.empty(8, 4, device="meta").t()) == 8 * 4 * 4
+    assert roofline._addressed_bytes(t.expand(1024, 64)) == 64 * 2
+    assert roofline._addressed_bytes(torch.empty(8, 4, device="meta").t()) == 8 * 4 * 4
     point = Point(256, 128, 512, 16, 0.0, "bfloat16", bias=True)
-    (launch,) = model.traced_launches("gemm", point)["fwd"]
+    (launch,) = roofline.traced_launches("gemm", point)["fwd"]
     assert launch.name == "aten.addmm"
     assert launch.bytes == (512 * 256 + 128 * 256 + 128 + 512 * 128) * 2  # x, W, b, y once each
 
 
 def test_fused_grad_casts_follow_the_plan(monkeypatch):
     point = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")
-    assert [l.name for l in model.fused_launches(point, "bwd")].count("to(bfloat16)") == 2
+    assert [l.name for l in roofline.fused_launches(point, "bwd")].count("to(bfloat16)") == 2
     original = plans.plan_lora_bwd_da
 
     def da_in_param_dtype(M, K, r, dtype, **kw):  # as if the kernel stored dA in A's dtype
@@ -473,16 +474,16 @@ def test_fused_grad_casts_follow_the_plan(monkeypatch):
                 for l in original(M, K, r, dtype, **kw)]
 
     monkeypatch.setattr(plans, "plan_lora_bwd_da", da_in_param_dtype)
-    casts = [l for l in model.fused_launches(point, "bwd") if l.name == "to(bfloat16)"]
+    casts = [l for l in roofline.fused_launches(point, "bwd") if l.name == "to(bfloat16)"]
     assert len(casts) == 1 and casts[0].detail.startswith("r:dB_float32")
 
 
 def test_git_commit_of_an_untracked_copy_is_unknown(tmp_path):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    copy = tmp_path / "report.py"
+    copy = tmp_path / "metadata.py"
     copy.write_text("# an installed copy inside someone else's repository\n")
-    assert report.git_commit(copy) == ("unknown", None)
-    assert report.git_commit()[0] != "unknown" or shutil.which("git") is None
+    assert metadata.git_commit(copy) == ("unknown", None)
+    assert metadata.git_commit()[0] != "unknown" or shutil.which("git") is None
 
 
 def test_peft_missing_is_a_note_or_an_error(monkeypatch, capsys, tmp_path):
@@ -505,11 +506,10 @@ def test_unquoted_arrow_gets_a_hint(capsys, tmp_path):
 
 def test_modeled_occupancy_charges_small_grids():
     """A Triton launch with fewer programs than SMs gets that fraction of the peaks; torch ops fill the GPU."""
-    from fused_lora.benchmarks import model
 
-    full = model.ModeledLaunch("k", flops=0, bytes=10**9, programs=model.NUM_SMS)
-    quarter = model.ModeledLaunch("k", flops=0, bytes=10**9, programs=model.NUM_SMS // 4)
-    torch_op = model.ModeledLaunch("aten.mm", flops=0, bytes=10**9)
-    body = full.seconds(1e15) - model.LAUNCH_OVERHEAD_S
+    full = roofline.ModeledLaunch("k", flops=0, bytes=10**9, programs=roofline.NUM_SMS)
+    quarter = roofline.ModeledLaunch("k", flops=0, bytes=10**9, programs=roofline.NUM_SMS // 4)
+    torch_op = roofline.ModeledLaunch("aten.mm", flops=0, bytes=10**9)
+    body = full.seconds(1e15) - roofline.LAUNCH_OVERHEAD_S
     assert torch_op.seconds(1e15) == full.seconds(1e15)
-    assert quarter.seconds(1e15) - model.LAUNCH_OVERHEAD_S == pytest.approx(4 * body)
+    assert quarter.seconds(1e15) - roofline.LAUNCH_OVERHEAD_S == pytest.approx(4 * body)

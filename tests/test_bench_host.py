@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fused_lora.benchmarks import cli, host, report
+from fused_lora.benchmarks import cli, host, layout
 from fused_lora.kernel_report import KERNELS
 
 FEW_ROUNDS = dict(min_rounds=20, max_rounds=20)
@@ -70,7 +70,7 @@ def test_host_only_prints_the_part_and_writes_json(tmp_path, capsys, monkeypatch
     text = capsys.readouterr().out
     assert "Host overhead, measured" in text and "fused/eager" in text and "fused-lora-bench --host-only" in text
     assert "[1/4]" not in text  # nothing else runs
-    assert all(len(line) <= report.WIDTH for line in text.splitlines())
+    assert all(len(line) <= layout.WIDTH for line in text.splitlines())
     data = json.loads((tmp_path / "host.json").read_text())
     assert data["metadata"]["git_commit"] and data["metadata"]["date_utc"]
     assert len(data["host_overhead"]["rows"]) == len(host.HOST_DROPOUTS)

@@ -187,10 +187,10 @@ def test_compile_injected_llama_fullgraph():
 @pytest.mark.parametrize("op", ["fused_lora::lora_linear_fwd", "fused_lora::lora_linear_bwd"])
 def test_ops_have_a_kernel_per_device(op):
     """The dispatcher's device keys (where a C++ CPU kernel or a sharding rule plugs in), not a backend string."""
-    from fused_lora import _library
+    from fused_lora import _op
 
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
-    assert set(_library.DEVICE_KERNELS) == {"cpu", "cuda"}
+    assert set(_op.DEVICE_KERNELS) == {"cpu", "cuda"}
     schema = str(getattr(torch.ops.fused_lora, op.split("::")[1]).default._schema)
     assert "backend" not in schema, schema

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fused_lora import gpu_check, kernel_report
-from fused_lora.benchmarks import cli, host, report, runs
+from fused_lora.benchmarks import cli, host, runs, writers
 from fused_lora.benchmarks.sweep import Point
 
 
@@ -84,7 +84,7 @@ class FakeRunner:
         elif part == "benchmark":
             out = Path(_flag(cmd, "--out"))
             out.mkdir(parents=True, exist_ok=True)
-            report.write_json(out / "points.json", {"metadata": {"device": "NVIDIA H200"}, "warnings": [],
+            writers.write_json(out / "points.json", {"metadata": {"device": "NVIDIA H200"}, "warnings": [],
                                                     "measured": _measured_rows(), "saved_bytes": [], "modeled": []})
         else:  # the real host part, on CPU tensors
             assert _flag(cmd, "--device") == "cuda"

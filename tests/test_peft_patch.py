@@ -190,7 +190,7 @@ def test_base_layer_hook_added_after_patch_runs():
     x = torch.randn(2, 8, 64)
     fused = layer(x)
     handle = layer.base_layer.register_forward_hook(lambda module, args, out: out * 0)
-    assert peft_patch.fused_plan(layer, x, (), {}) is None
+    assert peft_patch.fused_call_args(layer, x, (), {}) is None
     lora_only = layer(x)  # PEFT's forward: the hooked base output is zero
     # Each against fp64: the LoRA term alone (hooked) and x W^T + LoRA term (fused), with plain torch as baseline.
     w, a, b = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -200,7 +200,7 @@ def test_base_layer_hook_added_after_patch_runs():
     assert_within_torch_error("LoRA term", lora_only, term, term64, torch.float32)
     assert_within_torch_error("fused y", fused, x @ w.t() + term, x.double() @ w.double().t() + term64, torch.float32)
     handle.remove()
-    assert peft_patch.fused_plan(layer, x, (), {}) is not None
+    assert peft_patch.fused_call_args(layer, x, (), {}) is not None
 
 
 @pytest.fixture(scope="module")
@@ -280,21 +280,21 @@ def test_per_call_fallbacks_run_peft_forward():
     assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
-def test_plan_decisions():
+def test_fused_call_args_decisions():
     model = peft_model(tiny_llama(), LoraConfig(**ALL_LINEAR, lora_dropout=0.1))
     fused_lora.patch_peft(model)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 64)
     layer.train()
-    assert peft_patch.fused_plan(layer, x, (), {}) == (["default"], torch.float32, 0.1)
+    assert peft_patch.fused_call_args(layer, x, (), {}) == (["default"], torch.float32, 0.1)
     layer.eval()
-    assert peft_patch.fused_plan(layer, x, (), {}) == (["default"], torch.float32, 0.0)
-    assert peft_patch.fused_plan(layer, x, (), {"adapter_names": ["default", "default"]}) is None
-    assert peft_patch.fused_plan(layer, x.double(), (), {}) is None  # fp64: PEFT's forward
+    assert peft_patch.fused_call_args(layer, x, (), {}) == (["default"], torch.float32, 0.0)
+    assert peft_patch.fused_call_args(layer, x, (), {"adapter_names": ["default", "default"]}) is None
+    assert peft_patch.fused_call_args(layer, x.double(), (), {}) is None  # fp64: PEFT's forward
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert peft_patch.fused_plan(layer, x, (), {}) == (["default"], torch.bfloat16, 0.0)
+        assert peft_patch.fused_call_args(layer, x, (), {}) == (["default"], torch.bfloat16, 0.0)
     layer.r["default"] = 300  # stacked rank above MAX_RANK
-    assert peft_patch.fused_plan(layer, x, (), {}) is None
+    assert peft_patch.fused_call_args(layer, x, (), {}) is None
 
 
 def test_autocast_matches_peft_under_autocast():
