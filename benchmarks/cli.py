@@ -20,13 +20,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import runs, tables
+from . import runs, sections
 from . import sweep as sw
 from .layout import wrap
 from .progress import Progress
 from .sweep import DTYPES, PROVIDERS, Point
 
-CPU_MODE_BANNER = "CPU mode: no CUDA device; GPU timings not measured."
 # CPU timing runs on one thread by default. Measured on this project's 2-core machine while another
 # process held one core: a 32x64x64 mm took 16 ms with 2 threads (the OpenMP barrier waits for a
 # scheduler slice) and 8 us with 1; 256x1024x1024 took 16 ms with 2 threads and 5.9 ms with 1.
@@ -47,58 +46,69 @@ def _split(text: str) -> list[str]:
     return items
 
 
+def _each(text: str, parse_item) -> tuple:
+    """parse_item applied to each comma-separated item of text; it raises FilterError on a bad one."""
+    return tuple(parse_item(item) for item in _split(text))
+
+
+def _shape(item: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)\s*(?:x|->)\s*(\d+)", item)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        hint = (" (an unquoted '->' is a shell redirection: the rest of the shape became a file name; "
+                "quote it or write 4096x1024)") if item.endswith("-") else ""
+        raise FilterError(f"bad shape {item!r}: expected IN x OUT, e.g. 4096x1024 or '4096->1024'{hint}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     """'4096x1024,8192->28672' -> ((4096, 1024), (8192, 28672)): in_features x out_features."""
-    shapes = []
-    for item in _split(text):
-        m = re.fullmatch(r"(\d+)\s*(?:x|->)\s*(\d+)", item)
-        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-            hint = (" (an unquoted '->' is a shell redirection: the rest of the shape became a file name; "
-                    "quote it or write 4096x1024)") if item.endswith("-") else ""
-            raise FilterError(f"bad shape {item!r}: expected IN x OUT, e.g. 4096x1024 or '4096->1024'{hint}")
-        shapes.append((int(m.group(1)), int(m.group(2))))
-    return tuple(shapes)
+    return _each(text, _shape)
 
 
 def parse_ints(text: str, what: str, low: int, high: int | None = None) -> tuple[int, ...]:
-    values = []
-    for item in _split(text):
+    def one(item: str) -> int:
         if not re.fullmatch(r"\d+", item) or int(item) < low or (high is not None and int(item) > high):
             bound = f"{low}..{high}" if high is not None else f">= {low}"
             raise FilterError(f"bad {what} {item!r}: expected an integer {bound}")
-        values.append(int(item))
-    return tuple(values)
+        return int(item)
+
+    return _each(text, one)
+
+
+def _dropout(item: str) -> float:
+    try:
+        p = float(item)
+    except ValueError:
+        p = -1.0
+    if not 0.0 <= p < 1.0:
+        raise FilterError(f"bad dropout {item!r}: expected a probability in [0, 1)")
+    return p
 
 
 def parse_dropouts(text: str) -> tuple[float, ...]:
-    values = []
-    for item in _split(text):
-        try:
-            p = float(item)
-        except ValueError:
-            p = -1.0
-        if not 0.0 <= p < 1.0:
-            raise FilterError(f"bad dropout {item!r}: expected a probability in [0, 1)")
-        values.append(p)
-    return tuple(values)
+    return _each(text, _dropout)
+
+
+def _dtype(item: str) -> str:
+    name = _DTYPE_ALIASES.get(item.lower(), item.lower())
+    if name not in DTYPES:
+        raise FilterError(f"unknown dtype {item!r}: expected one of {', '.join(DTYPES)} (or bf16, fp16, fp32)")
+    return name
 
 
 def parse_dtypes(text: str) -> tuple[str, ...]:
-    values = []
-    for item in _split(text):
-        name = _DTYPE_ALIASES.get(item.lower(), item.lower())
-        if name not in DTYPES:
-            raise FilterError(f"unknown dtype {item!r}: expected one of {', '.join(DTYPES)} (or bf16, fp16, fp32)")
-        values.append(name)
-    return tuple(values)
+    return _each(text, _dtype)
+
+
+def _provider(item: str) -> str:
+    if item not in PROVIDERS:
+        raise FilterError(f"unknown provider {item!r}: expected one of {', '.join(PROVIDERS)}")
+    return item
 
 
 def parse_providers(text: str) -> tuple[str, ...]:
-    values = []
-    for item in _split(text):
-        if item not in PROVIDERS:
-            raise FilterError(f"unknown provider {item!r}: expected one of {', '.join(PROVIDERS)}")
-        values.append(item)
+    """The named providers in PROVIDERS' order, each once."""
+    values = _each(text, _provider)
     return tuple(p for p in PROVIDERS if p in values)
 
 
@@ -206,95 +216,6 @@ def plan_points(preset: str, gpu: bool, filters: dict) -> tuple[list[Point], lis
     return measured_sweep.points(), saved, modeled, notes
 
 
-def print_header(preset: str, gpu: bool, meta: dict, notes: list[str], cpu_threads: int) -> None:
-    print(wrap(f"fused-lora-bench ({preset}): {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
-               f"commit {meta['git_commit'][:12]}{'+changes' if meta['git_dirty'] else ''} | {meta['date_utc']}"))
-    if not gpu:
-        print(CPU_MODE_BANNER)
-        interp = meta["triton_interpret_env"]
-        print(wrap("fused here = fused_lora.lora_linear's CPU fallback (its torch backend), not the product: the same "
-                   "unfused mm / addmm_ calls as addmm, plus, with dropout, a keep-mask drawn in numpy Philox so it is "
-                   "bit-identical to the CUDA kernels' (eager draws torch's own mask). These times say nothing about "
-                   "the Triton kernels" + (f"; TRITON_INTERPRET={interp} is ignored for timing "
-                                           "(FUSED_LORA_BACKEND=torch)" if interp else "") + ".", "  "))
-        print(wrap(f"CPU timings: the preset's small fp32 sizes, {cpu_threads} thread(s), every provider and "
-                   "direction of a point timed side by side in shuffled rounds; --shapes, --tokens and --dtypes "
-                   "select the saved-bytes and modeled points.", "  "))
-    for note in notes:
-        print(wrap(f"note: {note}", "  "))
-    print(flush=True)
-
-
-def print_measured(measured: list[dict], gpu: bool, meta: dict, model_only: bool) -> None:
-    from . import measure
-
-    if gpu:
-        print(wrap(f"[1/4] Measured on {meta['device']}: do_bench median [p20-p80] ms, synchronised, after "
-                   "warm-up, grads set to None before each call; peak memory of one fwd+bwd from a clean state, "
-                   "above inputs and parameters."))
-    else:
-        print(wrap(f"[1/4] Measured CPU times (not GPU): median [p20-p80] ms of the "
-                   f"{measure.cpu_clock(meta['cpu_threads'])[1]}, from the quietest of "
-                   f"{measure.CPU_BLOCKS} blocks of rounds, {meta['device']}. Saved MiB here is what torch saves "
-                   "on CPU (CPU dropout keeps a noise tensor in x's dtype; CUDA keeps a bool mask: see part 2)."))
-    print(wrap("bwd = backward of a retained graph with a fixed dY (grads of x, A, B; W frozen); "
-               "x gemm / x eager / x peft: fwd+bwd time ratios at the same point.", "  "))
-    if not measured:
-        print("  (skipped: --model-only)" if model_only else "  (no points)")
-        print()
-        return
-    print(tables.measured_times_table(measured))
-    print()
-    print("  The same points: fwd+bwd rates, time ratios and memory.")
-    print(tables.measured_ratios_table(measured, gpu))
-    dropout_rows = [r for r in measured if r["dropout"] > 0.0]
-    if not gpu and dropout_rows:
-        big = max(dropout_rows, key=lambda r: r["tokens"] * r["in_features"])
-        ms = measure.time_cpu_dropout_mask(big["tokens"], big["in_features"], big["dropout"])
-        print(wrap(f"With dropout, fused's CPU fallback draws its Philox keep-mask in numpy: measured {ms:.3g} ms "
-                   f"for a {big['tokens']}x{big['in_features']} mask here "
-                   f"({ms * 1e6 / (big['tokens'] * big['in_features']):.0f} ns per element), once in forward and "
-                   "once in backward. The CUDA kernels draw the same mask in registers, inside the GEMM tiles.", "  "))
-    print()
-
-
-def print_saved(saved: list[dict]) -> None:
-    print(wrap("[2/4] Activation bytes saved for backward per layer: measured, exact "
-               "(torch.autograd.graph.saved_tensors_hooks; storages counted once, parameters excluded), "
-               "on meta tensors at real size, dropout dispatched as on CUDA (native_dropout, bool mask)."))
-    print(tables.saved_table(saved) if saved else "  (no points)")
-    print()
-
-
-def print_modeled(modeled: list[dict], model_points: list[Point], detail: list[Point], out: Path,
-                  verbose: bool) -> None:
-    from . import roofline
-
-    print(wrap(f"[3/4] MODELED H100 SXM (not measured): per launch max(FLOPs / "
-               f"{roofline.PEAK_FLOPS['bfloat16'] / 1e12:g} TFLOP/s, compulsory bytes / {roofline.HBM_BYTES_PER_S / 1e12:g} "
-               f"TB/s) / occupancy + {roofline.LAUNCH_OVERHEAD_S * 1e6:g} us assumed launch overhead, summed over "
-               f"launches; occupancy = min(1, programs / {roofline.NUM_SMS} SMs) for a Triton launch, 1 for a torch op."))
-    print(wrap("fused: launches from the launchers' plans (grids, tiles, passes; FLOPs of whole tiles and the padded "
-               "rank; fp32 atomics, whose L2 traffic is not modeled); others: aten ops traced on meta tensors "
-               "(FLOPs of the real rank).", "  "))
-    for point in detail:
-        sel = [r for r in modeled if runs.point_of(r) == point]
-        print(f"  modeled at {point.shape}, {point.tokens} tokens, r={point.r}, dropout {point.dropout}, "
-              f"{point.dtype}:")
-        print(tables.modeled_detail_table(sel))
-        if verbose:
-            print(tables.launch_lines(sel))
-        print()
-    if len(model_points) > len(detail):
-        first = model_points[0]
-        r_ = sw.HEADLINE["r"] if any(p.r == sw.HEADLINE["r"] for p in model_points) else first.r
-        dropout = 0.0 if any(p.dropout == 0.0 for p in model_points) else first.dropout
-        print(wrap(f"modeled fwd+bwd us across the sweep, and fused's modeled ratios (r={r_}, dropout {dropout}, "
-                   f"{first.dtype}; every point in {out / 'modeled.csv'}):", "  "))
-        print(tables.modeled_summary_table(modeled, r_, dropout, first.dtype))
-        print()
-
-
 def run_host(device, warnings: list[str]) -> dict | None:
     """The host-overhead part (benchmarks.host); a failure is a warning, not the end of the run."""
     from . import host
@@ -310,8 +231,7 @@ def main_host_only(device, out: Path, argv: list[str]) -> int:
     from . import host, metadata, writers
 
     meta = metadata.run_metadata(device, "host", argv)
-    print(wrap(f"fused-lora-bench (host-only): {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
-               f"commit {meta['git_commit'][:12]}{'+changes' if meta['git_dirty'] else ''} | {meta['date_utc']}"))
+    print(sections.title("host-only", meta))
     print()
     warnings: list[str] = []
     result = run_host(device, warnings)
@@ -352,7 +272,7 @@ def main(argv=None) -> int:
     notes += point_notes
     if args.model_only:
         measured_points = []
-    print_header(preset, gpu, meta, notes, args.cpu_threads)
+    sections.print_header(preset, gpu, meta, notes, args.cpu_threads)
 
     progress = Progress(len(providers) * (len(measured_points) + len(saved_points) + len(model_points)),
                                enabled=not args.quiet)
@@ -367,10 +287,10 @@ def main(argv=None) -> int:
     modeled = runs.run_modeled(model_points, providers, progress, warnings)
     progress.close()
 
-    print_measured(measured, gpu, meta, args.model_only)
-    print_saved(saved)
+    sections.print_measured(measured, gpu, meta, args.model_only)
+    sections.print_saved(saved)
     detail = runs.detail_points(model_points)
-    print_modeled(modeled, model_points, detail, out, args.verbose)
+    sections.print_modeled(modeled, model_points, detail, out, args.verbose)
     host_result = None if args.model_only else run_host(device, warnings)
     host.print_host(host_result, "[4/4]", skipped="skipped: --model-only" if args.model_only else
                     "failed: see the warning below")

@@ -8,7 +8,7 @@ torch's kernels size their grids to the GPU, e.g. split-K for few tokens).
 Launch lists are derived, not typed in:
 - fused: from the launchers' own plans (fused_lora.kernels.plans.plan_*): grids, tiles, passes, partial
   buffers and memsets, as the launchers will launch them, plus the grad casts of
-  fused_lora._library (an fp32 dA or dB to the parameters' dtype).
+  fused_lora._op (an fp32 dA or dB to the parameters' dtype).
 - eager, peft, addmm, gemm: by running them once on meta tensors under a TorchDispatchMode that
   records every aten op autograd and the module run (views and allocations excluded), with FLOPs
   from torch.utils.flop_counter's formulas and compulsory bytes from the op's tensors.

@@ -44,6 +44,33 @@ def _dropped(tile, seed, rows, cols, drop_threshold):
 
 
 @triton.jit
+def _shrink_step(acc, x, a_ptr, offs_m, offs_k, offs_r, stride_ar, stride_ak, K, r, seed, drop_threshold,
+                 APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + dropout(x) A^T over one K tile: x is the (BLOCK_M, BLOCK_K) tile, A's (BLOCK_K, R) tile is
+    loaded here; ``seed`` is read only when APPLY_DROPOUT."""
+    if APPLY_DROPOUT:
+        x = _dropped(x, seed, offs_m, offs_k, drop_threshold)
+    a = _load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, r)  # (BLOCK_K, R)
+    return tl.dot(x, a, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _rank_chunked_dot(acc, s_ptr, b_ptr, offs_m, offs_n, stride_sm, stride_sr, stride_br, stride_bn, M, N, r,
+                      R: tl.constexpr, R_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + S B over the padded rank: S (M, r) rows offs_m, B (r, N) columns offs_n, in R_CHUNK slices.
+
+    A runtime loop, not pipelined: one rank slice's operands are live at a time (an unrolled
+    static_range kept every slice's loads in flight and spilled at R = 256).
+    """
+    for r0 in tl.range(0, R, R_CHUNK, num_stages=1):
+        offs_r = _span(r0, R_CHUNK)
+        s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r)  # (BLOCK_M, R_CHUNK)
+        b = _load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r, N)  # (R_CHUNK, BLOCK_N)
+        acc = tl.dot(s, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _grouped_tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program, int64, in grouped order: GROUP_M row blocks walk the
     column blocks together, so each column block of the weight is reused from L2."""

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._common import _dropped, _grouped_tile_ids, _load_tile, _span
+from ._common import _dropped, _grouped_tile_ids, _load_tile, _rank_chunked_dot, _span
 
 
 @triton.jit
@@ -79,14 +79,8 @@ def _lora_bwd_dx_kernel(
     offs_k = _span(pid_k * BLOCK_K, BLOCK_K)
 
     # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass.
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    # A runtime loop, not pipelined: one rank slice's operands are live at a time (an unrolled
-    # static_range kept every slice's loads in flight and spilled at R = 256).
-    for r0 in tl.range(0, R, R_CHUNK, num_stages=1):
-        offs_r = _span(r0, R_CHUNK)
-        ds = _load_tile(ds_ptr, offs_m, offs_r, stride_dsm, stride_dsr, M, r)  # (BLOCK_M, R_CHUNK)
-        a = _load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, r, K)  # (R_CHUNK, BLOCK_K)
-        acc = tl.dot(ds, a, acc, input_precision=INPUT_PRECISION)
+    acc = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
+                            stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION)
     if APPLY_DROPOUT:
         seed = tl.load(seed_ptr)
         acc = _dropped(acc, seed, offs_m, offs_k, drop_threshold) * keep_scale

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._common import _dropped, _grouped_tile_ids, _load_tile, _span
+from ._common import _grouped_tile_ids, _load_tile, _rank_chunked_dot, _shrink_step, _span
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])
@@ -23,16 +23,13 @@ def _lora_shrink_kernel(
     pid_m = tl.program_id(0).to(tl.int64)
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_r = _span(0, R)
-    if APPLY_DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = tl.load(seed_ptr) if APPLY_DROPOUT else 0
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = _span(k0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
-        if APPLY_DROPOUT:
-            x = _dropped(x, seed, offs_m, offs_k, drop_threshold)
-        a = _load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, r)  # (BLOCK_K, R)
-        acc = tl.dot(x, a, acc, input_precision=INPUT_PRECISION)
+        acc = _shrink_step(acc, x, a_ptr, offs_m, offs_k, offs_r, stride_ar, stride_ak, K, r, seed, drop_threshold,
+                           APPLY_DROPOUT, INPUT_PRECISION)
     if APPLY_DROPOUT:
         acc = acc * keep_scale
     tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
@@ -74,18 +71,15 @@ def _lora_fwd_kernel(
     if FUSE_SHRINK:
         offs_r = _span(0, R)
         s_acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-        if APPLY_DROPOUT:
-            seed = tl.load(seed_ptr)
+        seed = tl.load(seed_ptr) if APPLY_DROPOUT else 0
     for k0 in range(0, K, BLOCK_K):
         offs_k = _span(k0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         w = _load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N)  # (BLOCK_K, BLOCK_N)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         if FUSE_SHRINK:
-            if APPLY_DROPOUT:
-                x = _dropped(x, seed, offs_m, offs_k, drop_threshold)
-            a = _load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, r)  # (BLOCK_K, R)
-            s_acc = tl.dot(x, a, s_acc, input_precision=INPUT_PRECISION)
+            s_acc = _shrink_step(s_acc, x, a_ptr, offs_m, offs_k, offs_r, stride_ar, stride_ak, K, r, seed,
+                                 drop_threshold, APPLY_DROPOUT, INPUT_PRECISION)
 
     if FUSE_SHRINK:
         if APPLY_DROPOUT:
@@ -99,14 +93,8 @@ def _lora_fwd_kernel(
         b = _load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r, N)  # (R, BLOCK_N)
         lora = tl.dot(s, b, input_precision=INPUT_PRECISION)
     else:
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # A runtime loop, not pipelined: one rank slice's operands are live at a time (an unrolled
-        # static_range kept every slice's loads in flight and spilled at R = 256).
-        for r0 in tl.range(0, R, R_CHUNK, num_stages=1):
-            offs_r = _span(r0, R_CHUNK)
-            s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r)  # (BLOCK_M, R_CHUNK)
-            b = _load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r, N)  # (R_CHUNK, BLOCK_N)
-            lora = tl.dot(s, b, lora, input_precision=INPUT_PRECISION)
+        lora = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, offs_m, offs_n,
+                                 stride_sm, stride_sr, stride_br, stride_bn, M, N, r, R, R_CHUNK, INPUT_PRECISION)
     acc += lora * scaling
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias_n, mask=offs_n < N, other=0.0)

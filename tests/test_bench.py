@@ -10,10 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fused_lora.benchmarks import cli, layout, measure, metadata, progress, roofline, tables
-from fused_lora.benchmarks.providers import BUILDERS, Layer, Params, make_input, torch_backend_for_cpu
+from fused_lora.benchmarks import cli, layout, measure, metadata, progress, roofline, sections
 from fused_lora.benchmarks.cli import parse_shapes
+from fused_lora.benchmarks.providers import BUILDERS, Layer, Params, make_input, torch_backend_for_cpu
 from fused_lora.benchmarks.sweep import HEADLINE, PROVIDERS, Point
+from fused_lora.benchmarks.tables import format_table
 from fused_lora.kernels import configs, ops, plans
 from spies import spy_on_kernels
 
@@ -39,7 +40,7 @@ def _rows(path):
 
 def test_tiny_run_says_cpu_mode_and_prints_four_parts(tiny_run):
     _, text = tiny_run
-    assert cli.CPU_MODE_BANNER in text
+    assert sections.CPU_MODE_BANNER in text
     for part in ("[1/4] Measured CPU times (not GPU)", "[2/4] Activation bytes saved", "[3/4] MODELED H100",
                  "[4/4] Host overhead, measured"):
         assert part in text
@@ -98,7 +99,7 @@ def _widest_gpu_rows():
 
 def test_gpu_tables_fit_120_columns(capsys):
     meta = {"device": "NVIDIA H200 NVL with a long marketing name", "cpu_threads": 1}
-    cli.print_measured(_widest_gpu_rows(), True, meta, False)
+    sections.print_measured(_widest_gpu_rows(), True, meta, False)
     text = capsys.readouterr().out
     assert "1,234 [1,222-1,246]" in text and "peak MiB" in text
     assert _long_lines(text) == []
@@ -106,13 +107,13 @@ def test_gpu_tables_fit_120_columns(capsys):
 
 def test_format_table_splits_wide_tables_repeating_the_keys():
     rows = [["a", "x" * 50, "y" * 50, 1.5], ["bb", "x", "y", 2.5]]
-    text = tables.format_table(["key", "first", "second", "n"], rows, keys=1, width=80)
+    text = format_table(["key", "first", "second", "n"], rows, keys=1, width=80)
     tables = text.split("\n\n")
     assert len(tables) == 2
     assert all(t.splitlines()[0].split()[0] == "key" for t in tables)
     assert [t.splitlines()[0].split()[1:] for t in tables] == [["first"], ["second", "n"]]
     assert max(len(line) for line in text.splitlines()) <= 80
-    assert "\n\n" not in tables.format_table(["key", "n"], rows[:1] and [["a", 1.0]], keys=1, width=80)
+    assert "\n\n" not in format_table(["key", "n"], rows[:1] and [["a", 1.0]], keys=1, width=80)
 
 
 def test_tiny_run_writes_measured_points(tiny_run):
@@ -392,7 +393,7 @@ def test_peak_memory_warms_up_then_measures_one_fresh_step():
 
 
 def test_format_table_aligns_columns():
-    text = tables.format_table(["name", "ms"], [["fused", 1.5], ["gemm", 12.25]])
+    text = format_table(["name", "ms"], [["fused", 1.5], ["gemm", 12.25]])
     lines = text.splitlines()
     assert len({len(line) for line in lines}) == 1
     assert lines[2].endswith("1.5") and lines[3].endswith("12.2")

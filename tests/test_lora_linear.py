@@ -4,23 +4,8 @@ import torch
 
 import fused_lora
 from fused_lora.functional import select_backend
+from cases import CASES, DTYPES, case_id
 from numerics import compare_with_reference, make_inputs
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (leading shape of x, K, N, r, dropout_p, bias): every rank in {1, 7, 8, 16, 64, 256}, M in
-# {0, 1, 3, 127, 3-D}, K and N not multiples of 16 (and 0), both token regimes, fused and unfused shrink.
-CASES = [
-    ((0,), 77, 53, 8, 0.1, True),
-    ((1,), 77, 53, 1, 0.0, True),
-    ((3,), 77, 53, 7, 0.1, False),
-    ((3,), 40, 24, 64, 0.1, True),
-    ((127,), 77, 53, 16, 0.0, True),
-    ((127,), 77, 53, 256, 0.1, False),
-    ((4, 33), 48, 72, 8, 0.1, True),
-    ((127,), 33, 129, 64, 0.0, False),
-    ((5,), 0, 24, 4, 0.1, True),  # K = 0: y is the bias
-    ((2, 3), 40, 0, 4, 0.1, True),  # N = 0
-]
 
 
 def test_interpreter_selects_triton():
@@ -28,7 +13,7 @@ def test_interpreter_selects_triton():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"x{c[0]}-K{c[1]}-N{c[2]}-r{c[3]}-p{c[4]}-bias{c[5]}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference(case, dtype):
     lead, K, N, r, p, bias = case
     inputs = make_inputs(lead, K, N, r, dtype, bias=bias)
@@ -41,6 +26,7 @@ def test_weight_and_bias_grads(dtype):
     compare_with_reference(inputs, scaling=0.5, dropout_p=0.2, seed=7, grad_weight=True)
 
 
+@pytest.mark.slow
 def test_odd_large_shape_bf16():
     # 727 x 577 x 859: several tiles in every dimension, ragged edges everywhere.
     inputs = make_inputs((727,), 577, 859, 16, torch.bfloat16)

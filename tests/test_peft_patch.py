@@ -297,6 +297,39 @@ def test_fused_call_args_decisions():
     assert peft_patch.fused_call_args(layer, x, (), {}) is None
 
 
+class ScaledDropout(torch.nn.Module):
+    """A dropout module PEFT accepts but the fused op does not know."""
+
+    def forward(self, x):
+        return 0.5 * x
+
+
+def test_patch_time_reason_and_per_call_decision_agree():
+    # Adapter state changed after patching: the per-call decision falls back, and the patch-time reason names why.
+    model = fused_lora.patch_peft(peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).eval())
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 64)
+    assert peft_patch.fused_call_args(layer, x, (), {}) is not None
+    assert peft_patch._fallback_reason(layer, ["default"]) is None
+    layer.lora_dropout["default"] = ScaledDropout()
+    assert peft_patch.fused_call_args(layer, x, (), {}) is None
+    assert peft_patch._fallback_reason(layer, ["default"]) == "adapter 'default' has a custom dropout module ScaledDropout"
+    layer.lora_dropout["default"] = torch.nn.Identity()
+    layer.lora_bias["default"] = True
+    assert peft_patch.fused_call_args(layer, x, (), {}) is None
+    assert peft_patch._fallback_reason(layer, ["default"]) == "adapter 'default' has lora_bias=True"
+    layer.lora_bias["default"] = False
+    handle = layer.base_layer.register_forward_pre_hook(lambda module, args: None)
+    assert peft_patch.fused_call_args(layer, x, (), {}) is None
+    assert peft_patch._fallback_reason(layer, ["default"]) == (
+        "the base layer has forward hooks, which the fused op would bypass (checked per call)")
+    handle.remove()
+    layer.r["default"] = 300
+    assert peft_patch.fused_call_args(layer, x, (), {}) is None
+    assert peft_patch._fallback_reason(layer, ["default"]) == (
+        f"active adapters ['default'] stack to rank 300 > {peft_patch.MAX_RANK}")
+
+
 def test_autocast_matches_peft_under_autocast():
     model = peft_model(tiny_llama(), LoraConfig(**ALL_LINEAR)).eval()
     reference = copy.deepcopy(model)

@@ -1,0 +1,105 @@
+"""The printed text of each part of a run: the title and notes, then the measured, saved-bytes and modeled parts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import runs, tables
+from . import sweep as sw
+from .layout import wrap
+from .sweep import Point
+
+CPU_MODE_BANNER = "CPU mode: no CUDA device; GPU timings not measured."
+
+
+def title(mode: str, meta: dict) -> str:
+    """The first line of a run: its mode, device, versions, commit and date."""
+    return wrap(f"fused-lora-bench ({mode}): {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
+                f"commit {meta['git_commit'][:12]}{'+changes' if meta['git_dirty'] else ''} | {meta['date_utc']}")
+
+
+def print_header(preset: str, gpu: bool, meta: dict, notes: list[str], cpu_threads: int) -> None:
+    print(title(preset, meta))
+    if not gpu:
+        print(CPU_MODE_BANNER)
+        interp = meta["triton_interpret_env"]
+        print(wrap("fused here = fused_lora.lora_linear's CPU fallback (its torch backend), not the product: the same "
+                   "unfused mm / addmm_ calls as addmm, plus, with dropout, a keep-mask drawn in numpy Philox so it is "
+                   "bit-identical to the CUDA kernels' (eager draws torch's own mask). These times say nothing about "
+                   "the Triton kernels" + (f"; TRITON_INTERPRET={interp} is ignored for timing "
+                                           "(FUSED_LORA_BACKEND=torch)" if interp else "") + ".", "  "))
+        print(wrap(f"CPU timings: the preset's small fp32 sizes, {cpu_threads} thread(s), every provider and "
+                   "direction of a point timed side by side in shuffled rounds; --shapes, --tokens and --dtypes "
+                   "select the saved-bytes and modeled points.", "  "))
+    for note in notes:
+        print(wrap(f"note: {note}", "  "))
+    print(flush=True)
+
+
+def print_measured(measured: list[dict], gpu: bool, meta: dict, model_only: bool) -> None:
+    from . import measure
+
+    if gpu:
+        print(wrap(f"[1/4] Measured on {meta['device']}: do_bench median [p20-p80] ms, synchronised, after "
+                   "warm-up, grads set to None before each call; peak memory of one fwd+bwd from a clean state, "
+                   "above inputs and parameters."))
+    else:
+        print(wrap(f"[1/4] Measured CPU times (not GPU): median [p20-p80] ms of the "
+                   f"{measure.cpu_clock(meta['cpu_threads'])[1]}, from the quietest of "
+                   f"{measure.CPU_BLOCKS} blocks of rounds, {meta['device']}. Saved MiB here is what torch saves "
+                   "on CPU (CPU dropout keeps a noise tensor in x's dtype; CUDA keeps a bool mask: see part 2)."))
+    print(wrap("bwd = backward of a retained graph with a fixed dY (grads of x, A, B; W frozen); "
+               "x gemm / x eager / x peft: fwd+bwd time ratios at the same point.", "  "))
+    if not measured:
+        print("  (skipped: --model-only)" if model_only else "  (no points)")
+        print()
+        return
+    print(tables.measured_times_table(measured))
+    print()
+    print("  The same points: fwd+bwd rates, time ratios and memory.")
+    print(tables.measured_ratios_table(measured, gpu))
+    dropout_rows = [r for r in measured if r["dropout"] > 0.0]
+    if not gpu and dropout_rows:
+        big = max(dropout_rows, key=lambda r: r["tokens"] * r["in_features"])
+        ms = measure.time_cpu_dropout_mask(big["tokens"], big["in_features"], big["dropout"])
+        print(wrap(f"With dropout, fused's CPU fallback draws its Philox keep-mask in numpy: measured {ms:.3g} ms "
+                   f"for a {big['tokens']}x{big['in_features']} mask here "
+                   f"({ms * 1e6 / (big['tokens'] * big['in_features']):.0f} ns per element), once in forward and "
+                   "once in backward. The CUDA kernels draw the same mask in registers, inside the GEMM tiles.", "  "))
+    print()
+
+
+def print_saved(saved: list[dict]) -> None:
+    print(wrap("[2/4] Activation bytes saved for backward per layer: measured, exact "
+               "(torch.autograd.graph.saved_tensors_hooks; storages counted once, parameters excluded), "
+               "on meta tensors at real size, dropout dispatched as on CUDA (native_dropout, bool mask)."))
+    print(tables.saved_table(saved) if saved else "  (no points)")
+    print()
+
+
+def print_modeled(modeled: list[dict], model_points: list[Point], detail: list[Point], out: Path,
+                  verbose: bool) -> None:
+    from . import roofline
+
+    print(wrap(f"[3/4] MODELED H100 SXM (not measured): per launch max(FLOPs / "
+               f"{roofline.PEAK_FLOPS['bfloat16'] / 1e12:g} TFLOP/s, compulsory bytes / {roofline.HBM_BYTES_PER_S / 1e12:g} "
+               f"TB/s) / occupancy + {roofline.LAUNCH_OVERHEAD_S * 1e6:g} us assumed launch overhead, summed over "
+               f"launches; occupancy = min(1, programs / {roofline.NUM_SMS} SMs) for a Triton launch, 1 for a torch op."))
+    print(wrap("fused: launches from the launchers' plans (grids, tiles, passes; FLOPs of whole tiles and the padded "
+               "rank; fp32 atomics, whose L2 traffic is not modeled); others: aten ops traced on meta tensors "
+               "(FLOPs of the real rank).", "  "))
+    for point in detail:
+        sel = [r for r in modeled if runs.point_of(r) == point]
+        print(f"  modeled at {point.shape}, {point.tokens} tokens, r={point.r}, dropout {point.dropout}, "
+              f"{point.dtype}:")
+        print(tables.modeled_detail_table(sel))
+        if verbose:
+            print(tables.launch_lines(sel))
+        print()
+    if len(model_points) > len(detail):
+        first = model_points[0]
+        r_ = sw.HEADLINE["r"] if any(p.r == sw.HEADLINE["r"] for p in model_points) else first.r
+        dropout = 0.0 if any(p.dropout == 0.0 for p in model_points) else first.dropout
+        print(wrap(f"modeled fwd+bwd us across the sweep, and fused's modeled ratios (r={r_}, dropout {dropout}, "
+                   f"{first.dtype}; every point in {out / 'modeled.csv'}):", "  "))
+        print(tables.modeled_summary_table(modeled, r_, dropout, first.dtype))
+        print()
