@@ -25,7 +25,8 @@ import pytest
 
 from fused_lora import kernel_report as kr
 
-pytestmark = pytest.mark.aot
+# slow: with empty caches the shared compile pass takes minutes on 2 cores (seconds when warm).
+pytestmark = [pytest.mark.aot, pytest.mark.slow]
 
 
 def _toolchain_missing() -> str | None:
