@@ -88,6 +88,8 @@ KERNELS = tuple(KERNEL_MODULES)
 WORST_CASE_FLAGS = {"HAS_BIAS": True, "APPLY_DROPOUT": True, "USE_ATOMICS": True}
 # Pointer arguments that are fp32 whatever the input dtype (dB / dA accumulators and partials).
 FP32_POINTERS = frozenset({"db_ptr", "da_ptr"})
+# The operand a dB / dA launch writes when it is the only part (plans._reduced_over_m): in the inputs' dtype.
+SINGLE_PART_GRADS = frozenset({"dB", "dA"})
 # The dropout seed: a 0-dim int64 tensor, declared do_not_specialize (no alignment hint).
 I64_POINTERS = frozenset({"seed_ptr"})
 FLOAT_SCALARS = frozenset({"scaling", "keep_scale"})
@@ -148,9 +150,19 @@ def _representative_launches(dtype) -> Iterator:
 
 def launch_config(launch) -> dict:
     """The job config of a planned Triton launch: its constexprs at the register worst case of the
-    flags (WORST_CASE_FLAGS), and its launch options."""
+    flags (WORST_CASE_FLAGS), and its launch options.
+
+    A dB / dA launch that is the only part of its reduction stores the grad once, in the inputs' dtype,
+    without atomics: it keeps USE_ATOMICS False, and that tells build_signature its grad pointer's dtype.
+    """
     worst = {k: v for k, v in WORST_CASE_FLAGS.items() if k in launch.constexprs}
+    if _stores_single_part(launch):
+        worst.pop("USE_ATOMICS")
     return {**launch.constexprs, **worst, **launch.config.launch_options()}
+
+
+def _stores_single_part(launch) -> bool:
+    return "USE_ATOMICS" in launch.constexprs and launch.writes[-1].name in SINGLE_PART_GRADS
 
 
 def launch_jobs(archs: Iterable[int] = ARCHS, dtypes: Iterable[str] = DTYPES,
@@ -231,7 +243,10 @@ def build_signature(kernel, dtype: str, constexprs: dict, align: str = "aligned"
         elif n in I64_POINTERS:
             signature[n] = "*i64"
         elif n.endswith("_ptr"):
-            signature[n] = "*" + ("fp32" if n in FP32_POINTERS else _TRITON_DTYPE[dtype])
+            # Without atomics a job is the single-part launch (launch_config): its grad is stored in the
+            # inputs' dtype.
+            fp32 = n in FP32_POINTERS and constexprs.get("USE_ATOMICS", True)
+            signature[n] = "*" + ("fp32" if fp32 else _TRITON_DTYPE[dtype])
             if align != "none":
                 attrs[(i,)] = [list(a) for a in divisible]
         elif n in FLOAT_SCALARS:
@@ -521,6 +536,8 @@ def describe_config(config: dict) -> str:
         rest.append(f"rc{config['R_CHUNK']}")
     if config.get("FUSE_SHRINK"):
         rest.append("fused")
+    if config.get("USE_ATOMICS") is False:
+        rest.append("1part")
     return " ".join([tiles, f"w{config['num_warps']}s{config['num_stages']}", *rest])
 
 

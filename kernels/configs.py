@@ -83,8 +83,9 @@ def bwd_dy_config(R: int, dtype: torch.dtype) -> TileConfig:
     # Two (BLOCK_M, R) fp32 accumulators live at once (dS and the dB partial): 8 warps above R = 64.
     if _is_fp32(dtype):
         # FMA: the dB dot's K is BLOCK_M; 64 x 32 spilled from R = 64 on, 32 x 32 on 8 warps does not.
-        # 2 stages: 3 spilled 8-16 B at R = 32-64 with r % 16 != 0 and int64 pointer offsets (kernel_report).
-        return TileConfig(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+        # 1 stage: with int64 pointer offsets 3 stages spilled 8-16 B at R = 32-64 (r % 16 != 0), and 2
+        # stages 144 B on sm_80 at R = 128 in the single-part launch (dB stored without atomics; kernel_report).
+        return TileConfig(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
     if R <= 64:
         return TileConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     # R >= 128: BLOCK_N = 64 spilled on sm_80 (16 B at R = 128 with r % 16 != 0; 136 B at R = 256) and
