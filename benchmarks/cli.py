@@ -24,6 +24,7 @@ from . import runs, sections
 from . import sweep as sw
 from .layout import wrap
 from .progress import Progress
+from .rows import HostOverhead
 from .sweep import DTYPES, PROVIDERS, Point
 
 # CPU timing runs on one thread by default. Measured on this project's 2-core machine while another
@@ -216,7 +217,7 @@ def plan_points(preset: str, gpu: bool, filters: dict) -> tuple[list[Point], lis
     return measured_sweep.points(), saved, modeled, notes
 
 
-def run_host(device, warnings: list[str]) -> dict | None:
+def run_host(device, warnings: list[str]) -> HostOverhead | None:
     """The host-overhead part (benchmarks.host); a failure is a warning, not the end of the run."""
     from . import host
 
@@ -228,15 +229,17 @@ def run_host(device, warnings: list[str]) -> dict | None:
 
 
 def main_host_only(device, out: Path, argv: list[str]) -> int:
-    from . import host, metadata, writers
+    from . import metadata, writers
 
     meta = metadata.run_metadata(device, "host", argv)
     print(sections.title("host-only", meta))
     print()
     warnings: list[str] = []
     result = run_host(device, warnings)
-    host.print_host(result, "[host]", skipped="failed: see the warning below")
-    writers.write_json(out / "host.json", {"metadata": meta, "host_overhead": result, "warnings": warnings})
+    sections.print_host(result, "[host]", skipped="failed: see the warning below")
+    writers.write_json(out / "host.json", {"metadata": meta,
+                                           "host_overhead": result.as_record() if result else None,
+                                           "warnings": warnings})
     for w in warnings:
         print(wrap(f"warning: {w}"))
     print(f"wrote host.json to {out}/")
@@ -256,7 +259,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from . import host, metadata, plots, roofline, writers
+    from . import metadata, plots, roofline, writers
 
     started = time.perf_counter()
     gpu = device.type == "cuda"
@@ -292,13 +295,14 @@ def main(argv=None) -> int:
     detail = runs.detail_points(model_points)
     sections.print_modeled(modeled, model_points, detail, out, args.verbose)
     host_result = None if args.model_only else run_host(device, warnings)
-    host.print_host(host_result, "[4/4]", skipped="skipped: --model-only" if args.model_only else
-                    "failed: see the warning below")
+    sections.print_host(host_result, "[4/4]", skipped="skipped: --model-only" if args.model_only else
+                        "failed: see the warning below")
 
     written = writers.write_files(out, meta, measured=measured, saved=saved, modeled=modeled,
-                                 detailed=lambda row: runs.point_of(row) in detail,
+                                 detailed=lambda row: row.point in detail,
                                  payload={"modeled_assumptions": roofline.ASSUMPTIONS, "notes": notes,
-                                          "host_overhead": host_result, "warnings": warnings})
+                                          "host_overhead": host_result.as_record() if host_result else None,
+                                          "warnings": warnings})
     if args.no_plots:
         pass
     elif plots.pyplot() is None:

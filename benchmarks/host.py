@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from dataclasses import replace
 
+from .rows import HostOverhead, HostRow
 from .sweep import Point
 
 # x (4, 32), W (32, 32) frozen, A (4, 32) and B (32, 4) trainable: small enough that no kernel or
@@ -44,20 +45,20 @@ class _NoOpKernel:
 
 @contextlib.contextmanager
 def stubbed_kernels():
-    """Replace the kernels the launchers of fused_lora.kernels.ops call by no-ops; yields a Counter of
+    """Replace the kernels the launchers of fused_lora.kernels.launchers call by no-ops; yields a Counter of
     launches per kernel name. The real kernels are back afterwards, whatever happens inside."""
     from fused_lora.kernel_report import KERNELS
-    from fused_lora.kernels import ops
+    from fused_lora.kernels import launchers
 
-    originals = {name: getattr(ops, name) for name in KERNELS}
+    originals = {name: getattr(launchers, name) for name in KERNELS}
     launches: Counter = Counter()
     try:
         for name in KERNELS:
-            setattr(ops, name, _NoOpKernel(name, launches))
+            setattr(launchers, name, _NoOpKernel(name, launches))
         yield launches
     finally:
         for name, kernel in originals.items():
-            setattr(ops, name, kernel)
+            setattr(launchers, name, kernel)
 
 
 @contextlib.contextmanager
@@ -107,13 +108,11 @@ def _callables(device) -> tuple[dict, dict]:
 
 
 def measure_host_overhead(device="cpu", *, min_rounds: int | None = None, max_rounds: int | None = None,
-                          budget_s: float | None = None) -> dict:
+                          budget_s: float | None = None) -> HostOverhead:
     """Host time of fused (kernels stubbed) and eager forward+backward, dropout 0 and 0.1, in one run.
 
-    Returns {"device", "clock", "threads", "command", "shape", "rows": [{"dropout", "fused_us",
-    "eager_us", "ratio" (fused / eager), medians, "launches_per_call", "rounds"}]}. Times are the
-    minimum over rounds of the calling thread's CPU time (on CUDA: host work only, nothing is
-    synchronised), on one torch thread.
+    One HostRow per dropout. Times are the minimum over rounds of the calling thread's CPU time (on
+    CUDA: host work only, nothing is synchronised), on one torch thread.
     """
     import torch
 
@@ -151,40 +150,12 @@ def measure_host_overhead(device="cpu", *, min_rounds: int | None = None, max_ro
     rows = []
     for p in HOST_DROPOUTS:
         fused, eager = samples["fused", p], samples["eager", p]
-        rows.append({"dropout": p, "fused_us": min(fused) * 1e6, "eager_us": min(eager) * 1e6,
-                     "ratio": min(fused) / min(eager),
-                     "fused_median_us": measure.quantiles(fused)[0] * 1e6,
-                     "eager_median_us": measure.quantiles(eager)[0] * 1e6,
-                     "launches_per_call": launches_per_call[p], "rounds": len(fused)})
+        rows.append(HostRow(dropout=p, fused_us=min(fused) * 1e6, eager_us=min(eager) * 1e6,
+                            ratio=min(fused) / min(eager), fused_median_us=measure.quantiles(fused)[0] * 1e6,
+                            eager_median_us=measure.quantiles(eager)[0] * 1e6,
+                            launches_per_call=launches_per_call[p], rounds=len(fused)))
     command = HOST_COMMAND + ("" if device.type == "cpu" else f" --device {device}")
     K, N, M, r = HOST_POINT.in_features, HOST_POINT.out_features, HOST_POINT.tokens, HOST_POINT.r
-    return {"device": str(device), "clock": clock_name, "threads": 1, "command": command,
-            "shape": f"x ({M}, {K}), W ({N}, {K}) frozen, A ({r}, {K}), B ({N}, {r}), {HOST_POINT.dtype}",
-            "rows": rows}
-
-
-def host_table(result: dict) -> str:
-    from .tables import format_table
-
-    return format_table(
-        ["dropout", "fused us", "eager us", "fused/eager", "fused median us", "eager median us", "launches/call",
-         "rounds"],
-        [[r["dropout"], r["fused_us"], r["eager_us"], f"{r['ratio']:.2f}x", r["fused_median_us"], r["eager_median_us"],
-          r["launches_per_call"], r["rounds"]] for r in result["rows"]], keys=1)
-
-
-def print_host(result: dict | None, part: str, *, skipped: str | None = None) -> None:
-    from .layout import wrap
-
-    print(wrap(f"{part} Host overhead, measured: {result['clock'] if result else 'CPU time'} of one tiny "
-               "fused_lora.lora_linear forward+backward with its Triton kernels stubbed out (no-op launches), "
-               "against PEFT's formula in eager torch (the eager provider) on the same tensors; 1 thread, side "
-               "by side in shuffled rounds, minimum over rounds."))
-    if result is None:
-        print(f"  ({skipped})")
-        print()
-        return
-    print(wrap(f"{result['shape']}, on {result['device']}; fused/eager below 1: fused_lora's host work per layer "
-               f"is less than eager's. Command: {result['command']}", "  "))
-    print(host_table(result))
-    print()
+    return HostOverhead(device=str(device), clock=clock_name, threads=1, command=command,
+                        shape=f"x ({M}, {K}), W ({N}, {K}) frozen, A ({r}, {K}), B ({N}, {r}), {HOST_POINT.dtype}",
+                        rows=rows)

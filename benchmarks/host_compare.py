@@ -4,8 +4,9 @@
     cd /tmp && PYTHONPATH=/path/to/other/tree python /path/to/benchmarks/host_compare.py
 
 Unlike ``fused-lora-bench --host-only`` it uses nothing but the five kernel names of
-``fused_lora.kernels.ops`` and ``fused_lora.lora_linear``, so it also measures older checkouts (whose
-package tree has ``kernels/`` copied to ``fused_lora/kernels``) in the same session as the current one.
+the launchers' module (``fused_lora.kernels.launchers``; ``fused_lora.kernels.ops`` in older trees) and
+``fused_lora.lora_linear``, so it also measures older checkouts (whose package tree has ``kernels/``
+copied to ``fused_lora/kernels``) in the same session as the current one.
 Same method: CPU time of this thread, one thread, shuffled rounds, minimum over rounds.
 """
 import os
@@ -17,7 +18,10 @@ os.environ["TRITON_INTERPRET"] = "1"  # selects the Triton path for CPU tensors;
 import torch  # noqa: E402
 
 import fused_lora  # noqa: E402
-from fused_lora.kernels import ops  # noqa: E402
+try:
+    from fused_lora.kernels import launchers  # noqa: E402
+except ImportError:  # trees before the launchers' module was named launchers.py
+    from fused_lora.kernels import ops as launchers  # noqa: E402
 
 KERNELS = ("_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel",
            "_lora_bwd_da_kernel")
@@ -45,7 +49,7 @@ class _NoLaunch:
 
 def main(rounds: int = 80, calls: int = 50) -> None:
     for name in KERNELS:
-        setattr(ops, name, _NoLaunch())
+        setattr(launchers, name, _NoLaunch())
     torch.set_num_threads(1)
     M, K, N, r = 4, 32, 32, 4
     x = torch.randn(M, K, requires_grad=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import sweep as sw
+from .rows import MeasuredRow, ModeledRow, SavedBytesRow
 from .sweep import DIRECTIONS
 
 
@@ -78,15 +79,16 @@ def plot_saved_bytes(out: Path, bars: dict, *, title: str) -> list[Path]:
     return [path]
 
 
-def _headline_selection(rows: list[dict]) -> tuple[int, float, str]:
+def _headline_selection(rows: list[MeasuredRow] | list[ModeledRow]) -> tuple[int, float, str]:
     """(r, dropout, dtype) of the rows to plot: r = 16 and dropout 0 when swept, else the first row's."""
-    first = rows[0]
-    r_ = sw.HEADLINE["r"] if any(r["r"] == sw.HEADLINE["r"] for r in rows) else first["r"]
-    dropout = 0.0 if any(r["dropout"] == 0.0 for r in rows) else first["dropout"]
-    return r_, dropout, first["dtype"]
+    first = rows[0].point
+    r_ = sw.HEADLINE["r"] if any(r.point.r == sw.HEADLINE["r"] for r in rows) else first.r
+    dropout = 0.0 if any(r.point.dropout == 0.0 for r in rows) else first.dropout
+    return r_, dropout, first.dtype
 
 
-def write_plots(out: Path, gpu: bool, measured: list[dict], saved: list[dict], modeled: list[dict]) -> list[Path]:
+def write_plots(out: Path, gpu: bool, measured: list[MeasuredRow], saved: list[SavedBytesRow],
+                modeled: list[ModeledRow]) -> list[Path]:
     """ratio_to_gemm_<shape>.png (measured on a GPU; modeled in CPU mode) and saved_bytes.png."""
     written = []
     if gpu:
@@ -98,24 +100,25 @@ def write_plots(out: Path, gpu: bool, measured: list[dict], saved: list[dict], m
         r_, dropout, dtype = _headline_selection(rows)
         series: dict = {}
         for row in rows:
-            if (row["r"], row["dropout"], row["dtype"]) != (r_, dropout, dtype) or row["provider"] == "gemm":
+            if (row.point.r, row.point.dropout, row.point.dtype) != (r_, dropout, dtype) or row.provider == "gemm":
                 continue
             for direction in DIRECTIONS:
                 if gpu:
-                    value = row.get(f"{direction}_ratio_to_gemm")
-                elif row["direction"] == direction:
-                    value = row.get("modeled_ratio_to_gemm")
+                    value = row.ratio_to(direction, "gemm")
+                elif row.direction == direction:
+                    value = row.ratio_to.get("gemm")
                 else:
                     continue
                 if value is not None:
-                    series.setdefault(row["shape"], {}).setdefault(direction, {}).setdefault(
-                        row["provider"], []).append((row["tokens"], value))
+                    series.setdefault(row.point.shape, {}).setdefault(direction, {}).setdefault(
+                        row.provider, []).append((row.point.tokens, value))
         written += plot_ratio_to_gemm(out, series, ylabel=ylabel, title=f"{title}, r={r_}, dropout {dropout}, {dtype}")
     if saved:
         bars: dict = {}
         for row in saved:
-            bars.setdefault(f"{row['shape']}\np={row['dropout']}", {})[row["provider"]] = row["saved_bytes"] / 2**20
+            bars.setdefault(f"{row.point.shape}\np={row.point.dropout}", {})[row.provider] = row.saved_bytes / 2**20
+        first = saved[0].point
         title = (f"activation bytes saved for backward (measured, exact; meta tensors, dropout as on CUDA), "
-                 f"{saved[0]['tokens']} tokens, r={saved[0]['r']}, {saved[0]['dtype']}")
+                 f"{first.tokens} tokens, r={first.r}, {first.dtype}")
         written += plot_saved_bytes(out, bars, title=title)
     return written

@@ -8,7 +8,7 @@ torch's kernels size their grids to the GPU, e.g. split-K for few tokens).
 Launch lists are derived, not typed in:
 - fused: from the launchers' own plans (fused_lora.kernels.plans.plan_*): grids, tiles, passes, partial
   buffers and memsets, as the launchers will launch them, plus the grad casts of
-  fused_lora._op (an fp32 dA or dB to the parameters' dtype).
+  fused_lora.ops.linear (an fp32 dA or dB to the parameters' dtype).
 - eager, peft, addmm, gemm: by running them once on meta tensors under a TorchDispatchMode that
   records every aten op autograd and the module run (views and allocations excluded), with FLOPs
   from torch.utils.flop_counter's formulas and compulsory bytes from the op's tensors.
@@ -113,7 +113,7 @@ def _from_plan(launch) -> ModeledLaunch:
 
 def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERMINISTIC,
                    num_sms: int = NUM_SMS) -> list[ModeledLaunch]:
-    """The launches fused_lora makes on CUDA for this point (mirrors fused_lora._triton_backend)."""
+    """The launches fused_lora makes on CUDA for this point (mirrors fused_lora.ops.triton_backend)."""
     from fused_lora.kernels import plans
 
     dtype = getattr(torch, point.dtype)

@@ -1,27 +1,14 @@
 """The three parts of a run: measured timings, saved-activation bytes, the modeled H100 table.
 
-Each returns one dict per (point, provider) (per direction too for the model): the rows of the
-CSV / JSON files and of the terminal tables.
+Each returns typed rows (benchmarks.rows): one per (point, provider), per direction too for the model.
 """
 from __future__ import annotations
 
 import contextlib
 
 from . import sweep as sw
+from .rows import MeasuredRow, ModeledRow, SavedBytesRow, Timing, ratio, ratios_to_references
 from .sweep import DIRECTIONS, Point, Sweep
-
-RATIO_REFERENCES = ("gemm", "eager", "peft")
-
-
-def ratio(a, b):
-    return a / b if a is not None and b else None
-
-
-def add_ratios(by_provider: dict, value_key: str, ratio_key: str) -> None:
-    """row[ratio_key.format(ref=...)] = row[value_key] / the reference provider's, for each reference."""
-    for row in by_provider.values():
-        for ref in RATIO_REFERENCES:
-            row[ratio_key.format(ref=ref)] = ratio(row.get(value_key), by_provider.get(ref, {}).get(value_key))
 
 
 def _error_text(e: Exception) -> str:
@@ -36,7 +23,7 @@ def _where(point: Point) -> str:
 # 1. Measured
 # ---------------------------------------------------------------------------------------------
 
-def run_measured(points: list[Point], providers: tuple[str, ...], device, progress, warnings) -> list[dict]:
+def run_measured(points: list[Point], providers: tuple[str, ...], device, progress, warnings) -> list[MeasuredRow]:
     """Time each provider at each point; saved bytes and (GPU) peak memory alongside.
 
     GPU: one provider after another, do_bench per direction. CPU: every provider and direction of a
@@ -57,17 +44,17 @@ def run_measured(points: list[Point], providers: tuple[str, ...], device, progre
         by_provider, fns, grads = {}, {}, {}
         for provider in providers:
             progress.step(f"measure {provider} {_where(point)}")
-            row = by_provider[provider] = {"kind": kind, **point.as_dict(), "provider": provider}
+            row = by_provider[provider] = MeasuredRow(kind, point, provider)
             try:
                 with contextlib.nullcontext() if gpu else torch_backend_for_cpu():
                     layer = BUILDERS[provider](params)
                     saved = measure.saved_activation_bytes(layer, x)
-                    row["saved_bytes"] = saved.activation_bytes
-                    row["saved_tensors"] = "; ".join(saved.tensors)
+                    row.saved_bytes = saved.activation_bytes
+                    row.saved_tensors = "; ".join(saved.tensors)
                     grads[provider] = layer.trainable + [x]
                     if gpu:
                         # Before direction_fns: its retained graph must not be alive while measuring.
-                        row["peak_mem_bytes"] = measure.peak_memory(layer, x, dy, grads[provider])
+                        row.peak_mem_bytes = measure.peak_memory(layer, x, dy, grads[provider])
                         for direction, fn in measure.direction_fns(layer, x, dy).items():
                             _store_time(row, point, direction, *measure.time_gpu(fn, grads[provider]))
                     else:
@@ -75,8 +62,8 @@ def run_measured(points: list[Point], providers: tuple[str, ...], device, progre
             except Exception as e:  # one failing provider (OOM at a big point) must not end the sweep
                 if gpu and isinstance(e, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()
-                row["error"] = _error_text(e)
-                warnings.append(f"{provider} at {_where(point)}: {row['error']}")
+                row.error = _error_text(e)
+                warnings.append(f"{provider} at {_where(point)}: {row.error}")
                 fns.pop(provider, None)
             measure.clear_grads([x])
         if not gpu and fns:
@@ -88,20 +75,25 @@ def run_measured(points: list[Point], providers: tuple[str, ...], device, progre
             for (provider, direction), (stats, reps) in timed.items():
                 _store_time(by_provider[provider], point, direction, stats, reps)
         del fns
-        for direction in DIRECTIONS:
-            add_ratios(by_provider, f"{direction}_ms", f"{direction}_ratio_to_{{ref}}")
+        add_time_ratios(by_provider)
         rows += by_provider.values()
     return rows
 
 
-def _store_time(row: dict, point: Point, direction: str, stats, reps) -> None:
+def add_time_ratios(by_provider: dict[str, MeasuredRow]) -> None:
+    """Each timing's ratio_to: its median over each reference provider's at the same point and direction."""
+    for direction in DIRECTIONS:
+        ratios = ratios_to_references({p: row.ms(direction) for p, row in by_provider.items()})
+        for provider, row in by_provider.items():
+            if direction in row.timings:
+                row.timings[direction].ratio_to = ratios[provider]
+
+
+def _store_time(row: MeasuredRow, point: Point, direction: str, stats, reps) -> None:
     from .measure import tflops
 
     med, p20, p80 = stats
-    row[f"{direction}_ms"], row[f"{direction}_ms_p20"], row[f"{direction}_ms_p80"] = med, p20, p80
-    row[f"{direction}_tflops"] = tflops(point.useful_flops(row["provider"], direction), med)
-    if reps is not None:
-        row[f"{direction}_reps"] = reps
+    row.timings[direction] = Timing(med, p20, p80, tflops(point.useful_flops(row.provider, direction), med), reps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +108,7 @@ def saved_bytes_points(model_sweep: Sweep) -> list[Point]:
     return Sweep(model_sweep.shapes, (tokens,), (r,), model_sweep.dropouts, model_sweep.dtypes[:1]).points()
 
 
-def run_saved_bytes(points: list[Point], providers, progress, warnings) -> list[dict]:
+def run_saved_bytes(points: list[Point], providers, progress, warnings) -> list[SavedBytesRow]:
     """Exact saved-activation bytes at real sizes on meta tensors (no memory), dropout as on CUDA."""
     from . import measure
     from .providers import BUILDERS, Params, cuda_dropout_on_meta, make_input, torch_backend_for_cpu
@@ -134,13 +126,10 @@ def run_saved_bytes(points: list[Point], providers, progress, warnings) -> list[
             except Exception as e:
                 warnings.append(f"saved bytes of {provider} at {_where(point)}: {_error_text(e)}")
                 continue
-            by_provider[provider] = {"kind": "measured-saved-bytes (meta, as on CUDA)", **point.as_dict(),
-                                     "provider": provider, "saved_bytes": saved.activation_bytes,
-                                     "saved_bytes_per_token": saved.activation_bytes / point.tokens,
-                                     "saved_tensors": "; ".join(saved.tensors)}
-        fused = by_provider.get("fused", {}).get("saved_bytes")
+            by_provider[provider] = SavedBytesRow(point, provider, saved.activation_bytes, "; ".join(saved.tensors))
+        fused = by_provider["fused"].saved_bytes if "fused" in by_provider else None
         for row in by_provider.values():
-            row["ratio_to_fused"] = ratio(row["saved_bytes"], fused)
+            row.ratio_to_fused = ratio(row.saved_bytes, fused)
         rows += by_provider.values()
     return rows
 
@@ -149,8 +138,8 @@ def run_saved_bytes(points: list[Point], providers, progress, warnings) -> list[
 # 3. Modeled
 # ---------------------------------------------------------------------------------------------
 
-def run_modeled(points: list[Point], providers, progress, warnings) -> list[dict]:
-    """One row per point, provider and direction; row["_launches"] holds the modeled launch list."""
+def run_modeled(points: list[Point], providers, progress, warnings) -> list[ModeledRow]:
+    """One row per point, provider and direction, with its modeled launch list."""
     from . import roofline
 
     rows = []
@@ -167,20 +156,14 @@ def run_modeled(points: list[Point], providers, progress, warnings) -> list[dict
             by_provider = {}
             for provider, by_direction in per_provider.items():
                 m = by_direction[direction]
-                by_provider[provider] = rows_at[provider, direction] = {
-                    "kind": "modeled-h100", **point.as_dict(), "provider": provider, "direction": direction,
-                    "modeled_launches": len(m.launches), "modeled_gflop": m.flops / 1e9,
-                    "modeled_hbm_mib": m.bytes / 2**20, "modeled_us": m.seconds * 1e6,
-                    "modeled_tflops": point.useful_flops(provider, direction) / m.seconds / 1e12,
-                    "_launches": m.launches}
-            add_ratios(by_provider, "modeled_us", "modeled_ratio_to_{ref}")
+                by_provider[provider] = rows_at[provider, direction] = ModeledRow(
+                    point, provider, direction, m.launches, gflop=m.flops / 1e9, hbm_mib=m.bytes / 2**20,
+                    us=m.seconds * 1e6, tflops=point.useful_flops(provider, direction) / m.seconds / 1e12)
+            ratios = ratios_to_references({p: row.us for p, row in by_provider.items()})
+            for provider, row in by_provider.items():
+                row.ratio_to = ratios[provider]
         rows += [rows_at[provider, direction] for provider in per_provider for direction in DIRECTIONS]
     return rows
-
-
-def point_of(row: dict) -> Point:
-    return Point(row["in_features"], row["out_features"], row["tokens"], row["r"], row["dropout"], row["dtype"],
-                 row["bias"])
 
 
 def detail_points(model_points: list[Point]) -> list[Point]:

@@ -1,11 +1,13 @@
-"""The printed text of each part of a run: the title and notes, then the measured, saved-bytes and modeled parts."""
+"""The printed text of each part of a run: the title and notes, then the measured, saved-bytes, modeled and
+host-overhead parts."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import runs, tables
+from . import tables
 from . import sweep as sw
 from .layout import wrap
+from .rows import HostOverhead, MeasuredRow, ModeledRow, SavedBytesRow
 from .sweep import Point
 
 CPU_MODE_BANNER = "CPU mode: no CUDA device; GPU timings not measured."
@@ -35,7 +37,7 @@ def print_header(preset: str, gpu: bool, meta: dict, notes: list[str], cpu_threa
     print(flush=True)
 
 
-def print_measured(measured: list[dict], gpu: bool, meta: dict, model_only: bool) -> None:
+def print_measured(measured: list[MeasuredRow], gpu: bool, meta: dict, model_only: bool) -> None:
     from . import measure
 
     if gpu:
@@ -57,18 +59,18 @@ def print_measured(measured: list[dict], gpu: bool, meta: dict, model_only: bool
     print()
     print("  The same points: fwd+bwd rates, time ratios and memory.")
     print(tables.measured_ratios_table(measured, gpu))
-    dropout_rows = [r for r in measured if r["dropout"] > 0.0]
-    if not gpu and dropout_rows:
-        big = max(dropout_rows, key=lambda r: r["tokens"] * r["in_features"])
-        ms = measure.time_cpu_dropout_mask(big["tokens"], big["in_features"], big["dropout"])
+    dropout_points = [r.point for r in measured if r.point.dropout > 0.0]
+    if not gpu and dropout_points:
+        big = max(dropout_points, key=lambda p: p.tokens * p.in_features)
+        ms = measure.time_cpu_dropout_mask(big.tokens, big.in_features, big.dropout)
         print(wrap(f"With dropout, fused's CPU fallback draws its Philox keep-mask in numpy: measured {ms:.3g} ms "
-                   f"for a {big['tokens']}x{big['in_features']} mask here "
-                   f"({ms * 1e6 / (big['tokens'] * big['in_features']):.0f} ns per element), once in forward and "
+                   f"for a {big.tokens}x{big.in_features} mask here "
+                   f"({ms * 1e6 / (big.tokens * big.in_features):.0f} ns per element), once in forward and "
                    "once in backward. The CUDA kernels draw the same mask in registers, inside the GEMM tiles.", "  "))
     print()
 
 
-def print_saved(saved: list[dict]) -> None:
+def print_saved(saved: list[SavedBytesRow]) -> None:
     print(wrap("[2/4] Activation bytes saved for backward per layer: measured, exact "
                "(torch.autograd.graph.saved_tensors_hooks; storages counted once, parameters excluded), "
                "on meta tensors at real size, dropout dispatched as on CUDA (native_dropout, bool mask)."))
@@ -76,7 +78,7 @@ def print_saved(saved: list[dict]) -> None:
     print()
 
 
-def print_modeled(modeled: list[dict], model_points: list[Point], detail: list[Point], out: Path,
+def print_modeled(modeled: list[ModeledRow], model_points: list[Point], detail: list[Point], out: Path,
                   verbose: bool) -> None:
     from . import roofline
 
@@ -88,7 +90,7 @@ def print_modeled(modeled: list[dict], model_points: list[Point], detail: list[P
                "rank; fp32 atomics, whose L2 traffic is not modeled); others: aten ops traced on meta tensors "
                "(FLOPs of the real rank).", "  "))
     for point in detail:
-        sel = [r for r in modeled if runs.point_of(r) == point]
+        sel = [r for r in modeled if r.point == point]
         print(f"  modeled at {point.shape}, {point.tokens} tokens, r={point.r}, dropout {point.dropout}, "
               f"{point.dtype}:")
         print(tables.modeled_detail_table(sel))
@@ -103,3 +105,18 @@ def print_modeled(modeled: list[dict], model_points: list[Point], detail: list[P
                    f"{first.dtype}; every point in {out / 'modeled.csv'}):", "  "))
         print(tables.modeled_summary_table(modeled, r_, dropout, first.dtype))
         print()
+
+
+def print_host(result: HostOverhead | None, part: str, *, skipped: str | None = None) -> None:
+    print(wrap(f"{part} Host overhead, measured: {result.clock if result else 'CPU time'} of one tiny "
+               "fused_lora.lora_linear forward+backward with its Triton kernels stubbed out (no-op launches), "
+               "against PEFT's formula in eager torch (the eager provider) on the same tensors; 1 thread, side "
+               "by side in shuffled rounds, minimum over rounds."))
+    if result is None:
+        print(f"  ({skipped})")
+        print()
+        return
+    print(wrap(f"{result.shape}, on {result.device}; fused/eager below 1: fused_lora's host work per layer "
+               f"is less than eager's. Command: {result.command}", "  "))
+    print(tables.host_table(result))
+    print()

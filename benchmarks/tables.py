@@ -5,7 +5,7 @@ import math
 
 from . import sweep as sw
 from .layout import WIDTH, wrap
-from .runs import ratio
+from .rows import HostOverhead, MeasuredRow, ModeledRow, SavedBytesRow, ratio
 from .sweep import PROVIDERS
 
 MiB = 2**20
@@ -65,9 +65,9 @@ SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 POINT_HEADERS = ["shape", "tokens", "r", "p", "dtype", "provider"]
 
 
-def _point_labels(row: dict) -> list:
-    return [row["shape"], row["tokens"], row["r"], row["dropout"], SHORT_DTYPES.get(row["dtype"], row["dtype"]),
-            row["provider"]]
+def _point_labels(row: MeasuredRow | SavedBytesRow) -> list:
+    p = row.point
+    return [p.shape, p.tokens, p.r, p.dropout, SHORT_DTYPES.get(p.dtype, p.dtype), row.provider]
 
 
 def _short_dtypes(text: str) -> str:
@@ -82,11 +82,11 @@ def _num(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
-def _ms(row, direction):
-    med = row.get(f"{direction}_ms")
-    if med is None:
-        return row.get("error", "-")[:20] if direction == "fwd" else "-"
-    return f"{_num(med)} [{_num(row[f'{direction}_ms_p20'])}-{_num(row[f'{direction}_ms_p80'])}]"
+def _ms(row: MeasuredRow, direction: str) -> str:
+    t = row.timings.get(direction)
+    if t is None:
+        return (row.error or "-")[:20] if direction == "fwd" else "-"
+    return f"{_num(t.ms)} [{_num(t.p20)}-{_num(t.p80)}]"
 
 
 def _x(v):
@@ -97,76 +97,86 @@ def _mib(v):
     return v / MiB if v is not None else None
 
 
-def measured_times_table(rows: list[dict]) -> str:
+def measured_times_table(rows: list[MeasuredRow]) -> str:
     """Median [p20-p80] ms of each direction, one row per point and provider."""
     return format_table(POINT_HEADERS + ["fwd ms [p20-p80]", "bwd ms [p20-p80]", "fwd+bwd ms [p20-p80]"],
                         [_point_labels(r) + [_ms(r, "fwd"), _ms(r, "bwd"), _ms(r, "fwd+bwd")] for r in rows],
                         keys=len(POINT_HEADERS))
 
 
-def measured_ratios_table(rows: list[dict], gpu: bool) -> str:
+def measured_ratios_table(rows: list[MeasuredRow], gpu: bool) -> str:
     """fwd+bwd TFLOP/s, time ratios to gemm / eager / peft, saved (and on a GPU, peak) MiB: the same rows."""
     headers = POINT_HEADERS + ["fwd+bwd TFLOP/s", "fwd+bwd x gemm", "x eager", "x peft", "saved MiB"]
     if gpu:
         headers.append("peak MiB")
     out = []
     for r in rows:
-        line = _point_labels(r) + [r.get("fwd+bwd_tflops"), _x(r.get("fwd+bwd_ratio_to_gemm")),
-                                   _x(r.get("fwd+bwd_ratio_to_eager")), _x(r.get("fwd+bwd_ratio_to_peft")),
-                                   _mib(r.get("saved_bytes"))]
+        line = _point_labels(r) + [r.tflops("fwd+bwd"), _x(r.ratio_to("fwd+bwd", "gemm")),
+                                   _x(r.ratio_to("fwd+bwd", "eager")), _x(r.ratio_to("fwd+bwd", "peft")),
+                                   _mib(r.saved_bytes)]
         if gpu:
-            line.append(_mib(r.get("peak_mem_bytes")))
+            line.append(_mib(r.peak_mem_bytes))
         out.append(line)
     return format_table(headers, out, keys=len(POINT_HEADERS))
 
 
-def saved_table(rows: list[dict]) -> str:
+def saved_table(rows: list[SavedBytesRow]) -> str:
     return format_table(
         POINT_HEADERS + ["saved MiB", "bytes/token", "x fused", "saved tensors"],
-        [_point_labels(r) + [r["saved_bytes"] / MiB, int(r["saved_bytes_per_token"]), _x(r["ratio_to_fused"]),
-                             _short_dtypes(r["saved_tensors"])] for r in rows],
+        [_point_labels(r) + [r.saved_bytes / MiB, int(r.saved_bytes_per_token), _x(r.ratio_to_fused),
+                             _short_dtypes(r.saved_tensors)] for r in rows],
         keys=len(POINT_HEADERS))
 
 
-def modeled_detail_table(rows: list[dict]) -> str:
+def modeled_detail_table(rows: list[ModeledRow]) -> str:
     headers = ["provider", "direction", "launches", "GFLOP", "HBM MiB", "modeled us", "modeled TFLOP/s",
                "modeled x gemm", "modeled x eager"]
-    return format_table(headers, [[r["provider"], r["direction"], r["modeled_launches"], r["modeled_gflop"],
-                                   r["modeled_hbm_mib"], r["modeled_us"], r["modeled_tflops"],
-                                   _x(r["modeled_ratio_to_gemm"]), _x(r["modeled_ratio_to_eager"])] for r in rows],
+    return format_table(headers, [[r.provider, r.direction, len(r.launches), r.gflop, r.hbm_mib, r.us, r.tflops,
+                                   _x(r.ratio_to["gemm"]), _x(r.ratio_to["eager"])] for r in rows],
                         keys=2)
 
 
-def modeled_summary_table(rows: list[dict], r_: int, dropout: float, dtype: str) -> str:
+def modeled_summary_table(rows: list[ModeledRow], r_: int, dropout: float, dtype: str) -> str:
     """fwd+bwd per shape and token count: modeled us of each provider and fused's modeled speed-ups."""
-    sel = [r for r in rows if r["r"] == r_ and r["dropout"] == dropout and r["dtype"] == dtype
-           and r["direction"] == "fwd+bwd"]
-    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in sel)]
-    keys = sorted({(r["in_features"], r["out_features"], r["tokens"]) for r in sel},
+    sel = [r for r in rows if r.point.r == r_ and r.point.dropout == dropout and r.point.dtype == dtype
+           and r.direction == "fwd+bwd"]
+    providers = [p for p in PROVIDERS if any(r.provider == p for r in sel)]
+
+    def key(r):
+        return r.point.in_features, r.point.out_features, r.point.tokens
+
+    keys = sorted({key(r) for r in sel},
                   key=lambda k: (sw.MODEL_SHAPES.index(k[:2]) if k[:2] in sw.MODEL_SHAPES else 99, k))
     table = []
     for K, N, M in keys:
-        at = {r["provider"]: r for r in sel if (r["in_features"], r["out_features"], r["tokens"]) == (K, N, M)}
+        at = {r.provider: r for r in sel if key(r) == (K, N, M)}
         fused = at.get("fused")
-        speedups = [_x(ratio(at[p]["modeled_us"], fused["modeled_us"])) if fused and p in at else "-"
-                    for p in ("eager", "addmm")]
-        table.append([f"{K}->{N}", M] + [at[p]["modeled_us"] if p in at else None for p in providers]
-                     + speedups + [_x(fused["modeled_ratio_to_gemm"]) if fused else "-"])
+        speedups = [_x(ratio(at[p].us, fused.us)) if fused and p in at else "-" for p in ("eager", "addmm")]
+        table.append([f"{K}->{N}", M] + [at[p].us if p in at else None for p in providers]
+                     + speedups + [_x(fused.ratio_to["gemm"]) if fused else "-"])
     headers = ["shape", "tokens"] + [f"{p} us" for p in providers] + ["eager/fused", "addmm/fused", "fused/gemm"]
     return format_table(headers, table, keys=2)
 
 
-def launch_lines(rows: list[dict]) -> str:
+def launch_lines(rows: list[ModeledRow]) -> str:
     """Each modeled launch of the fwd and bwd rows (fwd+bwd is the two lists one after the other)."""
     out = []
     for r in rows:
-        if r["direction"] == "fwd+bwd":
+        if r.direction == "fwd+bwd":
             continue
-        out.append(f"  {r['provider']} {r['direction']} (modeled):")
-        for launch in r["_launches"]:
+        out.append(f"  {r.provider} {r.direction} (modeled):")
+        for launch in r.launches:
             occupancy = f"occupancy {launch.occupancy:4.2f}" if launch.programs is not None else " " * 14
             out.append(f"    {launch.name:<28} {launch.flops / 1e9:9.3f} GFLOP {launch.bytes / 2**20:9.2f} MiB  "
                        f"{occupancy}".rstrip())
             if launch.detail:
                 out.append(wrap(launch.detail, " " * 6))
     return "\n".join(out)
+
+
+def host_table(result: HostOverhead) -> str:
+    return format_table(
+        ["dropout", "fused us", "eager us", "fused/eager", "fused median us", "eager median us", "launches/call",
+         "rounds"],
+        [[r.dropout, r.fused_us, r.eager_us, f"{r.ratio:.2f}x", r.fused_median_us, r.eager_median_us,
+          r.launches_per_call, r.rounds] for r in result.rows], keys=1)

@@ -3,11 +3,11 @@
 Importing it imports neither triton, peft, transformers nor safetensors, and does not touch CUDA.
 """
 from . import reference
-from .adapter_io import AdapterFormatError, load_adapter, save_adapter
+from .integrations.adapter_files import AdapterFormatError, load_adapter, save_adapter
 from .functional import lora_linear
-from .injection import inject, merge_and_unload
-from .layer import LoRALinear
-from .peft_patch import FusedFallbackWarning, patch_peft, unpatch_peft
+from .nn.inject import inject, merge_and_unload
+from .nn.linear import LoRALinear
+from .integrations.peft_patch import FusedFallbackWarning, patch_peft, unpatch_peft
 
 __all__ = ["lora_linear", "LoRALinear", "reference", "patch_peft", "unpatch_peft", "inject", "merge_and_unload",
            "save_adapter", "load_adapter", "AdapterFormatError", "FusedFallbackWarning"]

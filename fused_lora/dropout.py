@@ -63,7 +63,7 @@ def philox_first_word(seed: int, c0: torch.Tensor, c1: torch.Tensor) -> torch.Te
 def _philox_first_word_numpy(seed: int, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
     """philox_first_word in numpy uint64: a 32 x 32-bit product fits, so each round is two multiplies
     and no 16-bit splitting. Measured ~4x faster than the torch int64 version on CPU (256 x 1024
-    mask, whole dropout_keep_mask: 12 ms against 57 ms, one thread, median of 7, this machine)."""
+    mask, whole dropout_keep_mask: 12 ms against 57 ms, one thread, median of 7, a 2-core x86_64 machine)."""
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     # C order for all four words: astype of a broadcast column index came out column-major, and
     # mixed layouts made every ufunc here ~2.5x slower (whole mask, 256 x 1024: 30 ms against 12 ms).

@@ -7,8 +7,8 @@ import os
 import torch
 
 from . import reference
-from ._dispatch import BACKENDS, select_backend  # noqa: F401 (public here)
-from ._op import lora_linear_2d
+from .ops.dispatch import BACKENDS, select_backend  # noqa: F401 (public here)
+from .ops.linear import lora_linear_2d
 from .kernels._interpreter import interpreting  # noqa: F401 (public here: the tests and the report use it)
 from ._validation import ALL_DTYPES, KERNEL_DTYPES, check_lora_inputs
 

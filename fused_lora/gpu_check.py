@@ -152,7 +152,7 @@ def check_gpu_tests(out: Path, timeout: float) -> dict:
 
 
 def check_kernel_report(arch: int, timeout: float) -> dict:
-    from fused_lora import kernel_report
+    from fused_lora.kernels import report as kernel_report
 
     if arch not in kernel_report.SHARED_LIMIT:
         return {"status": SKIPPED, "arch": arch,

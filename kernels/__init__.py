@@ -9,6 +9,6 @@ __all__ = list(_LAUNCHERS)
 
 def __getattr__(name):
     if name in _LAUNCHERS:
-        from . import ops
-        return getattr(ops, name)
+        from . import launchers
+        return getattr(launchers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Launch plans of the LoRA kernels: pure functions of sizes, dtype and flags.
 
-Each ``plan_*`` function returns the launches one launcher of fused_lora.kernels.ops makes: the
+Each ``plan_*`` function returns the launches one launcher of fused_lora.kernels.launchers makes: the
 kernel's grid, tile config and constexprs, and the torch ops around it (memsets for atomics,
 reductions of per-tile partials). The launchers launch exactly these plans, and
 ``fused_lora.benchmarks`` models the same launches from the same functions, so its roofline follows
@@ -32,7 +32,8 @@ class Operand:
 @dataclass(frozen=True)
 class Launch:
     """One GPU launch: a Triton kernel (``kernel`` is its function name), or a torch op the launcher
-    runs on its own buffers (``zeros``, ``zero_``, ``sum(0)``).
+    runs on its own buffers (``kernel`` is one of TORCH_OPS: a memset, a fresh zeroed buffer, or the sum of
+    per-part partials over their first dimension).
 
     ``flops`` counts the dots as the kernel executes them: whole tiles (edge tiles are masked, not
     skipped) and the padded rank R, since tl.dot runs on the padded operands.
@@ -66,6 +67,12 @@ class Launch:
         return sum(reads.values()) + sum(writes.values())
 
 
+# The torch ops a plan may contain, named after the call the launcher makes.
+ZEROS = "torch.zeros"  # writes: a new zeroed buffer (atomics add into it)
+ZERO_ = "torch.Tensor.zero_"  # writes: the launcher's buffer, zeroed in place (an empty reduction)
+SUM_PARTS = "torch.sum(dim=0)"  # reads: (parts, ...) partials; writes: their sum over the parts
+TORCH_OPS = (ZEROS, ZERO_, SUM_PARTS)
+
 _MAX_GRID_X = 2**31 - 1
 _MAX_GRID_YZ = 65535
 
@@ -76,6 +83,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _torch_op(kernel: str, *, reads=(), writes=()) -> list[Launch]:
     """A torch op on the launcher's buffers; none when it writes no element (torch launches nothing)."""
+    assert kernel in TORCH_OPS, kernel
     if all(math.prod(op.shape) == 0 for op in writes):
         return []
     return [Launch(kernel, reads=tuple(reads), writes=tuple(writes))]
@@ -96,9 +104,9 @@ def _reduced_over_m(kernel, total: Operand, parts: int, dtype: torch.dtype, use_
     if parts == 1:
         return [kernel(Operand(total.name, total.shape, dtype))]
     if use_atomics:
-        return _torch_op("zeros", writes=[total]) + [kernel(total)]
+        return _torch_op(ZEROS, writes=[total]) + [kernel(total)]
     partials = Operand(f"{total.name}_partials", (parts, *total.shape), torch.float32)
-    return [kernel(partials)] + _torch_op("sum(0)", reads=[partials], writes=[total])
+    return [kernel(partials)] + _torch_op(SUM_PARTS, reads=[partials], writes=[total])
 
 
 def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool) -> list[Launch]:
@@ -106,7 +114,7 @@ def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
     if M == 0:
         return []
     if K == 0:
-        return _torch_op("zero_", writes=[S])
+        return _torch_op(ZERO_, writes=[S])
     R = configs.padded_rank(r)
     cfg = configs.shrink_config(R, dtype)
     grid_m = _cdiv(M, cfg.BLOCK_M)
@@ -153,7 +161,7 @@ def plan_lora_bwd_dy(M: int, N: int, r: int, dtype: torch.dtype, *, deterministi
     dS = Operand("dS", (M, r), dtype)
     dB = Operand("dB", (N, r), torch.float32)
     if M == 0 or N == 0:
-        return _torch_op("zero_", writes=[dS]) + _torch_op("zeros", writes=[dB])
+        return _torch_op(ZERO_, writes=[dS]) + _torch_op(ZEROS, writes=[dB])
     R = configs.padded_rank(r)
     cfg = configs.bwd_dy_config(R, dtype)
     m_blocks = _cdiv(M, cfg.BLOCK_M)
@@ -190,7 +198,7 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
     slice, dA is stored once in x's dtype (no memset, sum or cast)."""
     dA = Operand("dA", (r, K), torch.float32)
     if M == 0 or K == 0:
-        return _torch_op("zeros", writes=[dA])
+        return _torch_op(ZEROS, writes=[dA])
     R = configs.padded_rank(r)
     cfg = configs.bwd_da_config(R, dtype)
     splits, per_split = configs.da_split(M, K, cfg.BLOCK_M, cfg.BLOCK_K, num_sms)

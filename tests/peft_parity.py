@@ -27,7 +27,7 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fused_lora
-from fused_lora import peft_patch
+from fused_lora.integrations import peft_patch
 from fused_lora._validation import ALL_DTYPES
 
 BATCH, SEQ, VOCAB = 2, 8, 128
@@ -112,7 +112,7 @@ def run(model, ids, grad_out, *, seed=None):
 def count_fused_calls():
     """Counts calls of the fused op's eager path (the kernels under TRITON_INTERPRET=1), so a test can tell
     a patched layer that fused from one that fell back to PEFT's forward or ran the reference."""
-    from fused_lora._op import LoRALinearFunction
+    from fused_lora.ops.linear import LoRALinearFunction
     counter = {"calls": 0}
     original = LoRALinearFunction.apply
 

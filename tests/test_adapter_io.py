@@ -8,8 +8,8 @@ from peft import LoraConfig, PeftModel  # the dev extra installs peft and safete
 from safetensors.torch import load_file, save_file
 
 import fused_lora
-from fused_lora.adapter_io import AdapterFormatError
-from fused_lora.injection import lora_layers
+from fused_lora.integrations.adapter_files import AdapterFormatError
+from fused_lora.nn.inject import lora_layers
 from numerics import assert_module_within_torch_error
 from peft_parity import inputs, peft_model, randomize_lora, tiny_gpt2, tiny_llama
 

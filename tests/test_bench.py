@@ -13,9 +13,10 @@ import torch
 from fused_lora.benchmarks import cli, layout, measure, metadata, progress, roofline, sections
 from fused_lora.benchmarks.cli import parse_shapes
 from fused_lora.benchmarks.providers import BUILDERS, Layer, Params, make_input, torch_backend_for_cpu
+from fused_lora.benchmarks.rows import MeasuredRow, Timing
 from fused_lora.benchmarks.sweep import HEADLINE, PROVIDERS, Point
 from fused_lora.benchmarks.tables import format_table
-from fused_lora.kernels import configs, ops, plans
+from fused_lora.kernels import configs, launchers, plans
 from spies import spy_on_kernels
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -87,13 +88,10 @@ def _widest_gpu_rows():
     """Measured rows as a GPU run stores them, with labels and numbers wider than any sweep produces."""
     rows = []
     for provider, ms in zip(PROVIDERS, (0.0123, 1.23, 12.3, 123.0, 1234.0)):
-        row = {"kind": "measured-gpu", **Point(14336, 28672, 16384, 128, 0.1, "bfloat16").as_dict(),
-               "provider": provider, "saved_bytes": 123456 * 2**20, "peak_mem_bytes": 123456 * 2**20}
-        for d in ("fwd", "bwd", "fwd+bwd"):
-            row.update({f"{d}_ms": ms, f"{d}_ms_p20": ms * 0.99, f"{d}_ms_p80": ms * 1.01, f"{d}_tflops": 987.6})
-            for ref in ("gemm", "eager", "peft"):
-                row[f"{d}_ratio_to_{ref}"] = 12.34
-        rows.append(row)
+        ratios = {ref: 12.34 for ref in ("gemm", "eager", "peft")}
+        timings = {d: Timing(ms, ms * 0.99, ms * 1.01, 987.6, ratio_to=ratios) for d in ("fwd", "bwd", "fwd+bwd")}
+        rows.append(MeasuredRow("measured-gpu", Point(14336, 28672, 16384, 128, 0.1, "bfloat16"), provider,
+                                saved_bytes=123456 * 2**20, peak_mem_bytes=123456 * 2**20, timings=timings))
     return rows
 
 
@@ -235,8 +233,8 @@ def test_fused_model_follows_determinism():
     point = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")
     atomics = _fused_kernel_launches(point)
     partials = _fused_kernel_launches(point, deterministic=True)
-    assert atomics.count("zeros") == 2 and "sum(0)" not in atomics
-    assert partials.count("sum(0)") == 2 and "zeros" not in partials
+    assert atomics.count(plans.ZEROS) == 2 and plans.SUM_PARTS not in atomics
+    assert partials.count(plans.SUM_PARTS) == 2 and plans.ZEROS not in partials
 
 
 @pytest.mark.parametrize("M, r, p", [(70, 5, 0.1), (300, 40, 0.0)])
@@ -257,11 +255,11 @@ def test_launchers_launch_the_plan_the_model_reports(monkeypatch, M, r, p):
                + plans.plan_lora_bwd_dy(M, 24, r, torch.float16, deterministic=False)
                + plans.plan_lora_bwd_dx(M, 24, 40, r, torch.float16, dropout=p > 0)
                + plans.plan_lora_bwd_da(M, 40, r, torch.float16, dropout=p > 0, deterministic=False,
-                                        num_sms=ops._INTERPRETER_SMS) if l.is_triton]
+                                        num_sms=launchers._INTERPRETER_SMS) if l.is_triton]
     expected = [(l.kernel, l.grid, l.constexprs, l.config.num_warps, l.config.num_stages) for l in planned]
     log = [(l.kernel, l.grid, l.constexprs, l.kwargs["num_warps"], l.kwargs["num_stages"]) for l in launches]
     assert log == expected
-    modeled = [l.name for l in roofline.fused_launches(point, "fwd+bwd", num_sms=ops._INTERPRETER_SMS)
+    modeled = [l.name for l in roofline.fused_launches(point, "fwd+bwd", num_sms=launchers._INTERPRETER_SMS)
                if l.name.startswith("_lora")]
     assert modeled == [e[0] for e in expected]
 

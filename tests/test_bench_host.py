@@ -6,26 +6,26 @@ import os
 import pytest
 
 from fused_lora.benchmarks import cli, host, layout
-from fused_lora.kernel_report import KERNELS
+from fused_lora.kernels.report import KERNELS
 
 FEW_ROUNDS = dict(min_rounds=20, max_rounds=20)
 
 
 def _kernels():
-    from fused_lora.kernels import ops
+    from fused_lora.kernels import launchers
 
-    return {name: getattr(ops, name) for name in KERNELS}
+    return {name: getattr(launchers, name) for name in KERNELS}
 
 
 def test_host_part_reports_positive_times_per_dropout():
     result = host.measure_host_overhead("cpu", **FEW_ROUNDS)
-    assert [row["dropout"] for row in result["rows"]] == list(host.HOST_DROPOUTS)
-    for row in result["rows"]:
-        assert row["fused_us"] > 0 and row["eager_us"] > 0
-        assert row["fused_us"] <= row["fused_median_us"] and row["eager_us"] <= row["eager_median_us"]
-        assert row["ratio"] == pytest.approx(row["fused_us"] / row["eager_us"])
-        assert row["launches_per_call"] >= 1 and row["rounds"] == 20
-    assert result["command"] == "fused-lora-bench --host-only"
+    assert [row.dropout for row in result.rows] == list(host.HOST_DROPOUTS)
+    for row in result.rows:
+        assert row.fused_us > 0 and row.eager_us > 0
+        assert row.fused_us <= row.fused_median_us and row.eager_us <= row.eager_median_us
+        assert row.ratio == pytest.approx(row.fused_us / row.eager_us)
+        assert row.launches_per_call >= 1 and row.rounds == 20
+    assert result.command == "fused-lora-bench --host-only"
 
 
 def test_stubs_are_removed_afterwards_even_after_an_error():
@@ -50,7 +50,7 @@ def test_environment_is_restored(monkeypatch, interpret):
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
     monkeypatch.setenv("FUSED_LORA_BACKEND", "torch")  # the host part must not measure the torch backend
     result = host.measure_host_overhead("cpu", **FEW_ROUNDS)
-    assert all(row["launches_per_call"] >= 1 for row in result["rows"])
+    assert all(row.launches_per_call >= 1 for row in result.rows)
     assert os.environ.get("TRITON_INTERPRET") == interpret
     assert os.environ["FUSED_LORA_BACKEND"] == "torch"
 

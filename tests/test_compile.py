@@ -186,10 +186,11 @@ def test_compile_injected_llama_fullgraph():
 
 @pytest.mark.parametrize("op", ["fused_lora::lora_linear_fwd", "fused_lora::lora_linear_bwd"])
 def test_ops_have_a_kernel_per_device(op):
-    """The dispatcher's device keys (where a C++ CPU kernel or a sharding rule plugs in), not a backend string."""
-    from fused_lora import _op
+    """The dispatcher's device keys (where a C++ CPU kernel or a sharding rule plugs in), not a backend string:
+    CUDA's own kernel, and the default every other device (CPU until the C++ kernels load) falls back to."""
+    from fused_lora.ops import linear as _op
 
-    for key in ("CPU", "CUDA"):
+    for key in ("CUDA", "CompositeExplicitAutograd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
     assert set(_op.DEVICE_KERNELS) == {"cpu", "cuda"}
     schema = str(getattr(torch.ops.fused_lora, op.split("::")[1]).default._schema)

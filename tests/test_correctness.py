@@ -8,7 +8,7 @@ import torch
 
 import fused_lora
 from fused_lora.dropout import dropout_keep_mask
-from fused_lora.kernels import ops
+from fused_lora.kernels import launchers
 from numerics import assert_within_torch_error, make_inputs, run_lora
 from spies import spy_on_kernels
 
@@ -118,7 +118,7 @@ def test_scaling_zero_keeps_nan_of_the_lora_branch(backend, M):
 # ---- launches on the inputs' device ---------------------------------------------------------------
 
 class _GuardSpy:
-    """Replaces ops.launch_guard: records the devices it is entered with and which one is active."""
+    """Replaces launchers.launch_guard: records the devices it is entered with and which one is active."""
 
     def __init__(self):
         self.entered, self.active = [], []
@@ -136,7 +136,7 @@ class _GuardSpy:
 @pytest.mark.parametrize("M", [3, 100], ids=["few-tokens", "many-tokens"])
 def test_every_launch_runs_inside_a_guard_of_the_inputs_device(monkeypatch, M):
     guard = _GuardSpy()
-    monkeypatch.setattr(ops, "launch_guard", guard)
+    monkeypatch.setattr(launchers, "launch_guard", guard)
     launches = []
     spy_on_kernels(monkeypatch, log=launches, on_launch=lambda: list(guard.active))
     x, w, b, a, bb = make_inputs((M,), 40, 37, 5, torch.float32)
@@ -149,9 +149,9 @@ def test_every_launch_runs_inside_a_guard_of_the_inputs_device(monkeypatch, M):
 
 
 def test_launch_guard_is_a_cuda_device_context_for_cuda_tensors():
-    guard = ops.launch_guard(torch.device("cuda", 1))  # built only: entering it needs a GPU
+    guard = launchers.launch_guard(torch.device("cuda", 1))  # built only: entering it needs a GPU
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    assert isinstance(ops.launch_guard(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(launchers.launch_guard(torch.device("cpu")), contextlib.nullcontext)
 
 
 # ---- seeds --------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fused_lora import dropout
-from fused_lora.kernels import ops
+from fused_lora.kernels import launchers
 
 SEEDS = [0, 31, 2**32 - 1, 2**32 + 5, 2**62 + 3, dropout.MAX_SEED]
 
@@ -36,6 +36,6 @@ def test_meta_and_empty_masks():
 def test_kernel_draws_the_same_mask(seed):
     """S = dropout(ones) I = keep / (1 - p): the shrink kernel's mask read back exactly."""
     M, K, p = 45, 64, 0.25
-    s = ops.lora_shrink(torch.ones(M, K), torch.eye(K), dropout_p=p, seed=seed)
+    s = launchers.lora_shrink(torch.ones(M, K), torch.eye(K), dropout_p=p, seed=seed)
     expected = dropout.dropout_keep_mask(seed, M, K, p).float() / (1 - p)
     assert torch.equal(s, expected)

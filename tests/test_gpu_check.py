@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_lora import gpu_check, kernel_report
+from fused_lora import gpu_check
+from fused_lora.kernels import report as kernel_report
 from fused_lora.benchmarks import cli, host, runs, writers
+from fused_lora.benchmarks.rows import MeasuredRow
 from fused_lora.benchmarks.sweep import Point
 
 
@@ -50,14 +52,13 @@ def _measured_rows() -> list[dict]:
                 point = Point(K, N, M, 16, p, "bfloat16")
                 by = {}
                 for provider, base in zip(gpu_check.BENCH_PROVIDERS, (1.0, 1.4, 1.2, 0.8)):
-                    row = by[provider] = {"kind": "measured-gpu", **point.as_dict(), "provider": provider,
-                                          "saved_bytes": M * K * 2, "peak_mem_bytes": 3 * M * K * 2}
+                    row = by[provider] = MeasuredRow("measured-gpu", point, provider, saved_bytes=M * K * 2,
+                                                     peak_mem_bytes=3 * M * K * 2)
                     for d, f in (("fwd", 0.4), ("bwd", 0.6), ("fwd+bwd", 1.0)):
                         ms = base * f * M / 1000
                         runs._store_time(row, point, d, (ms, ms * 0.98, ms * 1.02), None)
-                for d in ("fwd", "bwd", "fwd+bwd"):
-                    runs.add_ratios(by, f"{d}_ms", f"{d}_ratio_to_{{ref}}")
-                rows += by.values()
+                runs.add_time_ratios(by)
+                rows += [row.as_record() for row in by.values()]
     return rows
 
 

@@ -34,3 +34,35 @@ def test_entry_points_import_neither_triton_nor_cuda(module):
                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def _imports(path):
+    """The modules a source file imports (absolute names; relative ones resolved against its package)."""
+    import ast
+    from pathlib import Path
+
+    package = "fused_lora.kernels" if Path(path).parent.name == "kernels" else None
+    names = []
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                names.append(f"{base}.{node.module}" if node.module else base)
+            else:
+                names.append(node.module)
+    return names
+
+
+def test_kernels_import_nothing_from_the_public_api():
+    """kernels/ (fused_lora.kernels) is below the API: no import of fused_lora outside fused_lora.kernels,
+    not even a lazy one inside a function."""
+    from pathlib import Path
+
+    kernels = Path(__file__).resolve().parents[1] / "kernels"
+    upward = {str(path.name): [name for name in _imports(path)
+                               if name.split(".")[0] == "fused_lora" and not name.startswith("fused_lora.kernels")]
+              for path in sorted(kernels.glob("*.py"))}
+    assert len(upward) >= 8, upward  # the files were found
+    assert {file: names for file, names in upward.items() if names} == {}

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fused_lora
-from fused_lora.injection import lora_layers, match_targets
+from fused_lora.nn.inject import lora_layers, match_targets
 from numerics import assert_within_torch_error, fp64_copy, run
 from peft_parity import inputs, tiny_gpt2, tiny_llama
 

@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from fused_lora import kernel_report as kr
+from fused_lora.kernels import report as kr
 
 # slow: with empty caches the shared compile pass takes minutes on 2 cores (seconds when warm).
 pytestmark = [pytest.mark.aot, pytest.mark.slow]
@@ -144,7 +144,7 @@ import json, torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
-from fused_lora import kernel_report as kr
+from fused_lora.kernels import report as kr
 
 backend = make_backend(GPUTarget("cuda", 90, 32))
 seeds = torch.zeros(3, dtype=torch.int64)  # seeds[1]: 8-byte aligned only
@@ -268,6 +268,23 @@ def test_import_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_report_module_is_cheap_to_import():
+    """The report itself (fused_lora.kernels.report) adds no triton and no kernel module to what
+    importing fused_lora imports."""
+    code = ("import sys, fused_lora; before = set(sys.modules); import fused_lora.kernels.report; "
+            "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] == 'triton' "
+            "or m.startswith('fused_lora.kernels')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['fused_lora.kernels.report']", out.stdout
+
+
+def test_alias_names_are_the_reports():
+    import fused_lora.kernel_report as alias
+
+    assert alias.main is kr.main and alias.KERNELS is kr.KERNELS
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fused_lora import reference
-from fused_lora.kernels import configs, ops, plans
+from fused_lora.kernels import configs, launchers, plans
 from numerics import assert_within_torch_error, make_inputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -27,7 +27,7 @@ def _check(name, got, low, ref, dtype):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_shrink(dtype, r, p):
     x, _, _, a, _ = make_inputs((70,), 83, 8, r, dtype)
-    s = ops.lora_shrink(x, a, dropout_p=p, seed=SEED)
+    s = launchers.lora_shrink(x, a, dropout_p=p, seed=SEED)
     _check("S", s, *_refs(reference.lora_shrink, x, a, dropout_p=p, seed=SEED), dtype)
 
 
@@ -37,7 +37,7 @@ def test_shrink(dtype, r, p):
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_fwd(dtype, M, r, fuse, p):
     x, w, b, a, bb = make_inputs((M,), 70, 45, r, dtype)
-    y, s = ops.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=fuse)
+    y, s = launchers.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=fuse)
     (y_low, s_low), (y_ref, s_ref) = _refs(reference.lora_fwd, x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED)
     _check("S", s, s_low, s_ref, dtype)
     _check("y", y, y_low, y_ref, dtype)
@@ -62,7 +62,7 @@ def test_bwd_dy(dtype, r, deterministic, M):
     g = torch.Generator().manual_seed(5)
     dy = torch.randn(M, N, generator=g).to(dtype)
     s = torch.randn(M, r, generator=g).to(dtype)
-    ds, db = ops.lora_bwd_dy(dy, bb, s, 1.5, deterministic=deterministic)
+    ds, db = launchers.lora_bwd_dy(dy, bb, s, 1.5, deterministic=deterministic)
     (ds_low, db_low), (ds_ref, db_ref) = _refs(reference.lora_bwd_dy, dy, bb, s, 1.5)
     _check("dS", ds, ds_low, ds_ref, dtype)
     _check("dB", db, db_low, db_ref, dtype)
@@ -77,7 +77,7 @@ def test_bwd_dx(dtype, M, r, p):
     g = torch.Generator().manual_seed(6)
     dy = torch.randn(M, N, generator=g).to(dtype)
     ds = torch.randn(M, r, generator=g).to(dtype)
-    dx = ops.lora_bwd_dx(dy, w, ds, a, dropout_p=p, seed=SEED)
+    dx = launchers.lora_bwd_dx(dy, w, ds, a, dropout_p=p, seed=SEED)
     _check("dX", dx, *_refs(reference.lora_bwd_dx, dy, w, ds, a, dropout_p=p, seed=SEED), dtype)
 
 
@@ -89,7 +89,7 @@ def test_bwd_da(dtype, M, r, p, deterministic):
     K = 70
     x, _, _, _, _ = make_inputs((M,), K, 8, r, dtype)
     ds = torch.randn(M, r, generator=torch.Generator().manual_seed(8)).to(dtype)
-    da = ops.lora_bwd_da(ds, x, dropout_p=p, seed=SEED, deterministic=deterministic)
+    da = launchers.lora_bwd_da(ds, x, dropout_p=p, seed=SEED, deterministic=deterministic)
     _check("dA", da, *_refs(reference.lora_bwd_da, ds, x, dropout_p=p, seed=SEED), dtype)
 
 
@@ -101,8 +101,8 @@ def test_single_block_grads_are_stored_in_the_parameter_dtype(dtype):
     x, _, _, _, bb = make_inputs((M,), K, N, r, dtype)
     g = torch.Generator().manual_seed(9)
     dy, s = torch.randn(M, N, generator=g).to(dtype), torch.randn(M, r, generator=g).to(dtype)
-    ds, db = ops.lora_bwd_dy(dy, bb, s, 1.5)
-    da = ops.lora_bwd_da(ds, x)
+    ds, db = launchers.lora_bwd_dy(dy, bb, s, 1.5)
+    da = launchers.lora_bwd_da(ds, x)
     assert db.dtype == dtype and da.dtype == dtype
     one_launch = [plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=False),
                   plans.plan_lora_bwd_da(M, K, r, dtype, dropout=False, deterministic=False, num_sms=132)]
@@ -111,7 +111,7 @@ def test_single_block_grads_are_stored_in_the_parameter_dtype(dtype):
     (_, db_low), (_, db_ref) = _refs(reference.lora_bwd_dy, dy, bb, s, 1.5)
     _check("dB", db, db_low, db_ref, dtype)
     _check("dA", da, *_refs(reference.lora_bwd_da, ds, x), dtype)
-    assert ops.lora_bwd_dy(dy, bb, s, 1.5, deterministic=True)[1].dtype == dtype
+    assert launchers.lora_bwd_dy(dy, bb, s, 1.5, deterministic=True)[1].dtype == dtype
 
 
 def test_da_split_covers_all_rows():
@@ -130,9 +130,9 @@ def test_input_precision_follows_allow_tf32():
     original = matmul.allow_tf32
     try:
         matmul.allow_tf32 = False
-        assert ops._input_precision(torch.float32) == "ieee"
+        assert launchers._input_precision(torch.float32) == "ieee"
         matmul.allow_tf32 = True
-        assert ops._input_precision(torch.float32) == "tf32"
-        assert ops._input_precision(torch.bfloat16) == "tf32"  # ignored by 16-bit dots
+        assert launchers._input_precision(torch.float32) == "tf32"
+        assert launchers._input_precision(torch.bfloat16) == "tf32"  # ignored by 16-bit dots
     finally:
         matmul.allow_tf32 = original

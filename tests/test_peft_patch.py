@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel  # the dev extra installs peft: a missing
 from peft.tuners.lora.layer import Linear as PeftLinear
 
 import fused_lora
-from fused_lora import peft_patch
+from fused_lora.integrations import peft_patch
 from numerics import (assert_losses_within_torch_error, assert_results_within_torch_error, assert_within_torch_error,
                       atol_for, fp64_copy, max_err, run as run_module, torch_and_fp64)
 from peft_parity import (_configs, count_fused_calls, dropout_training_parity, inputs, lora_linear_layers, parity,

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 import fused_lora
-from fused_lora import peft_patch
+from fused_lora.integrations import peft_patch
 from numerics import assert_within_torch_error
 from peft_parity import count_fused_calls, peft_model, randomize_lora, tiny_llama
 

@@ -11,17 +11,17 @@ LAUNCHERS = ["lora_shrink", "lora_fwd", "lora_bwd_dy", "lora_bwd_dx", "lora_bwd_
 
 
 def _case(name, M, K, N, r, dtype, device):
-    from fused_lora.kernels import ops
+    from fused_lora.kernels import launchers
 
     g = torch.Generator(device=device).manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=g, device=device).to(dtype)  # noqa: E731
     x, w, a, b, dy, s = rand(M, K), rand(N, K) / K**0.5, rand(r, K) / K**0.5, rand(N, r), rand(M, N), rand(M, r)
     return {
-        "lora_shrink": lambda: ops.lora_shrink(x, a, dropout_p=0.1, seed=1),
-        "lora_fwd": lambda: ops.lora_fwd(x, w, None, a, b, 2.0, dropout_p=0.1, seed=1),
-        "lora_bwd_dy": lambda: ops.lora_bwd_dy(dy, b, s, 2.0),
-        "lora_bwd_dx": lambda: ops.lora_bwd_dx(dy, w, s, a, dropout_p=0.1, seed=1),
-        "lora_bwd_da": lambda: ops.lora_bwd_da(s, x, dropout_p=0.1, seed=1),
+        "lora_shrink": lambda: launchers.lora_shrink(x, a, dropout_p=0.1, seed=1),
+        "lora_fwd": lambda: launchers.lora_fwd(x, w, None, a, b, 2.0, dropout_p=0.1, seed=1),
+        "lora_bwd_dy": lambda: launchers.lora_bwd_dy(dy, b, s, 2.0),
+        "lora_bwd_dx": lambda: launchers.lora_bwd_dx(dy, w, s, a, dropout_p=0.1, seed=1),
+        "lora_bwd_da": lambda: launchers.lora_bwd_da(s, x, dropout_p=0.1, seed=1),
     }[name]
 
 

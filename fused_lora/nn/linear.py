@@ -7,8 +7,8 @@ import sys
 import torch
 from torch import nn
 
-from ._validation import check_lora_config
-from .functional import lora_linear
+from .._validation import check_lora_config
+from ..functional import lora_linear
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -1,13 +1,13 @@
 """Which implementation computes a fused call: the Triton kernels or the torch path, by x's device and the
 environment. One decision (``select_backend``), used by fused_lora.lora_linear and by the per-device
-kernels of the op (fused_lora._op)."""
+kernels of the op (fused_lora.ops.linear)."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from .kernels._interpreter import interpreting
+from ..kernels._interpreter import interpreting
 
 BACKENDS = ("triton", "torch", "reference")
 _MODULES: dict = {}
@@ -35,8 +35,8 @@ def op_backend(x: torch.Tensor):
     module = _MODULES.get(name)
     if module is None:
         if name == "triton":
-            from . import _triton_backend as module  # imports triton: only when the kernels are used
+            from . import triton_backend as module  # imports triton: only when the kernels are used
         else:
-            from . import _torch_backend as module
+            from . import torch_backend as module
         _MODULES[name] = module
     return module

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import op_backend
-from .dropout import seed_tensor
+from .dispatch import op_backend
+from ..dropout import seed_tensor
 
 
 # The implementation of each device: a function of x giving the module (forward, backward) that computes
@@ -79,9 +79,12 @@ def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, need_dx, need_
             lora_B.new_empty(lora_B.shape) if need_dB else empty())
 
 
-for _device in DEVICE_KERNELS:
-    lora_linear_fwd.register_kernel(_device)(_forward)
-    lora_linear_bwd.register_kernel(_device)(_backward_op_outputs)
+# The CUDA slot of the dispatcher runs the Triton path (or the torch path when forced). The CPU slot is
+# left to the C++ kernels (TORCH_LIBRARY_IMPL(fused_lora, CPU, m), registered when they load): until then,
+# and on every other device, the custom ops' default implementation above runs, which looks up
+# DEVICE_KERNELS as the eager path does.
+lora_linear_fwd.register_kernel("cuda")(_forward)
+lora_linear_bwd.register_kernel("cuda")(_backward_op_outputs)
 
 
 def _lora_backward(ctx, dy, x, weight, lora_A, lora_B, s, seed, bwd):

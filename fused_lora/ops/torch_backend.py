@@ -1,12 +1,12 @@
 """The CPU path: cuBLAS/MKL-style GEMMs written into the output buffer, no M x N temporaries.
 
-Same contract as fused_lora._triton_backend: forward returns (y, S), backward returns (dX, dA, dB).
+Same contract as fused_lora.ops.triton_backend: forward returns (y, S), backward returns (dX, dA, dB).
 """
 from __future__ import annotations
 
 import torch
 
-from .dropout import dropout_keep_mask, keep_scale
+from ..dropout import dropout_keep_mask, keep_scale
 
 
 def _keep_scaled(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:

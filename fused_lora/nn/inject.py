@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ._validation import check_lora_config, regex_error
-from .layer import LoRALinear, is_conv1d
+from .._validation import check_lora_config, regex_error
+from .linear import LoRALinear, is_conv1d
 
 __all__ = ["inject", "merge_and_unload", "lora_layers", "match_targets", "InjectionConfig", "ALL_LINEAR"]
 

@@ -15,10 +15,10 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ._validation import check_lora_config, lora_config_error, regex_error
-from .injection import ALL_LINEAR, CONFIG_ATTR, InjectionConfig, _is_linear, _set_submodule, freeze_base, \
+from .._validation import check_lora_config, lora_config_error, regex_error
+from ..nn.inject import ALL_LINEAR, CONFIG_ATTR, InjectionConfig, _is_linear, _set_submodule, freeze_base, \
     lora_layers, match_targets, name_matches
-from .layer import LoRALinear
+from ..nn.linear import LoRALinear
 
 __all__ = ["save_adapter", "load_adapter", "AdapterFormatError"]
 
@@ -277,8 +277,8 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return nx, nf
 
 
-def _plan(model: nn.Module, config: dict, modules: dict) -> list[tuple[str, nn.Module, int, float, torch.Tensor,
-                                                                    torch.Tensor]]:
+def _adapter_loads(model: nn.Module, config: dict, modules: dict
+                   ) -> list[tuple[str, nn.Module, int, float, torch.Tensor, torch.Tensor]]:
     """[(module path, target module, r, lora_alpha, lora_A, lora_B)], checked against the model, the tensors cast
     to the layer's dtype; raises before any change."""
     existing = {name: layer for name, layer in lora_layers(model)}
@@ -306,7 +306,7 @@ def _plan(model: nn.Module, config: dict, modules: dict) -> list[tuple[str, nn.M
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     lora_dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    plan = []
+    loads = []
     for name in sorted(modules):
         try:
             target = model.get_submodule(name)
@@ -349,8 +349,8 @@ def _plan(model: nn.Module, config: dict, modules: dict) -> list[tuple[str, nn.M
                 raise AdapterFormatError(f"{KEY_PREFIX}{name}.lora_{part}.weight has a value of magnitude "
                                          f"{largest:g} that overflows the model's dtype {dtype} (largest finite "
                                          f"{torch.finfo(dtype).max:g})")
-        plan.append((name, target, r, alpha, cast["A"], cast["B"]))
-    return plan
+        loads.append((name, target, r, alpha, cast["A"], cast["B"]))
+    return loads
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -379,7 +379,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not state:
         raise AdapterFormatError(f"{os.path.join(path, WEIGHTS_NAME)} holds no tensors")
     modules = _module_tensors(state)
-    plan = _plan(model, config, modules)
+    loads = _adapter_loads(model, config, modules)
 
     use_rslora = config.get("use_rslora", False)
     lora_dropout = float(config.get("lora_dropout", 0.0))
@@ -389,7 +389,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     # Everything above is checked; nothing below can fail on the file's content.
     injected_now = []
     with torch.no_grad():
-        for name, target, r, alpha, lora_A, lora_B in plan:
+        for name, target, r, alpha, lora_A, lora_B in loads:
             if isinstance(target, LoRALinear):
                 layer = target
                 layer.lora_dropout = lora_dropout

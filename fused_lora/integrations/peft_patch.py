@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validation import KERNEL_DTYPES, MAX_RANK
-from .functional import lora_linear
-from .layer import is_conv1d
+from .._validation import KERNEL_DTYPES, MAX_RANK
+from ..functional import lora_linear
+from ..nn.linear import is_conv1d
 
 __all__ = ["patch_peft", "unpatch_peft", "fused_call_args", "FusedFallbackWarning"]  # Fused*: built lazily
 

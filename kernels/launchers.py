@@ -23,7 +23,8 @@ from ._interpreter import install_bf16_fixes, interpreting
 from ._lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
 from ._lora_fwd import _lora_fwd_kernel, _lora_shrink_kernel
 from .dropout_args import drop_threshold, keep_scale, seed_on
-from .plans import Launch, find_launch, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_fwd, plan_lora_shrink
+from .plans import (SUM_PARTS, ZERO_, ZEROS, Launch, find_launch, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy,
+                    plan_lora_fwd, plan_lora_shrink)
 
 # Programs per SM the interpreter pretends to have: small, so tests still see several dA splits.
 _INTERPRETER_SMS = 2
@@ -61,21 +62,56 @@ if interpreting():
 
 
 class _Ready(NamedTuple):
-    """A planned launch with its launch arguments (constexprs, INPUT_PRECISION, launch options) and the
-    torch ops the plan runs around it on its last operand, which the launcher executes."""
-    launch: Launch
+    """A plan made ready to execute: its Triton launch (None when the sizes leave nothing to compute) with
+    the launch arguments (constexprs, INPUT_PRECISION, launch options), and the plan's torch ops before
+    and after it (plans.TORCH_OPS), which the launcher runs on its buffers with ``_run_torch_ops``."""
+    launch: Launch | None
     kwargs: dict
-    partials: bool  # the plan sums the kernel's per-part partials ("sum(0)")
-    zeroed: bool  # the plan zeroes the buffer the kernel's atomics add into ("zeros")
+    before: tuple[Launch, ...]
+    after: tuple[Launch, ...]
 
 
-def _ready(plan: list[Launch], kernel: str, precision: str) -> _Ready | None:
+def _ready(plan: list[Launch], kernel: str, precision: str) -> _Ready:
     launch = find_launch(plan, kernel)
     if launch is None:
-        return None
+        return _Ready(None, {}, tuple(op for op in plan if not op.is_triton), ())
     kwargs = {**launch.args, **launch.constexprs, "INPUT_PRECISION": precision, **launch.config.launch_options()}
-    torch_ops = {op.kernel for op in plan if not op.is_triton}
-    return _Ready(launch, kwargs, "sum(0)" in torch_ops, "zeros" in torch_ops)
+    at = plan.index(launch)
+    return _Ready(launch, kwargs, tuple(op for op in plan[:at] if not op.is_triton),
+                  tuple(op for op in plan[at + 1:] if not op.is_triton))
+
+
+def _run_torch_ops(ops: tuple[Launch, ...], buffers: dict, device) -> dict:
+    """Runs a plan's torch ops on ``buffers`` (operand name -> tensor): each op as plans.TORCH_OPS says."""
+    for op in ops:
+        if op.kernel == ZEROS:
+            for out in op.writes:
+                buffers[out.name] = torch.zeros(out.shape, device=device, dtype=out.dtype)
+        elif op.kernel == ZERO_:
+            for out in op.writes:
+                buffers[out.name].zero_()
+        elif op.kernel == SUM_PARTS:
+            buffers[op.writes[0].name] = buffers[op.reads[0].name].sum(0)
+        else:
+            raise AssertionError(f"the plan has a torch op no launcher runs: {op.kernel}")
+    return buffers
+
+
+def _result(buffers: dict, name: str, shape, device) -> torch.Tensor:
+    """The plan's buffer ``name``; a plan has no op for a buffer without elements (torch would launch
+    nothing), so that one is made here, empty."""
+    result = buffers.get(name)
+    return result if result is not None else torch.empty(shape, device=device, dtype=torch.float32)
+
+
+def _written(ready: _Ready, buffers: dict, device) -> torch.Tensor:
+    """The buffer the Triton launch writes last (a dB / dA): the zeroed one a torch op made before it for
+    atomics, or a new one as the plan sizes it."""
+    out = ready.launch.writes[-1]
+    buffer = buffers.get(out.name)
+    if buffer is None:
+        buffer = buffers[out.name] = torch.empty(out.shape, device=device, dtype=out.dtype)
+    return buffer
 
 
 @functools.lru_cache(maxsize=4096)
@@ -126,22 +162,14 @@ def _dropout_scalars(dropout_p: float) -> tuple[int, float]:
     return 0, 1.0
 
 
-def _reduction_buffer(ready: _Ready, device) -> torch.Tensor:
-    """The buffer a dB / dA launch writes (its last operand, as the plan sized it): zeroed for atomics."""
-    op = ready.launch.writes[-1]
-    return (torch.zeros if ready.zeroed else torch.empty)(op.shape, device=device, dtype=op.dtype)
-
-
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, *, dropout_p: float = 0.0, seed=0) -> torch.Tensor:
     """S = dropout(x) A^T, (M, r) in x's dtype, fp32 accumulation."""
     M, K = x.shape
     r = lora_A.shape[0]
     s = torch.empty((M, r), device=x.device, dtype=x.dtype)
-    if M == 0:
-        return s
     ready = _shrink_ready(M, K, r, x.dtype, dropout_p > 0.0, _input_precision(x.dtype))
-    if ready is None:  # K == 0
-        return s.zero_()
+    if ready.launch is None:  # empty sizes: the plan's memset, if any
+        return _run_torch_ops(ready.before, {"S": s}, x.device)["S"]
     with launch_guard(x.device):
         _lora_shrink_kernel[ready.launch.grid](
             x, lora_A, s, _seed_arg(seed, dropout_p, x.device), M, K, r,
@@ -163,11 +191,11 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: floa
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     with launch_guard(x.device):
         seed = _seed_arg(seed, dropout_p, x.device)
-        if ready is None or not ready.launch.constexprs["FUSE_SHRINK"]:
-            s = lora_shrink(x, lora_A, dropout_p=dropout_p, seed=seed)
+        if ready.launch is None or not ready.launch.constexprs["FUSE_SHRINK"]:
+            s = lora_shrink(x, lora_A, dropout_p=dropout_p, seed=seed)  # the plan's shrink launch
         else:
             s = torch.empty((M, r), device=x.device, dtype=x.dtype)
-        if ready is None:  # M == 0 or N == 0
+        if ready.launch is None:  # M == 0 or N == 0: the plan is the shrink's
             return y, s
         _lora_fwd_kernel[ready.launch.grid](
             x, weight, y if bias is None else bias, s, lora_A, lora_B, y, seed, M, N, K, r,
@@ -231,21 +259,21 @@ def _da_ready_for(x, r, dropout_p, deterministic, precision):
 def _bwd_dy(ready, dy, lora_B, s, scaling):
     M, N = dy.shape
     r = lora_B.shape[1]
-    ds = torch.empty((M, r), device=dy.device, dtype=s.dtype)
-    if ready is None:  # M == 0 or N == 0
-        return ds.zero_(), torch.zeros((N, r), device=dy.device, dtype=torch.float32)
-    db = _reduction_buffer(ready, dy.device)
-    _lora_bwd_dy_kernel[ready.launch.grid](
-        dy, lora_B, s, ds, db, M, N, r, *dy.stride(), *lora_B.stride(), *s.stride(), *ds.stride(),
-        float(scaling), **ready.kwargs)
-    return ds, db.sum(0) if ready.partials else db
+    buffers = _run_torch_ops(ready.before, {"dS": torch.empty((M, r), device=dy.device, dtype=s.dtype)},
+                             dy.device)
+    if ready.launch is not None:
+        _lora_bwd_dy_kernel[ready.launch.grid](
+            dy, lora_B, s, buffers["dS"], _written(ready, buffers, dy.device), M, N, r, *dy.stride(),
+            *lora_B.stride(), *s.stride(), *buffers["dS"].stride(), float(scaling), **ready.kwargs)
+        _run_torch_ops(ready.after, buffers, dy.device)
+    return buffers["dS"], _result(buffers, "dB", (N, r), dy.device)
 
 
 def _bwd_dx(ready, dy, weight, ds, lora_A, dropout_p, seed):
     M, N = dy.shape
     r, K = lora_A.shape
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
-    if ready is None:  # M == 0 or K == 0
+    if ready.launch is None:  # M == 0 or K == 0: dX has no element
         return dx
     _lora_bwd_dx_kernel[ready.launch.grid](
         dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), M, N, K, r,
@@ -257,10 +285,10 @@ def _bwd_dx(ready, dy, weight, ds, lora_A, dropout_p, seed):
 def _bwd_da(ready, ds, x, dropout_p, seed):
     M, K = x.shape
     r = ds.shape[1]
-    if ready is None:  # M == 0 or K == 0
-        return torch.zeros((r, K), device=x.device, dtype=torch.float32)
-    da = _reduction_buffer(ready, x.device)
-    _lora_bwd_da_kernel[ready.launch.grid](
-        ds, x, da, _seed_arg(seed, dropout_p, x.device), M, K, r, *ds.stride(), *x.stride(),
-        *_dropout_scalars(dropout_p), **ready.kwargs)
-    return da.sum(0) if ready.partials else da
+    buffers = _run_torch_ops(ready.before, {}, x.device)
+    if ready.launch is not None:
+        _lora_bwd_da_kernel[ready.launch.grid](
+            ds, x, _written(ready, buffers, x.device), _seed_arg(seed, dropout_p, x.device), M, K, r,
+            *ds.stride(), *x.stride(), *_dropout_scalars(dropout_p), **ready.kwargs)
+        _run_torch_ops(ready.after, buffers, x.device)
+    return _result(buffers, "dA", (r, K), x.device)
