@@ -1,4 +1,4 @@
-"""The shapes the whole-op tests run: tests/test_lora_linear.py on CPU, tests/test_gpu.py (with its
+"""The shapes the whole-op tests run: tests/ops/test_lora_linear.py on CPU, tests/test_gpu.py (with its
 GPU-only large cases added) on a CUDA device."""
 import torch
 

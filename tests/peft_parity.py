@@ -9,7 +9,7 @@ random G, so every logit direction is checked.
 
     TRITON_INTERPRET=1 python tests/peft_parity.py      # prints the table (kernels in the interpreter)
 
-The tests (tests/test_peft_patch.py) assert the bound per tensor; the rule is written there.
+The tests (tests/integrations/test_peft_patch.py) assert the bound per tensor; the rule is written there.
 """
 from __future__ import annotations
 

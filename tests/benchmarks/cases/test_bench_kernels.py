@@ -30,7 +30,7 @@ def test_launcher_interpreted(benchmark, name):
     from fused_lora.functional import interpreting
 
     if not interpreting():
-        pytest.skip("needs TRITON_INTERPRET=1 (benchmarks/cases/conftest.py sets it unless -m gpu)")
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it unless -m gpu)")
     benchmark.pedantic(_case(name, **TINY), rounds=2, iterations=1, warmup_rounds=1)
 
 
