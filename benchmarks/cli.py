@@ -8,7 +8,8 @@ fused layer (kernels stubbed out) against eager torch.
 
     fused-lora-bench                      # GPU: --quick; CPU: CPU mode (40 s on a 2-core machine)
     fused-lora-bench --full --out results/
-    fused-lora-bench --model-only --shapes 4096x4096 --tokens 8192 --ranks 16 --dtypes bf16   # no timings
+    fused-lora-bench --model-only --shapes 4096x4096 --tokens 8192 --ranks 16 --dtypes bf16   # no kernel timings
+    fused-lora-bench --model-only --gpu h200   # the modeled table on the H200 SXM preset (4.8 TB/s)
     fused-lora-bench --host-only          # host time per tiny layer, kernels stubbed, against eager torch
 """
 from __future__ import annotations
@@ -140,9 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "machine each op waited for a scheduler slice)")
     p.add_argument("--out", default="bench-out", help="directory for points.csv/json, modeled.csv, "
                    "saved_bytes.csv and the PNGs (default: bench-out)")
-    p.add_argument("--model-only", action="store_true", help="skip the timings: saved bytes and the modeled table")
+    p.add_argument("--model-only", action="store_true", help="skip the measured timings: saved bytes, the modeled "
+                   "table and the host-overhead part (seconds; --no-host skips it too)")
     p.add_argument("--host-only", action="store_true", help="only the host-overhead part: fused_lora's host time "
                    "per tiny layer, kernels stubbed out, against eager torch (seconds)")
+    p.add_argument("--gpu", default="h100", type=str.lower, choices=("h100", "h200"),
+                   help="the GPU preset of the modeled table: h100 (H100 SXM, 3.35 TB/s; default) or h200 (H200 SXM, "
+                   "4.8 TB/s, the same SMs and peaks)")
+    p.add_argument("--no-host", action="store_true", help="skip the host-overhead part (it runs with --model-only "
+                   "too: a few seconds, and the modeled tables mark the host-bound points from it)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="also print the modeled launch list of the detailed points")
@@ -287,20 +294,26 @@ def main(argv=None) -> int:
     finally:
         torch.set_num_threads(threads)
     saved = runs.run_saved_bytes(saved_points, providers, progress, warnings)
-    modeled = runs.run_modeled(model_points, providers, progress, warnings)
+    gpu_model = roofline.GPUS[args.gpu]
+    modeled = runs.run_modeled(model_points, providers, progress, warnings, gpu_model)
     progress.close()
 
     sections.print_measured(measured, gpu, meta, args.model_only)
     sections.print_saved(saved)
+    # The host part runs before the modeled part is printed (its tables mark the host-bound points), and
+    # with --model-only too: `fused-lora-bench --host-only` took 6 s on this project's 2-core machine,
+    # 4 of them imports the run has already paid for.
+    host_result = None if args.no_host else run_host(device, warnings)
+    runs.attach_host_times(modeled, host_result)
     detail = runs.detail_points(model_points)
-    sections.print_modeled(modeled, model_points, detail, out, args.verbose)
-    host_result = None if args.model_only else run_host(device, warnings)
-    sections.print_host(host_result, "[4/4]", skipped="skipped: --model-only" if args.model_only else
+    sections.print_modeled(modeled, model_points, detail, out, args.verbose, gpu_model, host_result,
+                           "--no-host" if args.no_host else "it failed: see the warning below")
+    sections.print_host(host_result, "[4/4]", skipped="skipped: --no-host" if args.no_host else
                         "failed: see the warning below")
 
     written = writers.write_files(out, meta, measured=measured, saved=saved, modeled=modeled,
                                  detailed=lambda row: row.point in detail,
-                                 payload={"modeled_assumptions": roofline.ASSUMPTIONS, "notes": notes,
+                                 payload={"modeled_assumptions": roofline.assumptions(gpu_model), "notes": notes,
                                           "host_overhead": host_result.as_record() if host_result else None,
                                           "warnings": warnings})
     if args.no_plots:

@@ -95,7 +95,9 @@ def write_plots(out: Path, gpu: bool, measured: list[MeasuredRow], saved: list[S
         rows, title, ylabel = measured, "measured on GPU: time / gemm time", "measured time / gemm time"
     else:
         rows = modeled
-        title, ylabel = "MODELED H100 (not measured): modeled time / modeled gemm time", "modeled time / gemm time"
+        gpu_name = modeled[0].gpu_name if modeled else "H100 SXM"
+        title, ylabel = (f"MODELED {gpu_name} (not measured): modeled time / modeled gemm time",
+                         "modeled time / gemm time")
     if rows:
         r_, dropout, dtype = _headline_selection(rows)
         series: dict = {}

@@ -1,9 +1,14 @@
-"""A modeled (not measured) H100 roofline of every provider, launch by launch.
+"""A modeled (not measured) roofline of every provider, launch by launch, on an H100 SXM or H200 SXM preset.
 
-modeled time = sum over launches of max(flops / peak, compulsory bytes / bandwidth) / occupancy
-               + per-launch overhead,
-where occupancy = min(1, programs / SMs) for a Triton launch (its grid) and 1 for a torch op (cuBLAS and
-torch's kernels size their grids to the GPU, e.g. split-K for few tokens).
+modeled time of a launch = max(flops / (peak x e), compulsory bytes / bandwidth) x wave factor
+                           + atomic bytes / ATOMIC_BYTES_PER_S + per-launch overhead,
+summed over the launches, where
+- e = 1 for torch ops; for a Triton launch e = 1 in the ideal table and TRITON_GEMM_EFFICIENCY in the second one;
+- wave factor = 1 for a torch op (cuBLAS and torch's kernels size their grids to the GPU, e.g. split-K for
+  few tokens); for a Triton launch of G programs, waves x slots / G, where slots = SMs x PROGRAMS_PER_SM and
+  waves = ceil(G / slots): a grid below one wave gets G / slots of the peaks, 133 programs on 132 SMs take
+  two waves, the second one nearly empty;
+- atomic bytes: the fp32 atomic adds a plan's USE_ATOMICS launch makes into dB or dA (0 otherwise).
 
 Launch lists are derived, not typed in:
 - fused: from the launchers' own plans (fused_lora.kernels.plans.plan_*): grids, tiles, passes, partial
@@ -22,37 +27,101 @@ import torch
 
 from .sweep import DIRECTIONS, Point
 
-# H100 SXM5: dense fp16/bf16 tensor-core peak and HBM3 bandwidth (NVIDIA datasheet figures);
-# 132 SMs (the dA split depends on it).
-PEAK_FLOPS = {"bfloat16": 989e12, "float16": 989e12}
-HBM_BYTES_PER_S = 3.35e12
-NUM_SMS = 132
+
+@dataclass(frozen=True)
+class Gpu:
+    """A GPU preset: dense fp16/bf16 tensor-core peak, HBM bandwidth and SM count, with their source."""
+    key: str  # the --gpu value
+    name: str
+    peak_flops: dict
+    hbm_bytes_per_s: float
+    num_sms: int
+    source: str
+
+
+# NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: 1,979 TFLOPS bf16/fp16 with sparsity, i.e. 989
+# dense; 3.35 TB/s HBM3; 132 SMs (the dA split depends on it).
+H100 = Gpu("h100", "H100 SXM", {"bfloat16": 989e12, "float16": 989e12}, 3.35e12, 132,
+           "NVIDIA H100 datasheet (SXM): 989 TFLOPS dense bf16/fp16, 3.35 TB/s HBM3, 132 SMs")
+# NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column: 4.8 TB/s HBM3e and the same 1,979 TFLOPS
+# (sparse) bf16/fp16 as the H100 SXM; the same GH100 die with 132 SMs. Only the bandwidth differs.
+H200 = Gpu("h200", "H200 SXM", dict(H100.peak_flops), 4.8e12, H100.num_sms,
+           "NVIDIA H200 datasheet (SXM): 989 TFLOPS dense bf16/fp16 as the H100 SXM, 4.8 TB/s HBM3e, 132 SMs")
+GPUS = {gpu.key: gpu for gpu in (H100, H200)}
+DEFAULT_GPU = H100
+
+# The H100 figures under their former names (the defaults of everything below).
+PEAK_FLOPS = H100.peak_flops
+HBM_BYTES_PER_S = H100.hbm_bytes_per_s
+NUM_SMS = H100.num_sms
 # Assumed, not measured (no GPU here): the gap one eager launch adds on the GPU timeline, a few
-# microseconds for back-to-back PyTorch / Triton launches without CUDA graphs.
+# microseconds for back-to-back PyTorch / Triton launches without CUDA graphs. GPU-side only: the host's
+# Python time per layer is measured by the host-overhead part (benchmarks.host) and printed beside it.
 LAUNCH_OVERHEAD_S = 4e-6
+# Assumed: one resident program per SM for every Triton launch. The model has no per-config occupancy
+# (registers and shared memory per program are known only after compilation, see kernel_report); with
+# two resident programs a sub-wave grid would be charged twice as much, a multi-wave one about the same.
+PROGRAMS_PER_SM = 1
+# Assumed, not measured: fp32 atomic adds resolve in L2 at the rate of HBM loads of the H100 (3.35 TB/s
+# of added data), on both presets (the H200 has the same GH100 L2; atomics do not go to HBM). Source for
+# the rate: NVIDIA Nsight Visual Studio Edition 4.7 User Guide, "Memory Statistics - Atomics": since
+# compute capability 3.x "many atomics can be performed ... nearly as quickly as memory loads". The same
+# page: read-modify-writes to one location "are all serialized". The dS/dB programs sweep N in lockstep,
+# so all of them add into the same dB tile at once; hence the atomic time is added after the launch's main
+# time rather than hidden under it (no overlap credited).
+ATOMIC_BYTES_PER_S = 3.35e12
+# Triton's plain tl.dot main loop against cuBLAS on an H100: triton-lang/triton issue #3672 (2024-04-16),
+# python/tutorials/03-matrix-multiplication.py in fp16 on an H100, Triton / cuBLAS TFLOP/s at its six
+# largest sizes, M = N = K = 2432..3072: 321.3/518.5, 375.4/533.4, 433.4/433.4, 500.7/616.5, 471.4/573.9,
+# 524.7/584.7 = 0.62, 0.70, 1.00, 0.81, 0.82, 0.90; median 0.82. Applied to the FLOP rate of every Triton
+# launch (their main loops are such tl.dot loops, without TMA, persistence or warp specialisation), not to
+# bandwidth, atomics or overhead (no published figure for those). The targets refer to the ideal table (1.0).
+TRITON_GEMM_EFFICIENCY = 0.82
+# The Triton launches whose USE_ATOMICS programs add into a grad: {kernel: (operand, grid axis of the
+# programs that each add one full copy of it)}. dS/dB: each of the m_blocks programs adds an (N, r)
+# partial; dA: each of the SPLIT_M slices adds an (r, K) partial (its K tiles partition dA).
+ATOMIC_REDUCTIONS = {"_lora_bwd_dy_kernel": ("dB", 0), "_lora_bwd_da_kernel": ("dA", 1)}
 # fused_lora's default: fp32 atomics (deterministic partials only under
 # torch.use_deterministic_algorithms(True)).
 DETERMINISTIC = False
 
-ASSUMPTIONS = {
-    "device": "H100 SXM (modeled, not measured)",
-    "peak_flops_bf16_fp16": PEAK_FLOPS["bfloat16"],
-    "hbm_bytes_per_s": HBM_BYTES_PER_S,
-    "launch_overhead_s": LAUNCH_OVERHEAD_S,
-    "num_sms": NUM_SMS,
-    "formula": "sum over launches of max(flops / peak, bytes / bandwidth) / occupancy + launch overhead",
-    "occupancy": "Triton launches: min(1, programs / 132), one resident program per SM (a grid of 4 "
-                 "programs gets 4/132 of the peaks); torch ops: 1",
-    "bytes": "compulsory HBM traffic: each distinct tensor a launch reads once plus each it writes once "
-             "(an in-place update reads and writes its tensor; a broadcast tensor counts its distinct "
-             "elements); L2 reuse and re-reads not counted, nor fused's fp32 atomic adds into L2 (one "
-             "(N, r) partial per row block for dB, one (r, K) per split for dA)",
-    "flops_fused": "dots as the Triton kernels execute them: whole tiles and the padded rank R "
-                   "(tl.dot runs on the padded operands), incl. the shrink recomputed per N tile when fused",
-    "flops_torch": "torch.utils.flop_counter formulas for matmuls (no padding); elementwise ops 0",
-    "dropout_torch": "traced as on CUDA: F.dropout -> aten.native_dropout (bool mask)",
-    "deterministic": DETERMINISTIC,
-}
+
+def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
+    """The model's constants and formula, as points.json's modeled_assumptions."""
+    return {
+        "device": f"{gpu.name} (modeled, not measured)",
+        "gpu": gpu.key,
+        "gpu_source": gpu.source,
+        "peak_flops_bf16_fp16": gpu.peak_flops["bfloat16"],
+        "hbm_bytes_per_s": gpu.hbm_bytes_per_s,
+        "launch_overhead_s": LAUNCH_OVERHEAD_S,
+        "num_sms": gpu.num_sms,
+        "programs_per_sm": PROGRAMS_PER_SM,
+        "atomic_bytes_per_s": ATOMIC_BYTES_PER_S,
+        "triton_gemm_efficiency": TRITON_GEMM_EFFICIENCY,
+        "formula": "sum over launches of max(flops / (peak x e), bytes / bandwidth) x wave factor "
+                   "+ atomic bytes / atomic rate + launch overhead",
+        "waves": f"Triton launches: ceil(programs / ({gpu.num_sms} SMs x {PROGRAMS_PER_SM})) waves, wave factor "
+                 "waves x slots / programs (a grid of 4 programs gets 4/132 of the peaks; 133 take 2 waves); "
+                 "torch ops: 1",
+        "atomics": "fp32 atomic adds of a USE_ATOMICS launch: m_blocks x N x r x 4 bytes into dB, SPLIT_M x r x K "
+                   "x 4 into dA, at atomic_bytes_per_s, added after the launch's main time (not overlapped)",
+        "triton_efficiency": "e = 1 in the ideal table; triton_gemm_efficiency on the FLOP rate of Triton "
+                             "launches in the second table (triton-lang/triton#3672, tutorial 03 on H100)",
+        "host": "not in the modeled time: the measured host time per layer (host-overhead part) is printed "
+                "beside it; a layer whose host time exceeds its modeled GPU time is host-bound",
+        "bytes": "compulsory HBM traffic: each distinct tensor a launch reads once plus each it writes once "
+                 "(an in-place update reads and writes its tensor; a broadcast tensor counts its distinct "
+                 "elements); L2 reuse and re-reads not counted; fp32 atomics counted apart (see atomics)",
+        "flops_fused": "dots as the Triton kernels execute them: whole tiles and the padded rank R "
+                       "(tl.dot runs on the padded operands), incl. the shrink recomputed per N tile when fused",
+        "flops_torch": "torch.utils.flop_counter formulas for matmuls (no padding); elementwise ops 0",
+        "dropout_torch": "traced as on CUDA: F.dropout -> aten.native_dropout (bool mask)",
+        "deterministic": DETERMINISTIC,
+    }
+
+
+ASSUMPTIONS = assumptions(H100)
 
 
 @dataclass(frozen=True)
@@ -62,16 +131,41 @@ class ModeledLaunch:
     bytes: int
     detail: str = ""
     programs: int | None = None  # a Triton launch's grid size; None: a torch op, which fills the GPU
+    atomic_bytes: int = 0  # fp32 atomic adds into L2 (dB / dA of a USE_ATOMICS launch)
+
+    @property
+    def is_triton(self) -> bool:
+        return self.programs is not None
+
+    def waves(self, gpu: Gpu = DEFAULT_GPU) -> int | None:
+        """ceil(programs / (SMs x PROGRAMS_PER_SM)); None for a torch op."""
+        if self.programs is None:
+            return None
+        return max(1, -(-self.programs // (gpu.num_sms * PROGRAMS_PER_SM)))
+
+    def wave_factor(self, gpu: Gpu = DEFAULT_GPU) -> float:
+        """Time over the time of the same work spread evenly over the GPU: waves x slots / programs."""
+        if self.programs is None:
+            return 1.0
+        return self.waves(gpu) * gpu.num_sms * PROGRAMS_PER_SM / max(1, self.programs)
 
     @property
     def occupancy(self) -> float:
-        return 1.0 if self.programs is None else min(1.0, self.programs / NUM_SMS)
+        """The share of the H100's peaks the launch gets (1 / wave factor)."""
+        return 1.0 / self.wave_factor()
 
-    def seconds(self, peak: float) -> float:
-        return max(self.flops / peak, self.bytes / HBM_BYTES_PER_S) / self.occupancy + LAUNCH_OVERHEAD_S
+    def main_seconds(self, peak: float, gpu: Gpu = DEFAULT_GPU, triton_efficiency: float = 1.0) -> float:
+        rate = peak * (triton_efficiency if self.is_triton else 1.0)
+        return max(self.flops / rate, self.bytes / gpu.hbm_bytes_per_s) * self.wave_factor(gpu)
 
-    def bound(self, peak: float) -> str:
-        return "compute" if self.flops / peak >= self.bytes / HBM_BYTES_PER_S else "memory"
+    def atomic_seconds(self) -> float:
+        return self.atomic_bytes / ATOMIC_BYTES_PER_S
+
+    def seconds(self, peak: float, gpu: Gpu = DEFAULT_GPU, triton_efficiency: float = 1.0) -> float:
+        return self.main_seconds(peak, gpu, triton_efficiency) + self.atomic_seconds() + LAUNCH_OVERHEAD_S
+
+    def bound(self, peak: float, gpu: Gpu = DEFAULT_GPU) -> str:
+        return "compute" if self.flops / peak >= self.bytes / gpu.hbm_bytes_per_s else "memory"
 
 
 @dataclass
@@ -80,6 +174,7 @@ class Modeled:
     direction: str
     launches: list[ModeledLaunch] = field(default_factory=list)
     peak: float = 0.0
+    gpu: Gpu = DEFAULT_GPU
 
     @property
     def flops(self) -> int:
@@ -90,8 +185,25 @@ class Modeled:
         return sum(launch.bytes for launch in self.launches)
 
     @property
+    def atomic_bytes(self) -> int:
+        return sum(launch.atomic_bytes for launch in self.launches)
+
+    @property
+    def atomic_seconds(self) -> float:
+        return sum(launch.atomic_seconds() for launch in self.launches)
+
+    @property
+    def triton_waves(self) -> int:
+        """Waves summed over the Triton launches (0 for the torch providers)."""
+        return sum(launch.waves(self.gpu) or 0 for launch in self.launches)
+
+    def seconds_at(self, triton_efficiency: float) -> float:
+        return sum(launch.seconds(self.peak, self.gpu, triton_efficiency) for launch in self.launches)
+
+    @property
     def seconds(self) -> float:
-        return sum(launch.seconds(self.peak) for launch in self.launches)
+        """The ideal table's time (Triton efficiency 1.0)."""
+        return self.seconds_at(1.0)
 
 
 def modeled_dtype_supported(dtype: str) -> bool:
@@ -102,13 +214,29 @@ def modeled_dtype_supported(dtype: str) -> bool:
 # fused: from the launchers' plans
 # ---------------------------------------------------------------------------------------------
 
+def atomic_bytes(launch) -> int:
+    """Bytes of fp32 atomic adds a plan's launch makes: with USE_ATOMICS, every program along the reduced
+    grid axis adds one full copy of the grad (ATOMIC_REDUCTIONS), e.g. m_blocks x N x r x 4 into dB."""
+    if not launch.constexprs.get("USE_ATOMICS"):
+        return 0
+    if launch.kernel not in ATOMIC_REDUCTIONS:
+        raise ValueError(f"{launch.kernel} uses atomics, but the model does not know which operand it adds into "
+                         "(benchmarks.roofline.ATOMIC_REDUCTIONS)")
+    name, axis = ATOMIC_REDUCTIONS[launch.kernel]
+    (target,) = [op for op in launch.writes if op.name == name]
+    return launch.grid[axis] * target.nbytes
+
+
 def _from_plan(launch) -> ModeledLaunch:
     ops = ", ".join(f"{'w' if op in launch.writes else 'r'}:{op.name}{list(op.shape)}"
                     for op in launch.reads + launch.writes)
     grid = f" grid={launch.grid} {launch.config.BLOCK_M}x{launch.config.BLOCK_N}x{launch.config.BLOCK_K}" \
         if launch.is_triton else ""
+    atomics = atomic_bytes(launch) if launch.is_triton else 0
+    if atomics:
+        grid += f" atomics={atomics / 2**20:.3g} MiB"
     return ModeledLaunch(launch.kernel, launch.flops, launch.hbm_bytes, f"{ops}{grid}",
-                         programs=math.prod(launch.grid) if launch.is_triton else None)
+                         programs=math.prod(launch.grid) if launch.is_triton else None, atomic_bytes=atomics)
 
 
 def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERMINISTIC,
@@ -243,11 +371,11 @@ def traced_launches(provider: str, point: Point) -> dict[str, list[ModeledLaunch
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
-def model_point(provider: str, point: Point) -> dict[str, Modeled]:
-    """{direction: Modeled} for one provider at one point (16-bit dtypes only)."""
-    peak = PEAK_FLOPS[point.dtype]
+def model_point(provider: str, point: Point, gpu: Gpu = DEFAULT_GPU) -> dict[str, Modeled]:
+    """{direction: Modeled} for one provider at one point (16-bit dtypes only) on the ``gpu`` preset."""
+    peak = gpu.peak_flops[point.dtype]
     if provider == "fused":
-        lists = {d: fused_launches(point, d) for d in DIRECTIONS}
+        lists = {d: fused_launches(point, d, num_sms=gpu.num_sms) for d in DIRECTIONS}
     else:
         lists = traced_launches(provider, point)
-    return {d: Modeled(provider, d, lists[d], peak) for d in DIRECTIONS}
+    return {d: Modeled(provider, d, lists[d], peak, gpu) for d in DIRECTIONS}

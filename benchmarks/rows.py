@@ -106,8 +106,12 @@ class SavedBytesRow:
 @dataclass
 class ModeledRow:
     """One provider and direction at one modeled point (modeled.csv); launches are the modeled
-    launches (benchmarks.roofline.ModeledLaunch), which only the JSON and --verbose list."""
-    KIND: ClassVar[str] = "modeled-h100"
+    launches (benchmarks.roofline.ModeledLaunch), which only the JSON and --verbose list.
+
+    us and ratio_to are the ideal table's (Triton efficiency 1.0); us_at_efficiency and
+    ratio_to_at_efficiency the second table's (benchmarks.roofline.TRITON_GEMM_EFFICIENCY on Triton
+    launches). host_us is measured, not modeled: the host-overhead part's Python time per layer of this
+    provider (fwd+bwd rows of fused and eager only; None where not measured)."""
     point: Point
     provider: str
     direction: str
@@ -117,12 +121,37 @@ class ModeledRow:
     us: float
     tflops: float
     ratio_to: dict[str, float | None] = field(default_factory=dict)  # {ref: us / ref's us}
+    gpu: str = "h100"  # benchmarks.roofline.GPUS key
+    gpu_name: str = "H100 SXM"
+    atomic_mib: float = 0.0
+    atomics_us: float = 0.0
+    triton_waves: int = 0
+    triton_efficiency: float = 1.0
+    us_at_efficiency: float | None = None
+    ratio_to_at_efficiency: dict[str, float | None] = field(default_factory=dict)
+    host_us: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return f"modeled-{self.gpu}"
+
+    @property
+    def host_bound(self) -> bool | None:
+        """Whether the measured host time per layer exceeds the modeled GPU time (None: not measured)."""
+        return None if self.host_us is None else self.host_us > self.us
 
     def as_record(self) -> dict:
-        return {"kind": self.KIND, **self.point.as_dict(), "provider": self.provider, "direction": self.direction,
+        return {"kind": self.kind, **self.point.as_dict(), "provider": self.provider, "direction": self.direction,
                 "modeled_launches": len(self.launches), "modeled_gflop": self.gflop, "modeled_hbm_mib": self.hbm_mib,
                 "modeled_us": self.us, "modeled_tflops": self.tflops,
-                **{f"modeled_ratio_to_{ref}": self.ratio_to.get(ref) for ref in RATIO_REFERENCES}}
+                **{f"modeled_ratio_to_{ref}": self.ratio_to.get(ref) for ref in RATIO_REFERENCES},
+                "modeled_gpu": self.gpu_name, "modeled_triton_waves": self.triton_waves,
+                "modeled_atomic_mib": self.atomic_mib, "modeled_atomics_us": self.atomics_us,
+                "modeled_triton_efficiency": self.triton_efficiency,
+                "modeled_us_at_triton_efficiency": self.us_at_efficiency,
+                **{f"modeled_ratio_to_{ref}_at_triton_efficiency": self.ratio_to_at_efficiency.get(ref)
+                   for ref in RATIO_REFERENCES},
+                "measured_host_us": self.host_us, "modeled_host_bound": self.host_bound}
 
 
 @dataclass(frozen=True)

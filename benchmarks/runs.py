@@ -138,17 +138,20 @@ def run_saved_bytes(points: list[Point], providers, progress, warnings) -> list[
 # 3. Modeled
 # ---------------------------------------------------------------------------------------------
 
-def run_modeled(points: list[Point], providers, progress, warnings) -> list[ModeledRow]:
-    """One row per point, provider and direction, with its modeled launch list."""
+def run_modeled(points: list[Point], providers, progress, warnings, gpu=None) -> list[ModeledRow]:
+    """One row per point, provider and direction, with its modeled launch list, on the ``gpu`` preset
+    (benchmarks.roofline.Gpu; the H100 by default)."""
     from . import roofline
 
+    gpu = gpu or roofline.DEFAULT_GPU
+    efficiency = roofline.TRITON_GEMM_EFFICIENCY
     rows = []
     for point in points:
         per_provider = {}
         for provider in providers:
             progress.step(f"model {provider} {_where(point)}")
             try:
-                per_provider[provider] = roofline.model_point(provider, point)
+                per_provider[provider] = roofline.model_point(provider, point, gpu)
             except Exception as e:
                 warnings.append(f"model of {provider} at {_where(point)}: {_error_text(e)}")
         rows_at = {}  # {(provider, direction): row}
@@ -158,12 +161,39 @@ def run_modeled(points: list[Point], providers, progress, warnings) -> list[Mode
                 m = by_direction[direction]
                 by_provider[provider] = rows_at[provider, direction] = ModeledRow(
                     point, provider, direction, m.launches, gflop=m.flops / 1e9, hbm_mib=m.bytes / 2**20,
-                    us=m.seconds * 1e6, tflops=point.useful_flops(provider, direction) / m.seconds / 1e12)
+                    us=m.seconds * 1e6, tflops=point.useful_flops(provider, direction) / m.seconds / 1e12,
+                    gpu=gpu.key, gpu_name=gpu.name, atomic_mib=m.atomic_bytes / 2**20,
+                    atomics_us=m.atomic_seconds * 1e6, triton_waves=m.triton_waves, triton_efficiency=efficiency,
+                    us_at_efficiency=m.seconds_at(efficiency) * 1e6)
             ratios = ratios_to_references({p: row.us for p, row in by_provider.items()})
+            ratios_eff = ratios_to_references({p: row.us_at_efficiency for p, row in by_provider.items()})
             for provider, row in by_provider.items():
                 row.ratio_to = ratios[provider]
+                row.ratio_to_at_efficiency = ratios_eff[provider]
         rows += [rows_at[provider, direction] for provider in per_provider for direction in DIRECTIONS]
     return rows
+
+
+# The providers whose host time per layer the host-overhead part measures: {provider: HostRow field}.
+# It times fused (kernels stubbed) and eager on a tiny layer, fwd+bwd; peft, addmm and gemm are not timed.
+HOST_MEASURED = {"fused": "fused_us", "eager": "eager_us"}
+
+
+def attach_host_times(rows: list[ModeledRow], host) -> None:
+    """Set host_us of each fused and eager fwd+bwd row from the host-overhead part's result (a HostOverhead,
+    or None when it did not run): the minimum us per call at the row's dropout regime (the host part's
+    dropout-0 row for p = 0, its p > 0 row otherwise).
+
+    Assumed: the host time of the host part's tiny layer stands for every shape and token count (the
+    launches are asynchronous, so the Python work per call is the same checks, plans and launch arguments
+    at any size)."""
+    if host is None:
+        return
+    by_dropout = {row.dropout > 0.0: row for row in host.rows}
+    for row in rows:
+        host_row = by_dropout.get(row.point.dropout > 0.0)
+        if row.direction == "fwd+bwd" and row.provider in HOST_MEASURED and host_row is not None:
+            row.host_us = getattr(host_row, HOST_MEASURED[row.provider])
 
 
 def detail_points(model_points: list[Point]) -> list[Point]:

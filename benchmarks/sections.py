@@ -79,16 +79,22 @@ def print_saved(saved: list[SavedBytesRow]) -> None:
 
 
 def print_modeled(modeled: list[ModeledRow], model_points: list[Point], detail: list[Point], out: Path,
-                  verbose: bool) -> None:
+                  verbose: bool, gpu=None, host: HostOverhead | None = None, host_note: str = "") -> None:
+    """The modeled part on the ``gpu`` preset; host: the host-overhead part's result, whose host times per
+    layer the sweep tables mark against (None: host_note says why there is none)."""
     from . import roofline
 
-    print(wrap(f"[3/4] MODELED H100 SXM (not measured): per launch max(FLOPs / "
-               f"{roofline.PEAK_FLOPS['bfloat16'] / 1e12:g} TFLOP/s, compulsory bytes / {roofline.HBM_BYTES_PER_S / 1e12:g} "
-               f"TB/s) / occupancy + {roofline.LAUNCH_OVERHEAD_S * 1e6:g} us assumed launch overhead, summed over "
-               f"launches; occupancy = min(1, programs / {roofline.NUM_SMS} SMs) for a Triton launch, 1 for a torch op."))
+    gpu = gpu or roofline.DEFAULT_GPU
+    print(wrap(f"[3/4] MODELED {gpu.name} (not measured): per launch max(FLOPs / "
+               f"{gpu.peak_flops['bfloat16'] / 1e12:g} TFLOP/s, compulsory bytes / {gpu.hbm_bytes_per_s / 1e12:g} "
+               f"TB/s) x wave factor + fp32 atomic bytes / {roofline.ATOMIC_BYTES_PER_S / 1e12:g} TB/s (assumed) "
+               f"+ {roofline.LAUNCH_OVERHEAD_S * 1e6:g} us assumed GPU-side launch overhead, summed over launches. "
+               f"Wave factor of a Triton launch of G programs: ceil(G / {gpu.num_sms * roofline.PROGRAMS_PER_SM}) "
+               f"waves x {gpu.num_sms * roofline.PROGRAMS_PER_SM} / G ({roofline.PROGRAMS_PER_SM} program per SM "
+               f"assumed; below one wave: {gpu.num_sms} / G); 1 for a torch op."))
     print(wrap("fused: launches from the launchers' plans (grids, tiles, passes; FLOPs of whole tiles and the padded "
-               "rank; fp32 atomics, whose L2 traffic is not modeled); others: aten ops traced on meta tensors "
-               "(FLOPs of the real rank).", "  "))
+               "rank; fp32 atomics of USE_ATOMICS launches: m_blocks x N x r x 4 bytes into dB, SPLIT_M x r x K x 4 "
+               "into dA); others: aten ops traced on meta tensors (FLOPs of the real rank).", "  "))
     for point in detail:
         sel = [r for r in modeled if r.point == point]
         print(f"  modeled at {point.shape}, {point.tokens} tokens, r={point.r}, dropout {point.dropout}, "
@@ -101,10 +107,35 @@ def print_modeled(modeled: list[ModeledRow], model_points: list[Point], detail: 
         first = model_points[0]
         r_ = sw.HEADLINE["r"] if any(p.r == sw.HEADLINE["r"] for p in model_points) else first.r
         dropout = 0.0 if any(p.dropout == 0.0 for p in model_points) else first.dropout
-        print(wrap(f"modeled fwd+bwd us across the sweep, and fused's modeled ratios (r={r_}, dropout {dropout}, "
-                   f"{first.dtype}; every point in {out / 'modeled.csv'}):", "  "))
+        where = f"r={r_}, dropout {dropout}, {first.dtype}, {gpu.name}"
+        print(wrap(f"modeled fwd+bwd us across the sweep, and fused's modeled ratios ({where}; every point in "
+                   f"{out / 'modeled.csv'}). IDEAL: every main loop at the peaks (Triton efficiency 1.0); the "
+                   "targets refer to this table:", "  "))
         print(tables.modeled_summary_table(modeled, r_, dropout, first.dtype))
         print()
+        e = roofline.TRITON_GEMM_EFFICIENCY
+        print(wrap(f"The same with a Triton GEMM efficiency of {e:g} against cuBLAS on the FLOP rate of every Triton "
+                   f"launch (assumed: median Triton / cuBLAS TFLOP/s of tutorial 03 on an H100 at 2432-3072 cubed, "
+                   f"triton-lang/triton#3672); torch ops unchanged ({where}):", "  "))
+        print(tables.modeled_summary_table(modeled, r_, dropout, first.dtype, at_efficiency=True))
+        print()
+        print(wrap(_host_line(host, dropout, host_note), "  "))
+        print()
+
+
+def _host_line(host: HostOverhead | None, dropout: float, note: str) -> str:
+    """The note under the sweep tables: the measured host time per layer the * marks compare with."""
+    if host is None:
+        return (f"Host-bound time not shown: the host-overhead part did not run ({note}); no time is marked *. "
+                "The modeled times are GPU-side only.")
+    row = next((r for r in host.rows if (r.dropout > 0.0) == (dropout > 0.0)), None)
+    if row is None:
+        return "Host-bound time not shown: the host-overhead part measured no row at this dropout."
+    return (f"* host-bound: the provider's measured host time per layer fwd+bwd exceeds its modeled GPU time. "
+            f"Measured in part [4/4] on {host.device} ({host.clock}, 1 thread, kernels stubbed; a tiny layer, "
+            f"taken to stand for every size): fused {row.fused_us:.0f} us, eager {row.eager_us:.0f} us at "
+            f"dropout {row.dropout:g}; peft, addmm and gemm not measured. Without CUDA graphs a layer runs no "
+            f"faster than its host time.")
 
 
 def print_host(result: HostOverhead | None, part: str, *, skipped: str | None = None) -> None:

@@ -136,8 +136,13 @@ def modeled_detail_table(rows: list[ModeledRow]) -> str:
                         keys=2)
 
 
-def modeled_summary_table(rows: list[ModeledRow], r_: int, dropout: float, dtype: str) -> str:
-    """fwd+bwd per shape and token count: modeled us of each provider and fused's modeled speed-ups."""
+def modeled_summary_table(rows: list[ModeledRow], r_: int, dropout: float, dtype: str, *,
+                          at_efficiency: bool = False) -> str:
+    """fwd+bwd per shape and token count: modeled us of each provider and fused's modeled speed-ups.
+
+    at_efficiency: the second table's times (TRITON_GEMM_EFFICIENCY on Triton launches) instead of the
+    ideal ones. A time is marked * where the provider's measured host time per layer exceeds it (host-bound).
+    """
     sel = [r for r in rows if r.point.r == r_ and r.point.dropout == dropout and r.point.dtype == dtype
            and r.direction == "fwd+bwd"]
     providers = [p for p in PROVIDERS if any(r.provider == p for r in sel)]
@@ -145,28 +150,44 @@ def modeled_summary_table(rows: list[ModeledRow], r_: int, dropout: float, dtype
     def key(r):
         return r.point.in_features, r.point.out_features, r.point.tokens
 
+    def us(r: ModeledRow) -> float:
+        return r.us_at_efficiency if at_efficiency else r.us
+
+    def cell(r: ModeledRow | None):
+        if r is None:
+            return None
+        host_bound = r.host_us is not None and r.host_us > us(r)
+        return f"{_cell(us(r))}*" if host_bound else us(r)
+
+    def gemm_ratio(r: ModeledRow) -> float | None:
+        return (r.ratio_to_at_efficiency if at_efficiency else r.ratio_to).get("gemm")
+
     keys = sorted({key(r) for r in sel},
                   key=lambda k: (sw.MODEL_SHAPES.index(k[:2]) if k[:2] in sw.MODEL_SHAPES else 99, k))
     table = []
     for K, N, M in keys:
         at = {r.provider: r for r in sel if key(r) == (K, N, M)}
         fused = at.get("fused")
-        speedups = [_x(ratio(at[p].us, fused.us)) if fused and p in at else "-" for p in ("eager", "addmm")]
-        table.append([f"{K}->{N}", M] + [at[p].us if p in at else None for p in providers]
-                     + speedups + [_x(fused.ratio_to["gemm"]) if fused else "-"])
+        speedups = [_x(ratio(us(at[p]), us(fused))) if fused and p in at else "-" for p in ("eager", "addmm")]
+        table.append([f"{K}->{N}", M] + [cell(at.get(p)) for p in providers]
+                     + speedups + [_x(gemm_ratio(fused)) if fused else "-"])
     headers = ["shape", "tokens"] + [f"{p} us" for p in providers] + ["eager/fused", "addmm/fused", "fused/gemm"]
     return format_table(headers, table, keys=2)
 
 
 def launch_lines(rows: list[ModeledRow]) -> str:
     """Each modeled launch of the fwd and bwd rows (fwd+bwd is the two lists one after the other)."""
+    from . import roofline
+
     out = []
     for r in rows:
         if r.direction == "fwd+bwd":
             continue
+        gpu = roofline.GPUS[r.gpu]
         out.append(f"  {r.provider} {r.direction} (modeled):")
         for launch in r.launches:
-            occupancy = f"occupancy {launch.occupancy:4.2f}" if launch.programs is not None else " " * 14
+            occupancy = (f"occupancy {1 / launch.wave_factor(gpu):4.2f}, {launch.waves(gpu)} wave(s)"
+                         if launch.programs is not None else " " * 14)
             out.append(f"    {launch.name:<28} {launch.flops / 1e9:9.3f} GFLOP {launch.bytes / 2**20:9.2f} MiB  "
                        f"{occupancy}".rstrip())
             if launch.detail:

@@ -1,0 +1,198 @@
+"""The roofline's accounting: fp32 atomics, wave quantisation, GPU presets, the Triton efficiency factor and
+the host-bound marks."""
+import csv
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fused_lora.benchmarks import cli, roofline, runs, tables
+from fused_lora.benchmarks.progress import Progress
+from fused_lora.benchmarks.rows import HostOverhead, HostRow
+from fused_lora.benchmarks.sweep import Point
+from fused_lora.kernels import configs, plans
+
+BIG = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")
+
+
+def _launch(plan, kernel):
+    (launch,) = [l for l in plan if l.kernel == kernel]
+    return launch
+
+
+# --- fp32 atomics -------------------------------------------------------------------------------
+
+def test_db_atomic_bytes_are_m_blocks_times_n_times_r_fp32():
+    M, N, r = 8192, 4096, 16
+    launch = _launch(plans.plan_lora_bwd_dy(M, N, r, torch.bfloat16, deterministic=False), "_lora_bwd_dy_kernel")
+    assert launch.constexprs["USE_ATOMICS"]
+    m_blocks = -(-M // configs.bwd_dy_config(configs.padded_rank(r), torch.bfloat16).BLOCK_M)
+    assert launch.grid == (m_blocks,)
+    assert roofline.atomic_bytes(launch) == m_blocks * N * r * 4
+    assert roofline._from_plan(launch).atomic_bytes == m_blocks * N * r * 4
+
+
+def test_da_atomic_bytes_are_splits_times_r_times_k_fp32():
+    M, K, r = 8192, 4096, 16
+    launch = _launch(plans.plan_lora_bwd_da(M, K, r, torch.bfloat16, dropout=False, deterministic=False,
+                                            num_sms=roofline.NUM_SMS), "_lora_bwd_da_kernel")
+    splits = launch.grid[1]
+    assert launch.constexprs["USE_ATOMICS"] and splits > 1
+    assert roofline.atomic_bytes(launch) == splits * r * K * 4
+
+
+def test_a_plan_with_atomics_models_slower_than_the_same_without():
+    launch = _launch(plans.plan_lora_bwd_dy(8192, 4096, 16, torch.bfloat16, deterministic=False),
+                     "_lora_bwd_dy_kernel")
+    without = replace(launch, constexprs={**launch.constexprs, "USE_ATOMICS": False})
+    peak = roofline.PEAK_FLOPS["bfloat16"]
+    with_atomics, plain = roofline._from_plan(launch), roofline._from_plan(without)
+    assert plain.atomic_bytes == 0
+    assert with_atomics.seconds(peak) > plain.seconds(peak)
+    assert with_atomics.main_seconds(peak) == plain.main_seconds(peak)  # the atomics are added, not overlapped
+    assert with_atomics.atomic_seconds() == with_atomics.atomic_bytes / roofline.ATOMIC_BYTES_PER_S
+
+
+def test_deterministic_and_single_part_plans_have_no_atomics():
+    for launch in roofline.fused_launches(BIG, "bwd", deterministic=True):
+        assert launch.atomic_bytes == 0
+    decode = replace(BIG, tokens=1)  # one row block: dB and dA stored once, no atomics
+    assert all(launch.atomic_bytes == 0 for launch in roofline.fused_launches(decode, "bwd"))
+    assert sum(launch.atomic_bytes for launch in roofline.fused_launches(BIG, "bwd")) > 0
+
+
+def test_an_unknown_kernel_with_atomics_is_an_error():
+    launch = plans.Launch("_new_kernel", (4,), configs.TileConfig(BLOCK_M=64), {"USE_ATOMICS": True},
+                          writes=(plans.Operand("dB", (8, 4), torch.float32),))
+    with pytest.raises(ValueError, match="ATOMIC_REDUCTIONS"):
+        roofline.atomic_bytes(launch)
+
+
+# --- wave quantisation --------------------------------------------------------------------------
+
+def test_133_programs_on_132_sms_take_two_waves():
+    assert roofline.NUM_SMS == 132 and roofline.PROGRAMS_PER_SM == 1
+    one, two = (roofline.ModeledLaunch("k", flops=0, bytes=10**9, programs=g) for g in (132, 133))
+    assert one.waves() == 1 and two.waves() == 2
+    assert one.wave_factor() == 1.0 and two.wave_factor() == 2 * 132 / 133
+    assert two.seconds(1e15) > one.seconds(1e15)
+    full_two = roofline.ModeledLaunch("k", flops=0, bytes=10**9, programs=264)
+    assert full_two.waves() == 2 and full_two.wave_factor() == 1.0
+
+
+def test_torch_ops_have_no_waves():
+    op = roofline.ModeledLaunch("aten.mm", flops=10**12, bytes=10**9)
+    assert op.waves() is None and op.wave_factor() == 1.0
+
+
+# --- GPU presets --------------------------------------------------------------------------------
+
+def test_h200_differs_from_h100_in_bandwidth_only():
+    h100, h200 = roofline.H100, roofline.H200
+    assert h200.hbm_bytes_per_s == 4.8e12 and h100.hbm_bytes_per_s == 3.35e12
+    assert replace(h200, key=h100.key, name=h100.name, source=h100.source,
+                   hbm_bytes_per_s=h100.hbm_bytes_per_s) == h100
+
+
+def test_h200_shortens_memory_bound_launches_only():
+    peak = roofline.PEAK_FLOPS["bfloat16"]
+    compute = roofline.ModeledLaunch("k", flops=10**12, bytes=10**6, programs=1024, atomic_bytes=10**6)
+    memory = roofline.ModeledLaunch("k", flops=10**6, bytes=10**9, programs=1024, atomic_bytes=10**6)
+    h100, h200 = roofline.H100, roofline.H200
+    assert compute.seconds(peak, h200) == compute.seconds(peak, h100)
+    assert memory.seconds(peak, h200) < memory.seconds(peak, h100)
+    assert memory.main_seconds(peak, h200) == 10**9 / 4.8e12 * memory.wave_factor(h200)
+    assert memory.seconds(peak, h200) == \
+        memory.main_seconds(peak, h200) + memory.atomic_seconds() + roofline.LAUNCH_OVERHEAD_S
+    gemm = {gpu.key: roofline.model_point("gemm", BIG, gpu)["fwd"].seconds for gpu in (h100, h200)}
+    assert gemm["h200"] == gemm["h100"]  # 8192 tokens: compute-bound
+    decode = {gpu.key: roofline.model_point("fused", replace(BIG, tokens=1), gpu)["fwd"].seconds
+              for gpu in (h100, h200)}
+    assert decode["h200"] < decode["h100"]  # 1 token: reading W
+
+
+def test_gpu_option_names_the_preset_in_header_and_files(tmp_path, capsys):
+    argv = ["--model-only", "--gpu", "h200", "--shapes", "4096x1024", "--tokens", "16,8192", "--ranks", "16",
+            "--dtypes", "bf16", "--quiet", "--no-plots", "--no-host", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "[3/4] MODELED H200 SXM" in text and "4.8 TB/s" in text
+    with open(tmp_path / "modeled.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["kind"] for r in rows} == {"modeled-h200"} and {r["modeled_gpu"] for r in rows} == {"H200 SXM"}
+    data = json.loads((tmp_path / "points.json").read_text())
+    assert data["modeled_assumptions"]["gpu"] == "h200"
+    assert data["modeled_assumptions"]["hbm_bytes_per_s"] == 4.8e12
+
+
+# --- Triton GEMM efficiency ---------------------------------------------------------------------
+
+def test_efficiency_applies_to_the_flop_rate_of_triton_launches_only():
+    peak, e = roofline.PEAK_FLOPS["bfloat16"], roofline.TRITON_GEMM_EFFICIENCY
+    assert 0 < e < 1
+    triton_compute = roofline.ModeledLaunch("k", flops=10**12, bytes=10**6, programs=1320)
+    triton_memory = roofline.ModeledLaunch("k", flops=10**6, bytes=10**9, programs=1320)
+    torch_op = roofline.ModeledLaunch("aten.mm", flops=10**12, bytes=10**6)
+    assert triton_compute.seconds(peak, triton_efficiency=e) > triton_compute.seconds(peak)
+    assert triton_compute.main_seconds(peak, triton_efficiency=e) == 10**12 / (peak * e)
+    assert triton_memory.seconds(peak, triton_efficiency=e) == triton_memory.seconds(peak)
+    assert torch_op.seconds(peak, triton_efficiency=e) == torch_op.seconds(peak)
+
+
+def test_modeled_rows_carry_both_tables():
+    rows = runs.run_modeled([BIG], ("fused", "gemm", "addmm"), Progress(1, enabled=False), [])
+    at = {(r.provider, r.direction): r for r in rows}
+    assert at["fused", "fwd+bwd"].us_at_efficiency > at["fused", "fwd+bwd"].us
+    for provider in ("gemm", "addmm"):  # torch ops only: the factor does not touch them
+        assert at[provider, "fwd+bwd"].us_at_efficiency == at[provider, "fwd+bwd"].us
+    fused = at["fused", "fwd+bwd"]
+    assert fused.ratio_to_at_efficiency["gemm"] == fused.us_at_efficiency / at["gemm", "fwd+bwd"].us_at_efficiency
+    assert fused.atomic_mib > 0 and fused.atomics_us > 0 and fused.triton_waves > 0
+    assert at["gemm", "fwd+bwd"].triton_waves == 0 and at["gemm", "fwd+bwd"].atomic_mib == 0
+    record = fused.as_record()
+    assert record["modeled_triton_efficiency"] == roofline.TRITON_GEMM_EFFICIENCY
+    assert record["modeled_us_at_triton_efficiency"] == fused.us_at_efficiency
+
+
+# --- host-bound column --------------------------------------------------------------------------
+
+def _host(fused_us, eager_us):
+    rows = [HostRow(p, fused_us, eager_us, fused_us / eager_us, fused_us, eager_us, 4, 20) for p in (0.0, 0.1)]
+    return HostOverhead("cpu", "thread time", 1, "fused-lora-bench --host-only", "tiny", rows)
+
+
+def test_host_times_attach_to_fused_and_eager_fwd_bwd_rows():
+    decode, big = replace(BIG, tokens=1), BIG
+    rows = runs.run_modeled([decode, big], ("fused", "eager", "gemm"), Progress(1, enabled=False), [])
+    runs.attach_host_times(rows, _host(200.0, 300.0))
+    for r in rows:
+        expected = {"fused": 200.0, "eager": 300.0}.get(r.provider) if r.direction == "fwd+bwd" else None
+        assert r.host_us == expected
+        assert r.as_record()["measured_host_us"] == expected
+        assert r.host_bound == (None if expected is None else expected > r.us)
+    at = {(r.point.tokens, r.provider, r.direction): r for r in rows}
+    assert at[1, "fused", "fwd+bwd"].host_bound  # ~68 us of GPU time under 200 us of host time
+    assert not at[8192, "fused", "fwd+bwd"].host_bound
+
+
+def test_summary_table_marks_host_bound_times():
+    points = [replace(BIG, tokens=1), BIG]
+    rows = runs.run_modeled(points, ("fused", "gemm"), Progress(1, enabled=False), [])
+    runs.attach_host_times(rows, _host(200.0, 300.0))
+    lines = tables.modeled_summary_table(rows, 16, 0.0, "bfloat16").splitlines()
+    decode, big = (next(line for line in lines if line.split()[1] == t) for t in ("1", "8,192"))
+    assert decode.split()[2].endswith("*") and not big.split()[2].endswith("*")
+    unmeasured = runs.run_modeled(points, ("fused", "gemm"), Progress(1, enabled=False), [])
+    runs.attach_host_times(unmeasured, None)  # no host part: nothing marked
+    assert "*" not in tables.modeled_summary_table(unmeasured, 16, 0.0, "bfloat16")
+
+
+def test_model_only_says_when_the_host_part_did_not_run(tmp_path, capsys):
+    argv = ["--model-only", "--no-host", "--shapes", "4096x1024", "--tokens", "16,8192", "--ranks", "16",
+            "--dtypes", "bf16", "--quiet", "--no-plots", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "Host-bound time not shown: the host-overhead part did not run (--no-host)" in text
+    assert "(skipped: --no-host)" in text
+    assert "Triton GEMM efficiency of 0.82" in text
