@@ -72,8 +72,26 @@ def torch_backend_for_cpu():
             os.environ["FUSED_LORA_BACKEND"] = saved
 
 
+@contextlib.contextmanager
+def fused_cpu_path():
+    """Run fused_lora's CPU path as a CPU user gets it, even when TRITON_INTERPRET=1 is set (timing the
+    interpreter would measure numpy): the C++ kernels, or the torch backend where they cannot be built."""
+    from fused_lora.ops import cpp_backend
+
+    saved = os.environ.get("FUSED_LORA_BACKEND")
+    os.environ["FUSED_LORA_BACKEND"] = "cpp" if cpp_backend.available() else "torch"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FUSED_LORA_BACKEND", None)
+        else:
+            os.environ["FUSED_LORA_BACKEND"] = saved
+
+
 def build_fused(p: Params) -> Layer:
-    """fused_lora.lora_linear: the Triton kernels on CUDA, the torch backend on CPU and meta."""
+    """fused_lora.lora_linear: the Triton kernels on CUDA, the C++ kernels (or the torch backend) on CPU, the
+    torch backend on meta."""
     import fused_lora
 
     A, B = _leaf(p.A, True), _leaf(p.B, True)

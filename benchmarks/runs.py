@@ -33,7 +33,7 @@ def run_measured(points: list[Point], providers: tuple[str, ...], device, progre
     import torch
 
     from . import measure
-    from .providers import BUILDERS, Params, make_input, torch_backend_for_cpu
+    from .providers import BUILDERS, Params, fused_cpu_path, make_input
 
     gpu = device.type == "cuda"
     kind = "measured-gpu" if gpu else "measured-cpu"
@@ -46,7 +46,7 @@ def run_measured(points: list[Point], providers: tuple[str, ...], device, progre
             progress.step(f"measure {provider} {_where(point)}")
             row = by_provider[provider] = MeasuredRow(kind, point, provider)
             try:
-                with contextlib.nullcontext() if gpu else torch_backend_for_cpu():
+                with contextlib.nullcontext() if gpu else fused_cpu_path():
                     layer = BUILDERS[provider](params)
                     saved = measure.saved_activation_bytes(layer, x)
                     row.saved_bytes = saved.activation_bytes
@@ -67,7 +67,7 @@ def run_measured(points: list[Point], providers: tuple[str, ...], device, progre
                 fns.pop(provider, None)
             measure.clear_grads([x])
         if not gpu and fns:
-            with torch_backend_for_cpu():
+            with fused_cpu_path():
                 timed = measure.time_cpu_interleaved(
                     {(p, d): f[d] for p, f in fns.items() for d in DIRECTIONS},
                     {(p, d): grads[p] for p in fns for d in DIRECTIONS},

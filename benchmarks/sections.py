@@ -24,11 +24,10 @@ def print_header(preset: str, gpu: bool, meta: dict, notes: list[str], cpu_threa
     if not gpu:
         print(CPU_MODE_BANNER)
         interp = meta["triton_interpret_env"]
-        print(wrap("fused here = fused_lora.lora_linear's CPU fallback (its torch backend), not the product: the same "
-                   "unfused mm / addmm_ calls as addmm, plus, with dropout, a keep-mask drawn in numpy Philox so it is "
-                   "bit-identical to the CUDA kernels' (eager draws torch's own mask). These times say nothing about "
-                   "the Triton kernels" + (f"; TRITON_INTERPRET={interp} is ignored for timing "
-                                           "(FUSED_LORA_BACKEND=torch)" if interp else "") + ".", "  "))
+        print(wrap("fused here = fused_lora.lora_linear's CPU path: its C++ kernels (csrc/cpu), or its torch "
+                   "backend where they cannot be built; with dropout both draw the same Philox keep-mask as the CUDA "
+                   "kernels (eager draws torch's own mask). These times say nothing about the Triton kernels"
+                   + (f"; TRITON_INTERPRET={interp} is ignored for timing" if interp else "") + ".", "  "))
         print(wrap(f"CPU timings: the preset's small fp32 sizes, {cpu_threads} thread(s), every provider and "
                    "direction of a point timed side by side in shuffled rounds; --shapes, --tokens and --dtypes "
                    "select the saved-bytes and modeled points.", "  "))
@@ -59,14 +58,23 @@ def print_measured(measured: list[MeasuredRow], gpu: bool, meta: dict, model_onl
     print()
     print("  The same points: fwd+bwd rates, time ratios and memory.")
     print(tables.measured_ratios_table(measured, gpu))
-    dropout_points = [r.point for r in measured if r.point.dropout > 0.0]
-    if not gpu and dropout_points:
-        big = max(dropout_points, key=lambda p: p.tokens * p.in_features)
-        ms = measure.time_cpu_dropout_mask(big.tokens, big.in_features, big.dropout)
-        print(wrap(f"With dropout, fused's CPU fallback draws its Philox keep-mask in numpy: measured {ms:.3g} ms "
-                   f"for a {big.tokens}x{big.in_features} mask here "
-                   f"({ms * 1e6 / (big.tokens * big.in_features):.0f} ns per element), once in forward and "
-                   "once in backward. The CUDA kernels draw the same mask in registers, inside the GEMM tiles.", "  "))
+    if not gpu:
+        from fused_lora.ops import cpp_backend
+
+        if cpp_backend.available():
+            print(wrap("fused on CPU: the C++ kernels (csrc/cpu; FUSED_LORA_BACKEND=cpp), which draw the Philox "
+                       "keep-mask per row block in C++, as the CUDA kernels draw it in registers inside the GEMM "
+                       "tiles.", "  "))
+        else:
+            dropout_points = [r.point for r in measured if r.point.dropout > 0.0]
+            print(wrap("fused on CPU: the torch path (the C++ kernels could not be built here).", "  "))
+            if dropout_points:
+                big = max(dropout_points, key=lambda p: p.tokens * p.in_features)
+                ms = measure.time_cpu_dropout_mask(big.tokens, big.in_features, big.dropout)
+                print(wrap(f"With dropout, the torch path draws its Philox keep-mask in numpy: measured {ms:.3g} ms "
+                           f"for a {big.tokens}x{big.in_features} mask here "
+                           f"({ms * 1e6 / (big.tokens * big.in_features):.0f} ns per element), once in forward and "
+                           "once in backward.", "  "))
     print()
 
 

@@ -67,6 +67,18 @@ def assert_losses_within_torch_error(name, losses, torch_losses, losses64, facto
                               as_tensor(losses64, torch.float64), torch.float32, factor)
 
 
+def skip_unless_backend_runs(name: str) -> None:
+    """Skips the calling test when backend ``name`` cannot run here: cpp without a C++ compiler (the
+    package then warns once and computes on the torch path)."""
+    if name == "cpp":
+        from fused_lora.ops import cpp_backend
+
+        if not cpp_backend.available():
+            import pytest
+
+            pytest.skip("the C++ CPU backend cannot be built here (no C++ compiler or ninja)")
+
+
 @contextlib.contextmanager
 def lora_backend(name: str):
     """FUSED_LORA_BACKEND=name inside the block (fused_lora reads it on every call)."""

@@ -1,6 +1,6 @@
-"""Which implementation computes a fused call: the Triton kernels or the torch path, by x's device and the
-environment. One decision (``select_backend``), used by fused_lora.lora_linear and by the per-device
-kernels of the op (fused_lora.ops.linear)."""
+"""Which implementation computes a fused call: the Triton kernels, the C++ CPU kernels or the torch path, by
+x's device and the environment. One decision (``select_backend``), used by fused_lora.lora_linear and by the
+per-device kernels of the op (fused_lora.ops.linear)."""
 from __future__ import annotations
 
 import os
@@ -9,12 +9,13 @@ import torch
 
 from ..kernels._interpreter import interpreting
 
-BACKENDS = ("triton", "torch", "reference")
+BACKENDS = ("triton", "cpp", "torch", "reference")
 _MODULES: dict = {}
 
 
 def select_backend(x: torch.Tensor) -> str:
-    """CUDA -> triton; CPU -> torch, or triton under TRITON_INTERPRET=1; FUSED_LORA_BACKEND overrides."""
+    """CUDA -> triton; CPU -> triton under TRITON_INTERPRET=1, else cpp (the C++ kernels, built on first use)
+    or torch when they cannot be built; FUSED_LORA_BACKEND overrides."""
     forced = os.environ.get("FUSED_LORA_BACKEND", "").strip().lower()
     if forced:
         if forced not in BACKENDS:
@@ -22,21 +23,34 @@ def select_backend(x: torch.Tensor) -> str:
         if forced == "triton" and not (x.is_cuda or (interpreting() and x.device.type == "cpu")):
             raise RuntimeError(f"FUSED_LORA_BACKEND=triton needs CUDA tensors, or CPU tensors with "
                                f"TRITON_INTERPRET=1; x is on {x.device}")
+        if forced == "cpp":
+            if x.device.type != "cpu":
+                raise RuntimeError(f"FUSED_LORA_BACKEND=cpp needs CPU tensors; x is on {x.device}")
+            _module("cpp").load()  # raises, naming why the C++ kernels cannot be built
         return forced
     if x.is_cuda or (interpreting() and x.device.type == "cpu"):
         return "triton"
+    if x.device.type == "cpu" and _module("cpp").available():
+        return "cpp"
     return "torch"
 
 
-def op_backend(x: torch.Tensor):
-    """The module (forward, backward) that computes the op for x: _triton_backend or _torch_backend
-    ("reference" never reaches the op: fused_lora.lora_linear answers it; the op computes it in torch)."""
-    name = "triton" if select_backend(x) == "triton" else "torch"
+def _module(name: str):
     module = _MODULES.get(name)
     if module is None:
         if name == "triton":
             from . import triton_backend as module  # imports triton: only when the kernels are used
+        elif name == "cpp":
+            from . import cpp_backend as module  # builds nothing until used
         else:
             from . import torch_backend as module
         _MODULES[name] = module
     return module
+
+
+def op_backend(x: torch.Tensor):
+    """The module (forward, backward) that computes the op for x: triton_backend, cpp_backend or
+    torch_backend ("reference" never reaches the op: fused_lora.lora_linear answers it; the op computes it
+    in torch)."""
+    name = select_backend(x)
+    return _module(name if name != "reference" else "torch")

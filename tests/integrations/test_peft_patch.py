@@ -10,7 +10,7 @@ from peft.tuners.lora.layer import Linear as PeftLinear
 import fused_lora
 from fused_lora.integrations import peft_patch
 from numerics import (assert_losses_within_torch_error, assert_results_within_torch_error, assert_within_torch_error,
-                      atol_for, fp64_copy, max_err, run as run_module, torch_and_fp64)
+                      atol_for, fp64_copy, max_err, run as run_module, skip_unless_backend_runs, torch_and_fp64)
 from peft_parity import (_configs, count_fused_calls, dropout_training_parity, inputs, lora_linear_layers, parity,
                          peft_model, randomize_lora, reference_lora, run, tiny_llama)
 
@@ -54,8 +54,17 @@ def assert_logits_match(model, reference, ids):
     assert_results_within_torch_error(got, (peft, same_op), ref)
 
 
+@pytest.fixture(params=["triton", "cpp"])
+def fused_backend(request, monkeypatch):
+    """What the patched layers compute with: the Triton kernels (interpreted on CPU here) or the C++ CPU
+    kernels (FUSED_LORA_BACKEND=cpp)."""
+    skip_unless_backend_runs(request.param)
+    monkeypatch.setenv("FUSED_LORA_BACKEND", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(_configs()))
-def test_parity(name):
+def test_parity(name, fused_backend):
     result = parity(name)
     assert_parity(result)
     # Ours against PEFT's own result directly: their distance is at most our error plus PEFT's, each bounded
@@ -67,7 +76,7 @@ def test_parity(name):
         assert distance <= bound, f"{result.name}: {label} vs PEFT {distance:.3e} > bound {bound:.3e}"
 
 
-def test_dropout_training_matches_reference_with_same_seed():
+def test_dropout_training_matches_reference_with_same_seed(fused_backend):
     assert_parity(dropout_training_parity())
 
 
@@ -78,7 +87,7 @@ def _causal_lm_loss(model, ids):
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def test_training_loop_same_losses():
+def test_training_loop_same_losses(fused_backend):
     model = peft_model(tiny_llama(), LoraConfig(**ALL_LINEAR))
     patched = fused_lora.patch_peft(copy.deepcopy(model))
     exact = fp64_copy(model)  # the same training in fp64 (PEFT's forward: fp64 is not fused)

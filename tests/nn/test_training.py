@@ -5,12 +5,13 @@ import torch
 import fused_lora
 from spies import spy_on_kernels
 from numerics import assert_losses_within_torch_error, assert_within_torch_error, lora_backend, lora_grads, \
-    make_inputs
+    make_inputs, skip_unless_backend_runs
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
 def test_gradcheck_fp64(p, backend, monkeypatch):
+    skip_unless_backend_runs(backend)
     monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
     x, w, b, a, bb = make_inputs((2, 3), 6, 5, 3, torch.float64)
     for t in (x, w, b, a, bb):
@@ -56,9 +57,11 @@ def _train(backend, monkeypatch, dropout, steps=6, dtype=torch.float32):
     return losses
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_training_loss_curves_agree(dropout, monkeypatch):
-    fused = _train("triton", monkeypatch, dropout)
+def test_training_loss_curves_agree(backend, dropout, monkeypatch):
+    skip_unless_backend_runs(backend)
+    fused = _train(backend, monkeypatch, dropout)
     ref = _train("reference", monkeypatch, dropout)
     exact = _train("reference", monkeypatch, dropout, dtype=torch.float64)  # the same training in fp64
     assert fused[-1] < fused[0] and ref[-1] < ref[0]

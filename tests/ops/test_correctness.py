@@ -9,10 +9,10 @@ import torch
 import fused_lora
 from fused_lora.dropout import dropout_keep_mask
 from fused_lora.kernels import launchers
-from numerics import assert_within_torch_error, make_inputs, run_lora
+from numerics import assert_within_torch_error, make_inputs, run_lora, skip_unless_backend_runs
 from spies import spy_on_kernels
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cpp", "torch"]
 
 
 def _nonfinite_pattern(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -44,6 +44,7 @@ def _compare_all(inputs, scaling, *, dropout_p, seed):
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
+    skip_unless_backend_runs(request.param)
     monkeypatch.setenv("FUSED_LORA_BACKEND", request.param)
     return request.param
 

@@ -5,7 +5,7 @@ import torch
 import fused_lora
 from fused_lora.functional import select_backend
 from cases import CASES, DTYPES, case_id
-from numerics import compare_with_reference, make_inputs
+from numerics import compare_with_reference, make_inputs, skip_unless_backend_runs
 
 
 def test_interpreter_selects_triton():
@@ -60,31 +60,57 @@ def test_dropout_seed_reproducible():
     assert torch.equal(first, run())
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forced_backends_match_reference(backend, dtype, monkeypatch):
+    skip_unless_backend_runs(backend)
     monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
     assert select_backend(torch.empty(1)) == backend
     inputs = make_inputs((2, 19), 37, 29, 7, dtype)
     compare_with_reference(inputs, scaling=1.3, dropout_p=0.25, seed=99, grad_weight=True)
 
 
+def _cpu_default() -> str:
+    from fused_lora.ops import cpp_backend
+
+    return "cpp" if cpp_backend.available() else "torch"
+
+
 @pytest.mark.parametrize("value,expected", [("1", "triton"), ("true", "triton"), ("On", "triton"),
-                                            ("yes", "triton"), ("0", "torch"), ("false", "torch"), ("", "torch")])
+                                            ("yes", "triton"), ("0", "cpu"), ("false", "cpu"), ("", "cpu")])
 def test_interpreter_flag_parsed_as_triton_does(value, expected, monkeypatch):
     # triton interprets kernels for 1/true/on/yes (any case); the bf16 dot fix must follow it.
     monkeypatch.setenv("TRITON_INTERPRET", value)
-    assert select_backend(torch.empty(1)) == expected
+    assert select_backend(torch.empty(1)) == (_cpu_default() if expected == "cpu" else expected)
 
 
-def test_cpu_without_interpreter_uses_torch_path(monkeypatch):
+def test_cpu_without_interpreter_uses_cpp_or_torch_path(monkeypatch):
+    from fused_lora.ops import cpp_backend
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert select_backend(torch.empty(1)) == _cpu_default()
+    monkeypatch.setattr(cpp_backend, "available", lambda: False)  # no C++ compiler: the torch path
     assert select_backend(torch.empty(1)) == "torch"
     monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         select_backend(torch.empty(1))
     monkeypatch.setenv("FUSED_LORA_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="FUSED_LORA_BACKEND"):
+        select_backend(torch.empty(1))
+
+
+def test_forced_cpp_names_why_it_cannot_run(monkeypatch):
+    from fused_lora.ops import cpp_backend
+
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="FUSED_LORA_BACKEND=cpp needs CPU tensors; x is on meta"):
+        select_backend(torch.empty(1, device="meta"))
+
+    def unbuildable():
+        raise RuntimeError("fused_lora C++ CPU backend unavailable: no C++ compiler ('c++' not found on PATH)")
+
+    monkeypatch.setattr(cpp_backend, "load", unbuildable)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         select_backend(torch.empty(1))
 
 
