@@ -72,14 +72,23 @@ def torch_backend_for_cpu():
             os.environ["FUSED_LORA_BACKEND"] = saved
 
 
-@contextlib.contextmanager
-def fused_cpu_path():
-    """Run fused_lora's CPU path as a CPU user gets it, even when TRITON_INTERPRET=1 is set (timing the
-    interpreter would measure numpy): the C++ kernels, or the torch backend where they cannot be built."""
+def fused_cpu_backend() -> str:
+    """The CPU path `fused` is timed on: FUSED_LORA_BACKEND=cpp or torch when the user sets it, else what a
+    CPU user gets (the C++ kernels, or the torch backend where they cannot be built)."""
     from fused_lora.ops import cpp_backend
 
+    forced = os.environ.get("FUSED_LORA_BACKEND", "").strip().lower()
+    if forced in ("cpp", "torch"):
+        return forced
+    return "cpp" if cpp_backend.available() else "torch"
+
+
+@contextlib.contextmanager
+def fused_cpu_path():
+    """Run fused_lora's CPU path (fused_cpu_backend) even when TRITON_INTERPRET=1 is set: timing the
+    interpreter would measure numpy."""
     saved = os.environ.get("FUSED_LORA_BACKEND")
-    os.environ["FUSED_LORA_BACKEND"] = "cpp" if cpp_backend.available() else "torch"
+    os.environ["FUSED_LORA_BACKEND"] = fused_cpu_backend()
     try:
         yield
     finally:

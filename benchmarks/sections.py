@@ -59,15 +59,16 @@ def print_measured(measured: list[MeasuredRow], gpu: bool, meta: dict, model_onl
     print("  The same points: fwd+bwd rates, time ratios and memory.")
     print(tables.measured_ratios_table(measured, gpu))
     if not gpu:
-        from fused_lora.ops import cpp_backend
+        from .providers import fused_cpu_backend
 
-        if cpp_backend.available():
-            print(wrap("fused on CPU: the C++ kernels (csrc/cpu; FUSED_LORA_BACKEND=cpp), which draw the Philox "
-                       "keep-mask per row block in C++, as the CUDA kernels draw it in registers inside the GEMM "
-                       "tiles.", "  "))
+        if fused_cpu_backend() == "cpp":
+            print(wrap("fused on CPU: the C++ kernels (csrc/cpu), which draw the Philox keep-mask per row block in "
+                       "C++, as the CUDA kernels draw it in registers inside the GEMM tiles "
+                       "(FUSED_LORA_BACKEND=torch fused-lora-bench times the torch path instead).", "  "))
         else:
             dropout_points = [r.point for r in measured if r.point.dropout > 0.0]
-            print(wrap("fused on CPU: the torch path (the C++ kernels could not be built here).", "  "))
+            print(wrap("fused on CPU: the torch path (FUSED_LORA_BACKEND=torch, or the C++ kernels could not be "
+                       "built here).", "  "))
             if dropout_points:
                 big = max(dropout_points, key=lambda p: p.tokens * p.in_features)
                 ms = measure.time_cpu_dropout_mask(big.tokens, big.in_features, big.dropout)
