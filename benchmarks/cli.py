@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     preset.add_argument("--full", action="store_true", help="the whole sweep (shapes x tokens x ranks x "
                         "dropout x bf16/fp16)")
     preset.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests, CI)")
+    p.add_argument("--family", default="linear", choices=("linear", "embedding"),
+                   help="linear: the LoRA linear layer (the default); embedding: LoRA on an embedding table "
+                        "(vocab 128256, d 4096; fused, peft and nn.Embedding)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
     p.add_argument("--shapes", help="IN x OUT features, comma-separated: 4096x4096,8192x28672 ('4096->4096' works "
                    "too, quoted: unquoted, the shell reads > as a redirection)")
@@ -268,6 +271,9 @@ def main(argv=None) -> int:
 
     from . import metadata, plots, roofline, writers
 
+    if args.family == "embedding":
+        from . import embedding
+        return embedding.main(args, argv)
     started = time.perf_counter()
     gpu = device.type == "cuda"
     preset = "tiny" if args.tiny else "full" if args.full else "quick"

@@ -45,20 +45,22 @@ class _NoOpKernel:
 
 @contextlib.contextmanager
 def stubbed_kernels():
-    """Replace the kernels the launchers of fused_lora.kernels.launchers call by no-ops; yields a Counter of
+    """Replace the kernels the launchers call (in fused_lora.kernels.launchers and .lora_embedding) by no-ops; yields a Counter of
     launches per kernel name. The real kernels are back afterwards, whatever happens inside."""
-    from fused_lora.kernel_report import KERNELS
-    from fused_lora.kernels import launchers
+    import importlib
 
-    originals = {name: getattr(launchers, name) for name in KERNELS}
+    from fused_lora.kernel_report import KERNELS, LAUNCHER_MODULES
+
+    modules = {name: importlib.import_module(LAUNCHER_MODULES[name]) for name in KERNELS}
+    originals = {name: getattr(modules[name], name) for name in KERNELS}
     launches: Counter = Counter()
     try:
         for name in KERNELS:
-            setattr(launchers, name, _NoOpKernel(name, launches))
+            setattr(modules[name], name, _NoOpKernel(name, launches))
         yield launches
     finally:
         for name, kernel in originals.items():
-            setattr(launchers, name, kernel)
+            setattr(modules[name], name, kernel)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,14 @@ from torch import nn
 from .sweep import PROVIDERS, Point
 
 
+def random_tensors(device, dtype, seed: int):
+    """A function of a shape giving seeded randn tensors (empty ones on meta, where there are no values)."""
+    if torch.device(device).type == "meta":
+        return lambda *shape: torch.empty(*shape, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+
 @dataclass
 class Params:
     W: torch.Tensor
@@ -31,11 +39,7 @@ class Params:
     def make(cls, point: Point, device, *, seed: int = 0) -> "Params":
         dtype = getattr(torch, point.dtype)
         K, N, r = point.in_features, point.out_features, point.r
-        if torch.device(device).type == "meta":
-            rand = lambda *shape: torch.empty(*shape, device=device, dtype=dtype)  # noqa: E731
-        else:
-            g = torch.Generator(device=device).manual_seed(seed)
-            rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)  # noqa: E731
+        rand = random_tensors(device, dtype, seed)
         # Scaled so y and the grads stay O(1) in 16-bit dtypes; B is not zero (as after some training).
         W, A, B = rand(N, K) / K**0.5, rand(r, K) / K**0.5, rand(N, r) / r**0.5
         b = rand(N) if point.bias else None
@@ -57,19 +61,16 @@ def _leaf(t: torch.Tensor, requires_grad: bool) -> nn.Parameter:
     return nn.Parameter(t.detach(), requires_grad=requires_grad)
 
 
-@contextlib.contextmanager
+def backend_env(name: str):
+    """FUSED_LORA_BACKEND=name inside the block, restored after."""
+    from fused_lora.ops.dispatch import forced_backend
+    return forced_backend(name)
+
+
 def torch_backend_for_cpu():
     """Run fused_lora's CPU path (its torch backend) even when TRITON_INTERPRET=1 is set: timing the
     interpreter would measure numpy, not our CPU path."""
-    saved = os.environ.get("FUSED_LORA_BACKEND")
-    os.environ["FUSED_LORA_BACKEND"] = "torch"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("FUSED_LORA_BACKEND", None)
-        else:
-            os.environ["FUSED_LORA_BACKEND"] = saved
+    return backend_env("torch")
 
 
 def fused_cpu_backend() -> str:
@@ -83,19 +84,10 @@ def fused_cpu_backend() -> str:
     return "cpp" if cpp_backend.available() else "torch"
 
 
-@contextlib.contextmanager
 def fused_cpu_path():
     """Run fused_lora's CPU path (fused_cpu_backend) even when TRITON_INTERPRET=1 is set: timing the
     interpreter would measure numpy."""
-    saved = os.environ.get("FUSED_LORA_BACKEND")
-    os.environ["FUSED_LORA_BACKEND"] = fused_cpu_backend()
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("FUSED_LORA_BACKEND", None)
-        else:
-            os.environ["FUSED_LORA_BACKEND"] = saved
+    return backend_env(fused_cpu_backend())
 
 
 def build_fused(p: Params) -> Layer:

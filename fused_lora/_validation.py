@@ -145,3 +145,89 @@ def regex_error(pattern: str) -> str | None:
     except re.error as exc:
         return str(exc)
     return None
+
+
+# ---- LoRA for Embedding -------------------------------------------------------------------------
+
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def check_embedding_inputs(ids, weight, lora_A, lora_B, scaling, padding_idx, *, dtypes=KERNEL_DTYPES,
+                           max_rank: int | None = MAX_RANK) -> int:
+    """Checks the inputs of lora_embedding; returns padding_idx normalised to [0, V), or -1 for None.
+
+    ids: int32 / int64 (...); weight: (V, D); lora_A: (r, V); lora_B: (D, r), all floating-point of one
+    dtype and on ids' device. Each error names the argument and what it should be.
+    """
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype not in ID_DTYPES:
+        raise TypeError(f"ids has dtype {ids.dtype}; expected torch.int64 or torch.int32 token ids")
+    tensors = (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B))
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in tensors:
+        if not t.is_floating_point() or t.dtype not in dtypes:
+            names = ", ".join(str(d) for d in dtypes)
+            raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are {names}")
+        if t.dtype != weight.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but weight has dtype {weight.dtype}; lora_A and lora_B "
+                            f"must share weight's dtype")
+        if t.device != weight.device:
+            raise ValueError(f"{name} is on device {t.device} but weight is on {weight.device}; all tensors must "
+                             f"be on one device")
+    if weight.device != ids.device:
+        raise ValueError(f"ids is on device {ids.device} but weight is on {weight.device}; all tensors must be on "
+                         f"one device")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_embeddings, embedding_dim), got shape {tuple(weight.shape)}")
+    V, D = weight.shape
+    if lora_A.dim() != 2 or lora_A.shape[1] != V:
+        raise ValueError(f"lora_A (lora_embedding_A) must have shape (r, {V}) to match weight's num_embeddings, "
+                         f"got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A (lora_embedding_A) must have shape (r, {V}) with r >= 1, got {tuple(lora_A.shape)}")
+    if max_rank is not None and r > max_rank:
+        raise ValueError(f"lora_A has rank r={r}; fused_lora supports 1 <= r <= {max_rank}")
+    if tuple(lora_B.shape) != (D, r):
+        raise ValueError(f"lora_B (lora_embedding_B) must have shape ({D}, {r}) to match weight's embedding_dim "
+                         f"and lora_A's rank r={r}, got {tuple(lora_B.shape)}")
+    if V >= 2**31 or D >= 2**31 or ids.numel() >= 2**31:
+        raise ValueError(f"weight {tuple(weight.shape)} and ids {tuple(ids.shape)}: fused_lora needs fewer than "
+                         f"2**31 embeddings, columns and tokens")
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or not abs(scaling) < math.inf:
+        raise TypeError(f"scaling must be a finite Python float, got {scaling!r}")
+    if padding_idx is None:
+        return -1
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not -V <= padding_idx < V:
+        raise ValueError(f"padding_idx must be None or an int in [-{V}, {V}) (num_embeddings={V}), "
+                         f"got {padding_idx!r}")
+    return padding_idx + V if padding_idx < 0 else padding_idx
+
+
+def check_ids_in_range(ids: torch.Tensor, num_embeddings: int) -> None:
+    """IndexError naming the smallest / largest id unless every id is in [0, num_embeddings).
+
+    One reduction and one device-to-host copy (a synchronisation on CUDA); the kernels never read out of
+    bounds either way (they mask ids outside the table).
+    """
+    if ids.numel() == 0 or ids.device.type == "meta":  # meta: no values (the benchmark's traced runs)
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high >= num_embeddings:
+        bad = low if low < 0 else high
+        raise IndexError(f"ids contains {bad}, out of range for an embedding table of num_embeddings="
+                         f"{num_embeddings}: every id must be in [0, {num_embeddings})")
+
+
+def check_embedding_options(max_norm, sparse, *, where: str) -> None:
+    """max_norm and sparse are refused: PEFT's lora.Embedding passes max_norm to F.embedding for A^T as
+    well, which renormalises columns of lora_embedding_A in place during forward, and sparse gradients
+    do not exist for the fused op."""
+    if max_norm is not None:
+        raise ValueError(f"{where}: max_norm={max_norm!r} is not supported (it renormalises rows of the table, "
+                         f"and PEFT also columns of lora_embedding_A, in place during forward); expected None")
+    if sparse:
+        raise ValueError(f"{where}: sparse=True is not supported (the LoRA grads are dense); expected False")

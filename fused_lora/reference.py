@@ -83,3 +83,30 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
     # The seed is drawn only when dropout applies: a draw advances the device's generator.
     seed = draw_seed(x.device) if seed is None else seed
     return lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)[0]
+
+
+# ---- LoRA for Embedding -------------------------------------------------------------------------
+
+def lora_embedding(ids, weight, lora_A, lora_B, scaling, *, padding_idx=None, scale_grad_by_freq=False):
+    """y = E[ids] + scaling * (A^T[ids]) B^T as PEFT's lora.Embedding computes it: two F.embedding gathers
+    (padding_idx and scale_grad_by_freq apply to both) and (A^T[ids] @ B^T) * scaling."""
+    from ._validation import check_embedding_inputs
+
+    check_embedding_inputs(ids, weight, lora_A, lora_B, scaling, padding_idx, dtypes=ALL_DTYPES, max_rank=None)
+    after_A = F.embedding(ids, lora_A.t(), padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq)
+    base = F.embedding(ids, weight, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq)
+    return base + (after_A @ lora_B.t()) * scaling
+
+
+def lora_embedding_fwd(ids, weight, lora_A, lora_B, scaling, *, upcast=False):
+    """(y, S) of the forward launcher: S = A^T[ids] (M, r), y = E[ids] + scaling * S B^T (M, D); ids (M,)."""
+    weight, lora_A, lora_B = _operands(upcast, weight, lora_A, lora_B)
+    s = lora_A.t()[ids]
+    return weight[ids] + scaling * (s @ lora_B.t()), s
+
+
+def lora_embedding_bwd_da(ids, ds, num_embeddings, *, padding_idx=-1, scale_grad_by_freq=False, upcast=False):
+    """dA (r, V) of the dA launcher: column v = sum of dS's rows over the tokens with id v (divided by
+    their count with scale_grad_by_freq), the padding_idx column 0; torch's embedding backward."""
+    ds, = _operands(upcast, ds)
+    return torch.ops.aten.embedding_dense_backward(ds, ids, num_embeddings, padding_idx, scale_grad_by_freq).t()

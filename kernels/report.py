@@ -82,20 +82,27 @@ KERNEL_MODULES = {
     "_lora_bwd_dy_kernel": "fused_lora.kernels._lora_bwd",
     "_lora_bwd_dx_kernel": "fused_lora.kernels._lora_bwd",
     "_lora_bwd_da_kernel": "fused_lora.kernels._lora_bwd",
+    "_lora_embedding_fwd_kernel": "fused_lora.kernels.lora_embedding",
+    "_lora_embedding_bwd_da_kernel": "fused_lora.kernels.lora_embedding",
 }
 KERNELS = tuple(KERNEL_MODULES)
+# The module whose launchers call each kernel by its global name (what a stub must replace).
+LAUNCHER_MODULES = {name: ("fused_lora.kernels.lora_embedding" if module.endswith("lora_embedding")
+                           else "fused_lora.kernels.launchers") for name, module in KERNEL_MODULES.items()}
 
 # Register worst case of the flags the launchers choose at run time.
-WORST_CASE_FLAGS = {"HAS_BIAS": True, "APPLY_DROPOUT": True, "USE_ATOMICS": True}
+WORST_CASE_FLAGS = {"HAS_BIAS": True, "APPLY_DROPOUT": True, "USE_ATOMICS": True, "SCALE_GRAD_BY_FREQ": True}
 # Pointer arguments that are fp32 whatever the input dtype (dB / dA accumulators and partials).
 FP32_POINTERS = frozenset({"db_ptr", "da_ptr"})
 # The operand a dB / dA launch writes when it is the only part (plans._reduced_over_m): in the inputs' dtype.
 SINGLE_PART_GRADS = frozenset({"dB", "dA"})
 # The dropout seed: a 0-dim int64 tensor, declared do_not_specialize (no alignment hint).
 I64_POINTERS = frozenset({"seed_ptr"})
+# Token ids and their sort (embedding kernels): int64 tensors allocated by torch (16-byte aligned).
+ID_POINTERS = frozenset({"ids_ptr", "sorted_ids_ptr", "order_ptr", "run_end_ptr"})
 FLOAT_SCALARS = frozenset({"scaling", "keep_scale"})
 # Integer arguments whose divisibility by 16 does not depend on the tensor shapes.
-NO_HINT_INTS = frozenset({"drop_threshold", "m_blocks_per_split"})
+NO_HINT_INTS = frozenset({"drop_threshold", "m_blocks_per_split", "padding_idx"})
 
 _TRITON_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -110,10 +117,22 @@ def input_precision(dtype: str, fp32_precision: str = "ieee") -> str:
     return fp32_precision if dtype == "fp32" else "tf32"
 
 
-def expected_mma(arch: int, dtype: str, fp32_precision: str = "ieee") -> str:
-    """The matrix instructions a healthy kernel of this arch and dtype should use."""
+# Kernels whose matrix instructions differ from the GEMM kernels': the embedding dA scatter has no dot; the
+# embedding forward's few-token tile has 16 rows, which Triton lowers to mma.sync on sm_90 too (wgmma takes
+# 64-row warpgroup tiles; its 64-row tile compiles to HGMMA, kernel_report).
+_NO_DOT_KERNELS = frozenset({"_lora_embedding_bwd_da_kernel"})
+_ROW_TILED_KERNELS = frozenset({"_lora_embedding_fwd_kernel"})
+
+
+def expected_mma(arch: int, dtype: str, fp32_precision: str = "ieee", kernel: str | None = None,
+                 config: dict | None = None) -> str:
+    """The matrix instructions a healthy kernel of this arch and dtype (and config) should use."""
+    if kernel in _NO_DOT_KERNELS:
+        return "none"
     if dtype == "fp32" and fp32_precision == "ieee":
         return "fma"
+    if kernel in _ROW_TILED_KERNELS and (config or {}).get("BLOCK_M", 64) < 64:
+        return "mma"
     return "wgmma" if arch >= 90 else "mma"
 
 
@@ -126,15 +145,19 @@ _PLAN_SMS = 132
 
 def plan_launches(M: int, N: int, K: int, r: int, dtype, *, dropout: bool, bias: bool, deterministic: bool,
                   num_sms: int) -> list:
-    """The Triton launches of every plan (fused_lora.kernels.plans) at one size; imports the plans."""
-    from fused_lora.kernels import plans
+    """The Triton launches of every plan (fused_lora.kernels.plans, and the embedding plans of
+    fused_lora.kernels.lora_embedding with V = K, D = N, scale_grad_by_freq = dropout) at one size."""
+    from fused_lora.kernels import lora_embedding, plans
 
     launches = [*plans.plan_lora_shrink(M, K, r, dtype, dropout=dropout),
                 *plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias),
                 *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic),
                 *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout),
                 *plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic,
-                                        num_sms=num_sms)]
+                                        num_sms=num_sms),
+                *lora_embedding.plan_lora_embedding_fwd(M, K, N, r, dtype),
+                *lora_embedding.plan_lora_embedding_bwd(M, K, N, r, dtype, deterministic=deterministic,
+                                                        scale_grad_by_freq=dropout)]
     return [launch for launch in launches if launch.is_triton]
 
 
@@ -243,6 +266,10 @@ def build_signature(kernel, dtype: str, constexprs: dict, align: str = "aligned"
             constexprs[n] = 1
         elif n in I64_POINTERS:
             signature[n] = "*i64"
+        elif n in ID_POINTERS:
+            signature[n] = "*i64"
+            if align != "none":
+                attrs[(i,)] = [list(a) for a in divisible]
         elif n.endswith("_ptr"):
             # Without atomics a job is the single-part launch (launch_config): its grad is stored in the
             # inputs' dtype.
@@ -383,7 +410,8 @@ def compile_job(job: dict) -> dict:
     record = dict(job)
     arch, dtype = job["arch"], job["dtype"]
     limit = SHARED_LIMIT.get(arch)
-    record.update(shared_limit=limit, expected_mma=expected_mma(arch, dtype, job.get("fp32_precision", "ieee")))
+    record.update(shared_limit=limit, expected_mma=expected_mma(arch, dtype, job.get("fp32_precision", "ieee"),
+                                                                job["kernel"], job["config"]))
     t0 = time.perf_counter()
     try:
         import triton
@@ -393,7 +421,8 @@ def compile_job(job: dict) -> dict:
         cfg = dict(job["config"])
         options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
         flags = {k: v for k, v in WORST_CASE_FLAGS.items() if k in kernel.arg_names}
-        flags["INPUT_PRECISION"] = input_precision(dtype, job.get("fp32_precision", "ieee"))
+        if "INPUT_PRECISION" in kernel.arg_names:  # the embedding dA kernel has no dot
+            flags["INPUT_PRECISION"] = input_precision(dtype, job.get("fp32_precision", "ieee"))
         signature, constexprs, attrs = build_signature(kernel, dtype, {**flags, **cfg}, job["align"])
         src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -525,7 +554,7 @@ def report(archs=ARCHS, dtypes=DTYPES, kernels=None, ranks=None, alignments=DEFA
 # Output
 # --------------------------------------------------------------------------------------------
 
-_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_K")
 
 
 def describe_config(config: dict) -> str:

@@ -20,9 +20,7 @@ parameters and inputs.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 
 import torch
 
@@ -79,18 +77,10 @@ def skip_unless_backend_runs(name: str) -> None:
             pytest.skip("the C++ CPU backend cannot be built here (no C++ compiler or ninja)")
 
 
-@contextlib.contextmanager
 def lora_backend(name: str):
     """FUSED_LORA_BACKEND=name inside the block (fused_lora reads it on every call)."""
-    previous = os.environ.get("FUSED_LORA_BACKEND")
-    os.environ["FUSED_LORA_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["FUSED_LORA_BACKEND"]
-        else:
-            os.environ["FUSED_LORA_BACKEND"] = previous
+    from fused_lora.ops.dispatch import forced_backend
+    return forced_backend(name)
 
 
 def fp64_copy(module: torch.nn.Module) -> torch.nn.Module:

@@ -109,22 +109,53 @@ def run(model, ids, grad_out, *, seed=None):
 
 
 @contextlib.contextmanager
-def count_fused_calls():
-    """Counts calls of the fused op's eager path (the kernels under TRITON_INTERPRET=1), so a test can tell
-    a patched layer that fused from one that fell back to PEFT's forward or ran the reference."""
-    from fused_lora.ops.linear import LoRALinearFunction
+def count_calls(function):
+    """Counts calls of a fused op's eager path (its autograd.Function), so a test can tell a patched layer
+    that fused from one that fell back to PEFT's forward or ran the reference."""
     counter = {"calls": 0}
-    original = LoRALinearFunction.apply
+    original = function.apply
 
     def apply(*args):
         counter["calls"] += 1
         return original(*args)
 
-    LoRALinearFunction.apply = apply
+    function.apply = apply
     try:
         yield counter
     finally:
-        del LoRALinearFunction.apply  # back to torch.autograd.Function.apply
+        del function.apply  # back to torch.autograd.Function.apply
+
+
+def count_fused_calls():
+    """count_calls of the fused Linear op's autograd.Function."""
+    from fused_lora.ops.linear import LoRALinearFunction
+    return count_calls(LoRALinearFunction)
+
+
+def causal_lm_loss(model, ids):
+    """HF's causal-LM loss (next-token cross entropy, mean over tokens) at the model's dtype; labels=ids would
+    cast the logits to fp32, making the fp64 run's loss and its gradient fp32."""
+    logits = model(input_ids=ids).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def adamw_losses(models: dict, ids, steps: int, counter) -> tuple[dict, dict]:
+    """({name: per-step losses}, {name: calls counted}) of ``steps`` AdamW steps (lr 1e-2) on each model in
+    train mode, with ``counter()`` (count_calls of an op's Function) counting its fused calls."""
+    losses, calls = {}, {}
+    for key, m in models.items():
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        losses[key] = []
+        with counter() as counted:
+            for _ in range(steps):
+                loss = causal_lm_loss(m, ids)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses[key].append(loss.item())
+        calls[key] = counted["calls"]
+    return losses, calls
 
 
 def lora_linear_layers(model) -> int:

@@ -2,7 +2,9 @@
 
 A directory with adapter_config.json (LoraConfig fields, peft_type "LORA") and adapter_model.safetensors
 (metadata {"format": "pt"}), keys ``base_model.model.<module path>.lora_A.weight`` (r, in) and
-``...lora_B.weight`` (out, r), as PEFT's save_pretrained writes them for the default adapter.
+``...lora_B.weight`` (out, r), and for embeddings ``...lora_embedding_A`` (r, num_embeddings) and
+``...lora_embedding_B`` (embedding_dim, r) (no ".weight"), as PEFT's save_pretrained writes them for the
+default adapter.
 load_adapter validates the whole file against the model before it changes anything.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from .._validation import check_lora_config, lora_config_error, regex_error
 from ..nn.inject import ALL_LINEAR, CONFIG_ATTR, InjectionConfig, _is_linear, _set_submodule, freeze_base, \
     lora_layers, match_targets, name_matches
+from ..nn.embedding import LoRAEmbedding, is_plain_embedding
 from ..nn.linear import LoRALinear
 
 __all__ = ["save_adapter", "load_adapter", "AdapterFormatError"]
@@ -27,6 +30,19 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
+_EMB_A_SUFFIX = ".lora_embedding_A"
+_EMB_B_SUFFIX = ".lora_embedding_B"
+# The base embedding table, which PEFT's save_pretrained writes for targeted embeddings (save_embedding_layers,
+# "auto" by default: on when target_modules holds an embedding) and loads into the base layer.
+_TABLE_SUFFIX = ".base_layer.weight"
+# (suffix, part, embedding?) of every tensor key load_adapter reads.
+_SUFFIXES = ((_A_SUFFIX, "A", False), (_B_SUFFIX, "B", False), (_EMB_A_SUFFIX, "A", True),
+             (_EMB_B_SUFFIX, "B", True))
+
+
+def _key(name: str, part: str, embedding: bool) -> str:
+    return f"{KEY_PREFIX}{name}" + ((_EMB_A_SUFFIX if part == "A" else _EMB_B_SUFFIX) if embedding else
+                                     (_A_SUFFIX if part == "A" else _B_SUFFIX))
 
 # LoraConfig fields that turn on something fused_lora does not load; each must be falsy / empty.
 _UNSUPPORTED_FIELDS = {
@@ -92,10 +108,10 @@ def _uniform(layers, attr: str):
 
 
 def adapter_config(model: nn.Module, *, task_type: str | None = None) -> dict:
-    """The adapter_config.json content for the model's LoRALinear layers."""
+    """The adapter_config.json content for the model's LoRALinear and LoRAEmbedding layers."""
     layers = lora_layers(model)
     if not layers:
-        raise ValueError(f"save_adapter: {type(model).__name__} has no LoRALinear layer (use inject first)")
+        raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA layer (use inject first)")
     injected: InjectionConfig | None = getattr(model, CONFIG_ATTR, None)
     use_rslora = _uniform(layers, "use_rslora")
     lora_dropout = _uniform(layers, "lora_dropout")
@@ -122,7 +138,9 @@ def adapter_config(model: nn.Module, *, task_type: str | None = None) -> dict:
         "exclude_modules": None,
         "rank_pattern": _patterns(layers, "r", r),
         "alpha_pattern": _patterns(layers, "lora_alpha", lora_alpha),
-        "fan_in_fan_out": all(layer.fan_in_fan_out for _, layer in layers),
+        # Embeddings have no layout of their own (PEFT ignores fan_in_fan_out for them).
+        "fan_in_fan_out": any(isinstance(layer, LoRALinear) for _, layer in layers) and
+        all(layer.fan_in_fan_out for _, layer in layers if isinstance(layer, LoRALinear)),
         "bias": "none",
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -133,20 +151,28 @@ def adapter_config(model: nn.Module, *, task_type: str | None = None) -> dict:
     }
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = None) -> None:
-    """Write the model's LoRALinear adapters to ``path`` as PEFT's save_pretrained does (default adapter).
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = None,
+                 save_embedding_layers: bool = False) -> None:
+    """Write the model's LoRALinear and LoRAEmbedding adapters to ``path`` as PEFT's save_pretrained does
+    (default adapter; embeddings under PEFT's lora_embedding_A / lora_embedding_B keys).
 
     ``PeftModel.from_pretrained(base_model, path)`` loads the result. task_type (e.g. "CAUSAL_LM") is
     written to the config and picks PEFT's model class there. A merged layer's lora_A / lora_B are
     saved as they are (the merge lives in the base weight, which is not part of an adapter file).
+    save_embedding_layers=True also writes each LoRAEmbedding's table as ``<module>.base_layer.weight``, as
+    PEFT's save_pretrained does by default when an embedding is targeted (for a resized vocabulary); off by
+    default here, since the table is num_embeddings x embedding_dim (1 GiB for 128256 x 4096 in bf16).
     """
     from safetensors.torch import save_file
 
     config = adapter_config(model, task_type=task_type)
     tensors = {}
     for name, layer in lora_layers(model):
-        tensors[f"{KEY_PREFIX}{name}{_A_SUFFIX}"] = layer.lora_A.detach().contiguous()
-        tensors[f"{KEY_PREFIX}{name}{_B_SUFFIX}"] = layer.lora_B.detach().contiguous()
+        embedding = isinstance(layer, LoRAEmbedding)
+        tensors[_key(name, "A", embedding)] = layer.lora_A.detach().contiguous()
+        tensors[_key(name, "B", embedding)] = layer.lora_B.detach().contiguous()
+        if embedding and save_embedding_layers:
+            tensors[f"{KEY_PREFIX}{name}{_TABLE_SUFFIX}"] = layer.weight.detach().contiguous()
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
@@ -226,8 +252,8 @@ def _check_field(label: str, name: str, value) -> None:
 
 
 def _module_tensors(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {"A": tensor, "B": tensor}} from PEFT's keys; rejects every other key."""
-    modules: dict[str, dict[str, torch.Tensor]] = {}
+    """{module path: {"A": tensor, "B": tensor, "embedding": bool}} from PEFT's keys; rejects every other key."""
+    modules: dict[str, dict] = {}
     for key, tensor in state.items():
         name = key.removeprefix("_orig_mod.")
         if not name.startswith(KEY_PREFIX):
@@ -235,25 +261,35 @@ def _module_tensors(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
         name = name[len(KEY_PREFIX):]
         if ".lora_magnitude_vector" in name:
             raise AdapterFormatError(f"key {key!r} is a DoRA magnitude vector; DoRA adapters are not supported")
-        if ".lora_embedding_" in name:
-            raise AdapterFormatError(f"key {key!r} is an embedding LoRA; only Linear layers are supported")
         if name.endswith(".lora_B.bias"):
             raise AdapterFormatError(f"key {key!r} is a LoRA bias (lora_bias=True); not supported")
-        for suffix, part in ((_A_SUFFIX, "A"), (_B_SUFFIX, "B")):
+        if name.endswith(_TABLE_SUFFIX):
+            modules.setdefault(name[:-len(_TABLE_SUFFIX)], {})["table"] = tensor
+            continue
+        for suffix, part, embedding in _SUFFIXES:
             if name.endswith(suffix):
-                modules.setdefault(name[:-len(suffix)], {})[part] = tensor
+                parts = modules.setdefault(name[:-len(suffix)], {})
+                if parts.setdefault("embedding", embedding) != embedding:
+                    raise AdapterFormatError(f"key {key!r}: module {name[:-len(suffix)]!r} has both Linear "
+                                             f"(lora_A / lora_B) and embedding (lora_embedding_A / _B) keys")
+                parts[part] = tensor
                 break
         else:
-            raise AdapterFormatError(f"unexpected key {key!r}: expected <module>.lora_A.weight or "
-                                     f"<module>.lora_B.weight (modules_to_save and other tuners are not supported)")
+            raise AdapterFormatError(f"unexpected key {key!r}: expected <module>.lora_A.weight, "
+                                     f"<module>.lora_B.weight, <module>.lora_embedding_A or "
+                                     f"<module>.lora_embedding_B (modules_to_save and other tuners are not supported)")
     for name, parts in modules.items():
+        embedding = parts.get("embedding", False)
+        if "table" in parts and not embedding:
+            raise AdapterFormatError(f"unexpected key {KEY_PREFIX}{name}{_TABLE_SUFFIX}: base weights are read for "
+                                     f"embedding LoRA modules (lora_embedding_A / _B) only")
         for part in ("A", "B"):
             if part not in parts:
-                raise AdapterFormatError(f"missing key {KEY_PREFIX}{name}.lora_{part}.weight "
-                                         f"(its lora_{'B' if part == 'A' else 'A'} is present)")
+                raise AdapterFormatError(f"missing key {_key(name, part, embedding)} "
+                                         f"(its {_key(name, 'B' if part == 'A' else 'A', embedding)} is present)")
         a, b = parts["A"], parts["B"]
         for part, t in (("A", a), ("B", b)):
-            key = f"{KEY_PREFIX}{name}.lora_{part}.weight"
+            key = _key(name, part, embedding)
             if t.dim() != 2:
                 raise AdapterFormatError(f"{key} has shape {tuple(t.shape)}; expected 2-D (a Linear LoRA; conv "
                                          f"LoRA is not supported)")
@@ -262,13 +298,20 @@ def _module_tensors(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
             if not bool(torch.isfinite(t).all()):
                 raise AdapterFormatError(f"{key} contains NaN or inf")
         if b.shape[1] != a.shape[0]:
-            raise AdapterFormatError(f"{KEY_PREFIX}{name}.lora_B.weight has shape {tuple(b.shape)}; expected "
+            raise AdapterFormatError(f"{_key(name, 'B', embedding)} has shape {tuple(b.shape)}; expected "
                                      f"({b.shape[0]}, {a.shape[0]}) to match lora_A's rank {a.shape[0]}")
     return modules
 
 
+def _is_embedding_module(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, LoRAEmbedding))
+
+
 def _features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear, Conv1D or LoRALinear."""
+    """(in_features, out_features) of a Linear, Conv1D or LoRALinear; (num_embeddings, embedding_dim) of an
+    Embedding or LoRAEmbedding (A is (r, num_embeddings), B (embedding_dim, r), as a Linear's)."""
+    if isinstance(module, (nn.Embedding, LoRAEmbedding)):
+        return module.weight.shape[0], module.weight.shape[1]
     if isinstance(module, LoRALinear):
         return module.in_features, module.out_features
     if isinstance(module, nn.Linear):
@@ -286,7 +329,7 @@ def _adapter_loads(model: nn.Module, config: dict, modules: dict
     if existing:
         missing = sorted(set(existing) - file_names)
         unexpected = sorted(file_names - set(existing))
-        where = "the model's LoRALinear layers"
+        where = "the model's LoRA layers"
     else:
         spec = config["target_modules"]
         targeted = set(match_targets(model, spec))
@@ -298,10 +341,10 @@ def _adapter_loads(model: nn.Module, config: dict, modules: dict
         where = f"the modules target_modules={spec!r} selects"
     if missing:
         raise AdapterFormatError(f"missing keys: the adapter has no lora_A/lora_B for {len(missing)} of {where}, "
-                                 f"e.g. {KEY_PREFIX}{missing[0]}.lora_A.weight")
+                                 f"e.g. {_key(missing[0], 'A', _is_embedding_module(model.get_submodule(missing[0])))}")
     if unexpected:
         raise AdapterFormatError(f"unexpected keys: the adapter has weights for {len(unexpected)} module(s) not in "
-                                 f"{where}, e.g. {KEY_PREFIX}{unexpected[0]}.lora_A.weight")
+                                 f"{where}, e.g. {_key(unexpected[0], 'A', modules[unexpected[0]].get('embedding', False))}")
 
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     lora_dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
@@ -311,21 +354,34 @@ def _adapter_loads(model: nn.Module, config: dict, modules: dict
         try:
             target = model.get_submodule(name)
         except AttributeError:
-            raise AdapterFormatError(f"unexpected key {KEY_PREFIX}{name}.lora_A.weight: the model has no module "
+            raise AdapterFormatError(f"unexpected key {_key(name, 'A', modules[name].get('embedding', False))}: the model has no module "
                                      f"{name!r}") from None
+        embedding = modules[name].get("embedding", False)
         if existing:
             if target.merged:
-                raise AdapterFormatError(f"LoRALinear {name!r} is merged; unmerge it before loading an adapter")
+                raise AdapterFormatError(f"{type(target).__name__} {name!r} is merged; unmerge it before loading "
+                                         f"an adapter")
+            if isinstance(target, LoRAEmbedding) != embedding:
+                raise AdapterFormatError(f"{_key(name, 'A', embedding)}: module {name!r} is a "
+                                         f"{type(target).__name__}, so its keys must be "
+                                         f"{_key(name, 'A', not embedding)} and _B")
+        elif embedding:
+            if not is_plain_embedding(target):
+                raise AdapterFormatError(f"{_key(name, 'A', True)} is an embedding LoRA but module {name!r} is a "
+                                         f"{type(target).__name__}; lora_embedding_A / _B target nn.Embedding")
+            if target.max_norm is not None or target.sparse:
+                raise AdapterFormatError(f"module {name!r} is an nn.Embedding with max_norm / sparse, which "
+                                         f"fused_lora does not support")
         elif not _is_linear(target):
-            raise AdapterFormatError(f"module {name!r} is a {type(target).__name__}; load_adapter targets "
-                                     f"nn.Linear and transformers Conv1D modules only")
+            raise AdapterFormatError(f"module {name!r} is a {type(target).__name__}; lora_A / lora_B target "
+                                     f"nn.Linear and transformers Conv1D modules")
         a, b = modules[name]["A"], modules[name]["B"]
         r = a.shape[0]
         r_key = _pattern_key(rank_pattern, name)
         expected_r = rank_pattern[r_key] if r_key is not None else r_default
         if r != expected_r:
             source = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
-            raise AdapterFormatError(f"{KEY_PREFIX}{name}.lora_A.weight has rank {r} but adapter_config.json "
+            raise AdapterFormatError(f"{_key(name, 'A', embedding)} has rank {r} but adapter_config.json "
                                      f"gives {source}={expected_r}")
         in_features, out_features = _features(target)
         if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (out_features, r):
@@ -333,7 +389,8 @@ def _adapter_loads(model: nn.Module, config: dict, modules: dict
                                      f"{tuple(b.shape)}; the module expects ({r}, {in_features}) and "
                                      f"({out_features}, {r})")
         if existing and target.r != r:
-            raise AdapterFormatError(f"LoRALinear {name!r} has r={target.r} but the adapter has rank {r}")
+            raise AdapterFormatError(f"{type(target).__name__} {name!r} has r={target.r} but the adapter has "
+                                     f"rank {r}")
         alpha_key = _pattern_key(alpha_pattern, name)
         alpha = alpha_pattern[alpha_key] if alpha_key is not None else alpha_default
         try:
@@ -341,15 +398,24 @@ def _adapter_loads(model: nn.Module, config: dict, modules: dict
         except (TypeError, ValueError) as exc:
             raise AdapterFormatError(f"adapter_config.json, for module {name!r}: {exc}") from None
         dtype = (target.lora_A if existing else target.weight).dtype
+        table = modules[name].get("table")
+        if table is not None:
+            key = f"{KEY_PREFIX}{name}{_TABLE_SUFFIX}"
+            if tuple(table.shape) != tuple(target.weight.shape) or not table.is_floating_point():
+                raise AdapterFormatError(f"{key} has shape {tuple(table.shape)} and dtype {table.dtype}; expected a "
+                                         f"floating-point {tuple(target.weight.shape)} table, the module's")
+            table = table.to(target.weight.dtype)
+            if not bool(torch.isfinite(table).all()):
+                raise AdapterFormatError(f"{key} contains NaN or inf (or overflows {target.weight.dtype})")
         cast = {part: modules[name][part].to(dtype) for part in ("A", "B")}
         for part, t in cast.items():
             # The file's values are finite (checked on reading); a cast to a narrower dtype can still overflow.
             if not bool(torch.isfinite(t).all()):
                 largest = modules[name][part].abs().max().item()
-                raise AdapterFormatError(f"{KEY_PREFIX}{name}.lora_{part}.weight has a value of magnitude "
+                raise AdapterFormatError(f"{_key(name, part, embedding)} has a value of magnitude "
                                          f"{largest:g} that overflows the model's dtype {dtype} (largest finite "
                                          f"{torch.finfo(dtype).max:g})")
-        loads.append((name, target, r, alpha, cast["A"], cast["B"]))
+        loads.append((name, target, r, alpha, cast["A"], cast["B"], table))
     return loads
 
 
@@ -389,18 +455,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     # Everything above is checked; nothing below can fail on the file's content.
     injected_now = []
     with torch.no_grad():
-        for name, target, r, alpha, lora_A, lora_B in loads:
-            if isinstance(target, LoRALinear):
+        for name, target, r, alpha, lora_A, lora_B, table in loads:
+            if isinstance(target, (LoRALinear, LoRAEmbedding)):
                 layer = target
                 layer.lora_dropout = lora_dropout
                 layer.set_scaling(lora_alpha=alpha, use_rslora=use_rslora)
             else:
-                layer = LoRALinear.from_linear(target, r=r, lora_alpha=alpha, lora_dropout=lora_dropout,
-                                               use_rslora=use_rslora)
+                from_module = LoRAEmbedding.from_embedding if is_plain_embedding(target) else LoRALinear.from_linear
+                layer = from_module(target, r=r, lora_alpha=alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
                 _set_submodule(model, name, layer)
                 injected_now.append(name)
             layer.lora_A.copy_(lora_A)
             layer.lora_B.copy_(lora_B)
+            if table is not None:
+                layer.weight.copy_(table)  # in place: an output head tied to this table reads it too
     if injected_now:
         freeze_base(model)
     setattr(model, CONFIG_ATTR, injection)

@@ -1,7 +1,9 @@
-"""patch_peft / unpatch_peft: PEFT's LoRA Linear layers compute forward and backward with lora_linear.
+"""patch_peft / unpatch_peft: PEFT's LoRA Linear layers compute forward and backward with lora_linear, and its
+LoRA Embedding layers with lora_embedding.
 
 A patched layer keeps its PEFT module object, parameters and state; only its class changes, to
-``FusedLinear`` (a subclass of ``peft.tuners.lora.layer.Linear`` that overrides ``forward``), so
+``FusedLinear`` (a subclass of ``peft.tuners.lora.layer.Linear`` that overrides ``forward``; for
+``lora.Embedding``, ``FusedEmbedding``), so
 state_dict, save_pretrained, set_adapter, disable_adapter(), merging, optimizers and gradient
 checkpointing see the same module, and its repr keeps PEFT's class name. The model's ``LoraModel``
 becomes ``FusedLoraModel`` the same way, whose ``inject_adapter`` (behind add_adapter,
@@ -12,8 +14,9 @@ Per call, the fused path is taken only when it computes what PEFT computes; othe
 PEFT's own forward for that call (see ``fused_call_args``): adapter-level configurations (DoRA and other
 variants, lora_bias) and hooks on the base layer are checked there, so a layer fuses again once a
 supported adapter is active. Layers that can never fuse keep PEFT's class: LoRA layers other than
-lora.Linear (PEFT's quantized ones among them), and base layers other than nn.Linear / transformers
-Conv1D or their subclasses that inherit forward. One warning at patch time (and one per later
+lora.Linear and lora.Embedding (PEFT's quantized ones among them), base layers other than nn.Linear /
+transformers Conv1D / nn.Embedding or their subclasses that inherit forward, and embeddings with
+max_norm or sparse=True. One warning at patch time (and one per later
 inject_adapter), attributed to the user's line, lists every layer that falls back, with the reason.
 """
 from __future__ import annotations
@@ -28,11 +31,13 @@ from torch import nn
 
 from .._validation import KERNEL_DTYPES, MAX_RANK
 from ..functional import lora_linear
+from ..functional_embedding import lora_embedding
+from ..nn.embedding import is_plain_embedding
 from ..nn.linear import is_conv1d
 
 __all__ = ["patch_peft", "unpatch_peft", "fused_call_args", "FusedFallbackWarning"]  # Fused*: built lazily
 
-# {"FusedLinear": ..., "FusedLoraModel": ...}, built on first use so that importing fused_lora does not import peft.
+# {"FusedLinear": ..., "FusedEmbedding": ..., "FusedLoraModel": ...}, built on first use so that importing fused_lora does not import peft.
 _FUSED_CLASSES: dict[str, type] = {}
 # dtypes the fused path takes; others (fp64) run PEFT's forward. The parity tests widen it for the reference.
 FUSED_DTYPES = KERNEL_DTYPES
@@ -44,15 +49,16 @@ class FusedFallbackWarning(UserWarning):
 
 def _peft_classes() -> dict[str, type]:
     """{fused class name: the PEFT class it subclasses}."""
-    from peft.tuners.lora.layer import Linear
+    from peft.tuners.lora.layer import Embedding, Linear
     from peft.tuners.lora.model import LoraModel
-    return {"FusedLinear": Linear, "FusedLoraModel": LoraModel}
+    return {"FusedLinear": Linear, "FusedEmbedding": Embedding, "FusedLoraModel": LoraModel}
 
 
 def _fused_class(name: str) -> type:
     if not _FUSED_CLASSES:
         peft_classes = _peft_classes()
         _FUSED_CLASSES.update(FusedLinear=_make_fused_linear(peft_classes["FusedLinear"]),
+                              FusedEmbedding=_make_fused_embedding(peft_classes["FusedEmbedding"]),
                               FusedLoraModel=_make_fused_lora_model(peft_classes["FusedLoraModel"]))
     return _FUSED_CLASSES[name]
 
@@ -68,6 +74,19 @@ def _make_fused_linear(peft_linear: type) -> type:
             return _fused_forward(self, x, *call_args)
 
     return _public(FusedLinear, peft_linear)
+
+
+def _make_fused_embedding(peft_embedding: type) -> type:
+    class FusedEmbedding(peft_embedding):
+        """peft.tuners.lora.layer.Embedding whose forward runs fused_lora.lora_embedding when it can."""
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            call_args = fused_call_args(self, x, args, kwargs)
+            if call_args is None:
+                return peft_embedding.forward(self, x, *args, **kwargs)
+            return _fused_embedding_forward(self, x, *call_args)
+
+    return _public(FusedEmbedding, peft_embedding)
 
 
 def _make_fused_lora_model(lora_model: type) -> type:
@@ -98,7 +117,7 @@ def _public(cls: type, peft_cls: type) -> type:
 
 
 def __getattr__(name: str):
-    if name in ("FusedLinear", "FusedLoraModel"):
+    if name in ("FusedLinear", "FusedEmbedding", "FusedLoraModel"):
         return _fused_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -137,13 +156,15 @@ def _unfusable(layer, adapters, active: list) -> tuple[int, str | None] | None:
         return _HOOKS, None
     if "forward" in base.__dict__:
         return _INSTANCE_FORWARD, None
+    embedding = _is_embedding_layer(layer)
     for name in adapters:
         # PEFT's forward dispatches on lora_variant (DoRA is one); use_dora only names it in the message.
         if name in layer.lora_variant:
             return _VARIANT, name
         if layer.lora_bias.get(name, False):
             return _LORA_BIAS, name
-        if _dropout_p(layer.lora_dropout[name]) is None:
+        # PEFT's lora.Embedding never calls its dropout module: any module computes the same there.
+        if not embedding and _dropout_p(layer.lora_dropout[name]) is None:
             return _CUSTOM_DROPOUT, name
     if _stacked_rank(layer, active) > MAX_RANK:
         return _RANK, None
@@ -170,8 +191,19 @@ def _unfusable_message(layer, code: int, name: str | None, active: list) -> str:
     return f"active adapters {active} stack to rank {_stacked_rank(layer, active)} > {MAX_RANK}"
 
 
+def _is_embedding_layer(layer) -> bool:
+    """A PEFT lora.Embedding (patched or not): its adapters are in lora_embedding_A / _B."""
+    return len(layer.lora_embedding_A) > 0 and len(layer.lora_A) == 0
+
+
+def _adapter_weights(layer):
+    """The dict holding the layer's adapters: lora_A, or lora_embedding_A for embeddings."""
+    return layer.lora_embedding_A if _is_embedding_layer(layer) else layer.lora_A
+
+
 def _active_adapters(layer) -> list:
-    return [name for name in layer.active_adapters if name in layer.lora_A]
+    adapters = _adapter_weights(layer)
+    return [name for name in layer.active_adapters if name in adapters]
 
 
 def fused_call_args(layer, x: torch.Tensor, args: tuple, kwargs: dict):
@@ -195,6 +227,10 @@ def fused_call_args(layer, x: torch.Tensor, args: tuple, kwargs: dict):
         return None
     if _unfusable(layer, adapters, adapters) is not None:
         return None
+    if _is_embedding_layer(layer):
+        # PEFT computes in the table's dtype (autocast does not apply to embeddings).
+        dtype = layer.base_layer.weight.dtype
+        return (adapters, dtype, 0.0) if dtype in FUSED_DTYPES else None
     dropout_ps = [_dropout_p(layer.lora_dropout[name]) for name in adapters]
     if len(adapters) > 1 and any(p > 0.0 for p in dropout_ps):
         return None
@@ -230,6 +266,25 @@ def _fused_forward(layer, x: torch.Tensor, adapters: list, dtype: torch.dtype, d
                            dim=1)
         scaling = 1.0
     return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, training=dropout_p > 0.0)
+
+
+def _fused_embedding_forward(layer, ids: torch.Tensor, adapters: list, dtype: torch.dtype, _dropout_p: float):
+    base = layer.base_layer
+    # PEFT's default fp32 adapters on a bf16 / fp16 table are cast to the table's dtype here (grads flow back to
+    # the fp32 parameters through the cast); PEFT adds its fp32 LoRA term to the bf16 rows and rounds once.
+    if len(adapters) == 1:
+        name = adapters[0]
+        lora_A = layer.lora_embedding_A[name].to(dtype)
+        lora_B = layer.lora_embedding_B[name].to(dtype)
+        scaling = float(layer.scaling[name])
+    else:
+        # Several adapters: the ranks stacked (A along r, B along r with each scale applied before the cast).
+        lora_A = torch.cat([layer.lora_embedding_A[name].to(dtype) for name in adapters], dim=0)
+        lora_B = torch.cat([(layer.lora_embedding_B[name] * float(layer.scaling[name])).to(dtype)
+                            for name in adapters], dim=1)
+        scaling = 1.0
+    return lora_embedding(ids, base.weight, lora_A, lora_B, scaling, padding_idx=base.padding_idx,
+                          scale_grad_by_freq=base.scale_grad_by_freq)
 
 
 # ---- patch time ---------------------------------------------------------------------------------
@@ -286,15 +341,36 @@ def _base_layer_reason(base: nn.Module) -> str | None:
     return None
 
 
+def _embedding_base_reason(base: nn.Module) -> str | None:
+    """Why the fused op cannot stand in for this embedding base layer, or None."""
+    if not is_plain_embedding(base):
+        what = "overrides forward of nn.Embedding" if isinstance(base, nn.Embedding) else "is not an nn.Embedding"
+        return f"unsupported base layer {_qualified(type(base))} ({what}, which the fused op would bypass)"
+    if base.max_norm is not None:
+        return f"the base embedding has max_norm={base.max_norm} (renormalises rows in place; not supported)"
+    if base.sparse:
+        return "the base embedding has sparse=True (sparse gradients are not supported)"
+    if hasattr(base, "embed_scale"):
+        return "the base embedding has an embed_scale"
+    weight = base.weight
+    if type(weight) is not nn.Parameter or type(weight.data) is not torch.Tensor:
+        return "the base weight is not a plain nn.Parameter"
+    return None
+
+
 def _unsupported_layer_reason(module: nn.Module) -> str | None:
     """Why a LoRA layer can never be fused (its class or base layer), or None."""
     cls = type(module)
-    if cls is not _peft_classes()["FusedLinear"]:
+    peft_classes = _peft_classes()
+    if cls not in (peft_classes["FusedLinear"], peft_classes["FusedEmbedding"]):
         if _is_quantized(cls):
             return f"quantized base layer ({_qualified(cls)})"
-        return f"LoRA layer type {cls.__name__} is not supported (fused_lora fuses lora.Linear only)"
+        return (f"LoRA layer type {cls.__name__} is not supported (fused_lora fuses lora.Linear and "
+                f"lora.Embedding only)")
     if "forward" in module.__dict__:
         return "the LoRA layer has an instance-level forward (e.g. an accelerate hook), which replaces any class forward"
+    if cls is peft_classes["FusedEmbedding"]:
+        return _embedding_base_reason(module.base_layer)
     return _base_layer_reason(module.base_layer)
 
 
@@ -323,19 +399,23 @@ def _patch_layers(layers, new_adapter: str | None = None) -> list[tuple[str, str
     new_adapter=None (patch_peft): every layer not patched yet. new_adapter=name (after PEFT's
     inject_adapter): the layers holding that adapter, and only that adapter's configuration is reported.
     """
-    fused_cls = _fused_class("FusedLinear")
+    peft_classes = _peft_classes()
+    fused_for = {peft_classes[name]: _fused_class(name) for name in ("FusedLinear", "FusedEmbedding")}
+    fused_classes = set(fused_for.values())
     fallbacks = []
     for name, module in layers:
-        if new_adapter is None and type(module) is fused_cls:
+        patched = type(module) in fused_classes
+        if new_adapter is None and patched:
             continue
         if new_adapter is not None and new_adapter not in module.r:
             continue
-        reason = None if type(module) is fused_cls else _unsupported_layer_reason(module)
+        reason = None if patched else _unsupported_layer_reason(module)
         if reason is None:
             # Adapter-level reasons (DoRA, lora_bias, rank) and base-layer hooks are checked again per call,
             # so a layer whose adapter is unsupported now fuses once a supported adapter is active.
-            module.__class__ = fused_cls
-            reason = _fallback_reason(module, module.lora_A if new_adapter is None else [new_adapter])
+            module.__class__ = fused_for.get(type(module), type(module))
+            adapters = _adapter_weights(module) if new_adapter is None else [new_adapter]
+            reason = _fallback_reason(module, adapters)
         if reason is not None:
             fallbacks.append((name, reason))
     return fallbacks
@@ -373,7 +453,8 @@ def _warn_fallbacks(fallbacks: list[tuple[str, str]], n_layers: int) -> None:
 
 
 def patch_peft(model: nn.Module) -> nn.Module:
-    """Make every supported LoRA Linear layer of a PEFT model compute with fused_lora.lora_linear.
+    """Make every supported LoRA Linear layer of a PEFT model compute with fused_lora.lora_linear, and every
+    supported LoRA Embedding layer with fused_lora.lora_embedding.
 
     Uses PEFT's own parameters and modules (in place; returns ``model``). Layers with an unsupported
     configuration keep PEFT's forward; one FusedFallbackWarning lists them with the reason. Layers that

@@ -1,4 +1,5 @@
-"""inject / merge_and_unload: LoRALinear layers in any torch model, targeted as PEFT targets modules.
+"""inject / merge_and_unload: LoRALinear and LoRAEmbedding layers in any torch model, targeted as PEFT
+targets modules.
 
 (Module named ``injection`` so that ``fused_lora.inject`` is unambiguously the function.)
 """
@@ -9,7 +10,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .._validation import check_lora_config, regex_error
+from .._validation import check_embedding_options, check_lora_config, regex_error
+from .embedding import LoRAEmbedding, is_plain_embedding
 from .linear import LoRALinear, is_conv1d
 
 __all__ = ["inject", "merge_and_unload", "lora_layers", "match_targets", "InjectionConfig", "ALL_LINEAR"]
@@ -32,6 +34,9 @@ class InjectionConfig:
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+LORA_LAYERS = (LoRALinear, LoRAEmbedding)
 
 
 def _output_head_name(model: nn.Module) -> str | None:
@@ -89,12 +94,18 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def inject(model: nn.Module, target_modules, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
            use_rslora: bool = False) -> nn.Module:
-    """Replace the matching nn.Linear (and transformers Conv1D) modules in place with LoRALinear.
+    """Replace the matching nn.Linear (and transformers Conv1D) modules in place with LoRALinear, and the
+    matching nn.Embedding modules with LoRAEmbedding.
 
     target_modules: a list of names (exact name or '.'-suffix match), a regex (re.fullmatch on the
-    module name), or "all-linear" (every Linear except a transformers model's output head). Every
+    module name), or "all-linear" (every Linear except a transformers model's output head; no embedding,
+    as in PEFT). Embeddings get r, lora_alpha and use_rslora; lora_dropout is recorded on them but not
+    applied, as PEFT's lora.Embedding does not apply it. A tied output head (lm_head sharing
+    embed_tokens' weight) keeps the shared weight and gets no LoRA unless targeted itself, as in PEFT
+    without ensure_weight_tying. Every
     parameter outside the LoRA layers gets requires_grad=False, as PEFT does. Raises ValueError when
-    nothing matches, TypeError when a match is not a Linear, TypeError / ValueError for r, lora_alpha,
+    nothing matches, TypeError when a match is not a Linear or Embedding, ValueError for an Embedding with
+    max_norm or sparse=True, TypeError / ValueError for r, lora_alpha,
     lora_dropout or use_rslora as LoRALinear does; the model is unchanged on error.
     """
     check_lora_config(r, lora_alpha, lora_dropout, use_rslora)
@@ -104,14 +115,18 @@ def inject(model: nn.Module, target_modules, *, r: int = 8, lora_alpha: float = 
                          f"module names look like {[n for n, _ in model.named_modules() if n][:5]}")
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"module {name!r} is already a LoRALinear (inject was called on it before)")
-        if not _is_linear(module):
+        if isinstance(module, LORA_LAYERS):
+            raise ValueError(f"module {name!r} is already a {type(module).__name__} (inject was called on it "
+                             f"before)")
+        if is_plain_embedding(module):
+            check_embedding_options(module.max_norm, module.sparse, where=f"inject, module {name!r}")
+        elif not _is_linear(module):
             raise TypeError(f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
-                            f"inject replaces nn.Linear and transformers Conv1D modules only")
+                            f"inject replaces nn.Linear, transformers Conv1D and nn.Embedding modules only")
     for name in names:
-        layer = LoRALinear.from_linear(model.get_submodule(name), r=r, lora_alpha=lora_alpha,
-                                       lora_dropout=lora_dropout, use_rslora=use_rslora)
+        module = model.get_submodule(name)
+        from_module = LoRAEmbedding.from_embedding if is_plain_embedding(module) else LoRALinear.from_linear
+        layer = from_module(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
         _set_submodule(model, name, layer)
     freeze_base(model)
     previous = getattr(model, CONFIG_ATTR, None)
@@ -126,22 +141,24 @@ def inject(model: nn.Module, target_modules, *, r: int = 8, lora_alpha: float = 
 
 
 def freeze_base(model: nn.Module) -> None:
-    """requires_grad=False for every parameter except the LoRALinear layers' lora_A / lora_B."""
+    """requires_grad=False for every parameter except the LoRA layers' lora_A / lora_B."""
     lora_params = {id(p) for _, layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)}
     for param in model.parameters():
         if id(param) not in lora_params:
             param.requires_grad_(False)
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding]]:
+    """(name, layer) of every LoRALinear and LoRAEmbedding of the model."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LORA_LAYERS)]
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer into its base weight and return the model with plain Linear layers.
 
     Injected models: each LoRALinear (merged already or not) becomes the nn.Linear (or Conv1D) it wraps,
-    with W + s B A computed in fp32. Every merge is checked for NaN / inf before any weight changes,
+    with W + s B A computed in fp32; each LoRAEmbedding the nn.Embedding, with E + s (B A)^T (a tied
+    output head sharing E sees the merged E, as with PEFT). Every merge is checked for NaN / inf before any weight changes,
     so a refused merge (ValueError naming the layers) leaves the model as it was.
     PEFT models (patched or not): delegates to PEFT's ``merge_and_unload(safe_merge=True)``, which
     returns PEFT's base model.
@@ -150,7 +167,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         return model.merge_and_unload(safe_merge=True)
     layers = lora_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRALinear layer to merge (use inject or load_adapter)")
+        raise ValueError(f"{type(model).__name__} has no LoRA layer to merge (use inject or load_adapter)")
     broken = []
     for name, layer in layers:
         if not layer.merged:

@@ -7,7 +7,7 @@ import sys
 import torch
 from torch import nn
 
-from .._validation import check_lora_config
+from ._lora_module import LoRAModuleMixin
 from ..functional import lora_linear
 
 
@@ -17,7 +17,7 @@ def is_conv1d(module: nn.Module) -> bool:
     return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(LoRAModuleMixin, nn.Module):
     """y = x W^T + b + s * (dropout(x) A^T) B^T, with W and b frozen and A (r, in), B (out, r) trainable.
 
     s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. A is kaiming-uniform and B is zero
@@ -43,7 +43,7 @@ class LoRALinear(nn.Module):
                     use_rslora=use_rslora)
 
     def _setup(self, weight, bias, *, r, lora_alpha, lora_dropout, use_rslora, fan_in_fan_out=False):
-        scaling = check_lora_config(r, lora_alpha, lora_dropout, use_rslora)
+        self._set_lora_config(r, lora_alpha, lora_dropout, use_rslora)
         self.fan_in_fan_out = bool(fan_in_fan_out)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = weight.shape
@@ -54,12 +54,6 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = float(lora_dropout)
-        self.use_rslora = use_rslora
-        self.scaling = scaling
-        self.merged = False
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
@@ -85,13 +79,6 @@ class LoRALinear(nn.Module):
         layer.train(linear.training)  # a layer injected into an eval-mode model must not apply dropout
         return layer
 
-    def set_scaling(self, *, lora_alpha: float | None = None, use_rslora: bool | None = None) -> None:
-        """Change lora_alpha and/or use_rslora; the scaling follows. Invalid values raise, the layer unchanged."""
-        lora_alpha = self.lora_alpha if lora_alpha is None else lora_alpha
-        use_rslora = self.use_rslora if use_rslora is None else use_rslora
-        self.scaling = check_lora_config(self.r, lora_alpha, self.lora_dropout, use_rslora)
-        self.lora_alpha, self.use_rslora = lora_alpha, use_rslora
-
     def reset_lora_parameters(self) -> None:
         # PEFT's init_lora_weights=True: kaiming-uniform A (a = sqrt(5)), zero B.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -114,58 +101,6 @@ class LoRALinear(nn.Module):
         delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
         return delta.t() if self.fan_in_fan_out else delta
 
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """W + s B A computed in fp32 and cast to W's dtype; raises if the result has NaN or inf."""
-        if self.merged:
-            raise RuntimeError(f"{self._name()} is already merged; call unmerge() first")
-        merged = (self.weight.float() + self._delta_fp32()).to(self.weight.dtype)
-        self._check_finite(merged, "merging")
-        return merged
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W += s B A (computed in fp32, cast back to W's dtype, written in place into W).
-
-        Refuses (ValueError, layer unchanged) a result containing NaN or inf, including an overflow of
-        W's dtype. Merging a merged layer raises RuntimeError. A merged layer computes x W^T + b.
-        """
-        merged = self.merged_weight()
-        self.weight.copy_(merged)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """W -= s B A (fp32, cast back). Not bit-exact for fp16/bf16 W: W is rounded twice."""
-        if not self.merged:
-            raise RuntimeError(f"{self._name()} is not merged; nothing to unmerge")
-        unmerged = (self.weight.float() - self._delta_fp32()).to(self.weight.dtype)
-        self._check_finite(unmerged, "unmerging")
-        self.weight.copy_(unmerged)
-        self.merged = False
-
-    def get_extra_state(self) -> torch.Tensor:
-        """``merged``, saved in state_dict (as a tensor, which safetensors can store): a merged layer's weight
-        already holds s B A, so loading its state into an unmerged layer must mark that layer merged too."""
-        return torch.tensor(self.merged)
-
-    def set_extra_state(self, state: torch.Tensor) -> None:
-        self.merged = bool(state)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # A state_dict without the flag (saved before it existed, or built by other tools) holds an unmerged
-        # W: it loads, strict or not, and marks the layer unmerged when it brings W.
-        flag = prefix + "_extra_state"
-        has_flag = flag in state_dict
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if not has_flag:
-            if flag in missing_keys:
-                missing_keys.remove(flag)
-            if prefix + "weight" in state_dict:
-                self.merged = False
-
     def to_base_layer(self) -> nn.Module:
         """A plain nn.Linear (or Conv1D when fan_in_fan_out) sharing this layer's W and b tensors."""
         if self.fan_in_fan_out:
@@ -181,11 +116,6 @@ class LoRALinear(nn.Module):
         base.weight = self.weight
         base.bias = self.bias
         return base
-
-    def _check_finite(self, weight: torch.Tensor, action: str) -> None:
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError(f"{action} {self._name()} gives a weight with NaN or inf (lora_A, lora_B or scaling "
-                             f"{self.scaling} out of range for {self.weight.dtype}); the layer is unchanged")
 
     def _name(self) -> str:
         return f"LoRALinear(in_features={self.in_features}, out_features={self.out_features}, r={self.r})"

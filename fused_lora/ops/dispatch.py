@@ -3,6 +3,7 @@ x's device and the environment. One decision (``select_backend``), used by fused
 per-device kernels of the op (fused_lora.ops.linear)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -33,6 +34,20 @@ def select_backend(x: torch.Tensor) -> str:
     if x.device.type == "cpu" and _module("cpp").available():
         return "cpp"
     return "torch"
+
+
+@contextlib.contextmanager
+def forced_backend(name: str):
+    """FUSED_LORA_BACKEND=name inside the block (read on every eager call), restored after."""
+    saved = os.environ.get("FUSED_LORA_BACKEND")
+    os.environ["FUSED_LORA_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FUSED_LORA_BACKEND", None)
+        else:
+            os.environ["FUSED_LORA_BACKEND"] = saved
 
 
 def _module(name: str):

@@ -12,9 +12,11 @@ FEW_ROUNDS = dict(min_rounds=20, max_rounds=20)
 
 
 def _kernels():
-    from fused_lora.kernels import launchers
+    import importlib
 
-    return {name: getattr(launchers, name) for name in KERNELS}
+    from fused_lora.kernels.report import LAUNCHER_MODULES
+
+    return {name: getattr(importlib.import_module(LAUNCHER_MODULES[name]), name) for name in KERNELS}
 
 
 def test_host_part_reports_positive_times_per_dropout():

@@ -11,7 +11,7 @@ import fused_lora
 from fused_lora.integrations import peft_patch
 from numerics import (assert_losses_within_torch_error, assert_results_within_torch_error, assert_within_torch_error,
                       atol_for, fp64_copy, max_err, run as run_module, skip_unless_backend_runs, torch_and_fp64)
-from peft_parity import (_configs, count_fused_calls, dropout_training_parity, inputs, lora_linear_layers, parity,
+from peft_parity import (_configs, adamw_losses, count_fused_calls, dropout_training_parity, inputs, lora_linear_layers, parity,
                          peft_model, randomize_lora, reference_lora, run, tiny_llama)
 
 ALL_LINEAR = dict(r=8, lora_alpha=16, target_modules="all-linear")
@@ -80,31 +80,13 @@ def test_dropout_training_matches_reference_with_same_seed(fused_backend):
     assert_parity(dropout_training_parity())
 
 
-def _causal_lm_loss(model, ids):
-    """HF's causal-LM loss (next-token cross entropy, mean over tokens) at the model's dtype; labels=ids would
-    cast the logits to fp32, making the fp64 run's loss and its gradient fp32."""
-    logits = model(input_ids=ids).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
 def test_training_loop_same_losses(fused_backend):
     model = peft_model(tiny_llama(), LoraConfig(**ALL_LINEAR))
     patched = fused_lora.patch_peft(copy.deepcopy(model))
     exact = fp64_copy(model)  # the same training in fp64 (PEFT's forward: fp64 is not fused)
     ids, _ = inputs()
-    losses = {}
-    for key, m in (("peft", model), ("fused", patched), ("fp64", exact)):
-        m.train()
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-        losses[key] = []
-        with count_fused_calls() as counter:
-            for _ in range(5):
-                loss = _causal_lm_loss(m, ids)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses[key].append(loss.item())
-        assert counter["calls"] == (5 * lora_linear_layers(m) if key == "fused" else 0)
+    losses, calls = adamw_losses({"peft": model, "fused": patched, "fp64": exact}, ids, 5, count_fused_calls)
+    assert calls == {"peft": 0, "fused": 5 * lora_linear_layers(patched), "fp64": 0}
     assert losses["peft"][-1] < losses["peft"][0]
     assert_losses_within_torch_error("losses", losses["fused"], losses["peft"], losses["fp64"])
 
@@ -254,7 +236,7 @@ def test_fallbacks_warn_once_and_match_peft():
         fused_lora.patch_peft(model)
     assert len(record) == 1
     message = str(record[0].message)
-    assert "model.embed_tokens: LoRA layer type Embedding is not supported" in message
+    assert "embed_tokens" not in message  # lora.Embedding fuses (tests/integrations/test_peft_embedding.py)
     assert "model.layers.0.self_attn.k_proj: adapter 'dora' uses DoRA" in message
     assert "q_proj" not in message
     ids, _ = inputs()

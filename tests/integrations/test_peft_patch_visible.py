@@ -93,7 +93,7 @@ def test_multihead_attention_out_proj_fuses_and_matches_peft():
     # PEFT's forward. Its out_proj, a lora.Linear on a NonDynamicallyQuantizableLinear, fuses.
     assert message.splitlines() == ["fused_lora.patch_peft: 1 of 3 LoRA layers run PEFT's own forward:",
                                     "  base_model.model.mha: LoRA layer type MultiheadAttention is not supported "
-                                    "(fused_lora fuses lora.Linear only)"]
+                                    "(fused_lora fuses lora.Linear and lora.Embedding only)"]
     out_proj, peft_out_proj = (m.base_model.model.mha.base_layer.out_proj for m in (model, peft))
     assert type(out_proj) is peft_patch.FusedLinear
     assert type(out_proj.base_layer) is NonDynamicallyQuantizableLinear

@@ -195,7 +195,7 @@ def _random_plans(rng, dtype) -> list:
 
     Calls the plans itself rather than kr.plan_launches, so an argument that helper fails to vary shows.
     """
-    from fused_lora.kernels import configs, plans
+    from fused_lora.kernels import configs, lora_embedding, plans
 
     M, N, K = (int(2 ** rng.uniform(0, 14)) for _ in range(3))  # log-uniform: both token regimes
     r = rng.randint(1, configs.MAX_RANK)
@@ -205,7 +205,10 @@ def _random_plans(rng, dtype) -> list:
             *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic),
             *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout),
             *plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic,
-                                    num_sms=rng.randint(1, 200))]
+                                    num_sms=rng.randint(1, 200)),
+            *lora_embedding.plan_lora_embedding_fwd(M, K, N, r, dtype),
+            *lora_embedding.plan_lora_embedding_bwd(M, K, N, r, dtype, deterministic=deterministic,
+                                                    scale_grad_by_freq=dropout)]
 
 
 def test_every_planned_launch_has_a_job():

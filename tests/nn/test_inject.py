@@ -68,8 +68,8 @@ def test_inject_errors_leave_model_unchanged():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="matched no module"):
         fused_lora.inject(model, ["nonexistent"])
-    with pytest.raises(TypeError, match="'model.embed_tokens', a Embedding"):
-        fused_lora.inject(model, ["q_proj", "embed_tokens"])
+    with pytest.raises(TypeError, match="'model.norm', a LlamaRMSNorm"):  # embeddings are targets now
+        fused_lora.inject(model, ["q_proj", "embed_tokens", "norm"])
     with pytest.raises(ValueError, match="not a valid regex"):
         fused_lora.inject(model, "(")
     with pytest.raises(ValueError, match="r must be a positive int"):
