@@ -2,7 +2,13 @@
 (logits, every LoRA grad, AdamW steps), fallbacks, tied embeddings, adapter files both ways."""
 import contextlib
 import copy
+import os
+import sys
 import warnings
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the helpers
 
 import pytest
 import torch
@@ -59,25 +65,36 @@ def _model(dtype=torch.float32, *, config=None, autocast_adapter_dtype=True, **l
     return model.eval()
 
 
-@pytest.mark.parametrize("dtype,autocast", [(torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)],
-                         ids=["fp32", "bf16", "bf16-base-fp32-adapters"])
-def test_parity_logits_and_every_lora_grad(dtype, autocast):
+CONFIGS = {"fp32": (torch.float32, True), "bf16": (torch.bfloat16, False), "bf16-base-fp32-adapters": (torch.bfloat16, True)}
+
+
+def embedding_parity(dtype, autocast):
+    """{run: (logits, grads)} of the patched model ("fused"), PEFT ("peft"), the patched model on
+    fused_lora.reference at the same dtype ("same_op") and PEFT in fp64 ("fp64")."""
     model = _model(dtype, autocast_adapter_dtype=autocast)
     reference = copy.deepcopy(model).double()
     ids, grad_out = inputs()
-    peft_logits, peft_grads = run(model, ids, grad_out)
-    ref_logits, ref_grads = run(reference, ids, grad_out)
+    runs = {"peft": run(model, ids, grad_out), "fp64": run(reference, ids, grad_out)}
     with warnings.catch_warnings():
         warnings.simplefilter("error", peft_patch.FusedFallbackWarning)  # nothing falls back
         fused_lora.patch_peft(model)
     assert type(model.base_model.model.model.embed_tokens).__name__ == "FusedEmbedding"
     with count_embedding_calls() as counter:
-        logits, grads = run(model, ids, grad_out)
+        runs["fused"] = run(model, ids, grad_out)
     assert counter["calls"] == 1
+    with reference_ops():
+        runs["same_op"] = run(model, ids, grad_out)
+    return runs
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_parity_logits_and_every_lora_grad(config):
+    dtype, _ = CONFIGS[config]
+    runs = embedding_parity(*CONFIGS[config])
+    (logits, grads), (peft_logits, peft_grads) = runs["fused"], runs["peft"]
+    (same_logits, same_grads), (ref_logits, ref_grads) = runs["same_op"], runs["fp64"]
     # Baselines: PEFT, and the patched model on fused_lora.reference at the same dtype (the op the kernels
     # compute: with fp32 adapters on a bf16 base both run in bf16, where PEFT runs the LoRA terms in fp32).
-    with reference_ops():
-        same_logits, same_grads = run(model, ids, grad_out)
     assert_within_torch_error("logits", logits, (peft_logits, same_logits), ref_logits, dtype)
     assert any("lora_embedding_A" in k for k in grads) and grads.keys() == peft_grads.keys()
     for name in ref_grads:
@@ -197,3 +214,24 @@ def test_patched_embedding_compiles_fullgraph():
     ids, _ = inputs()
     torch._dynamo.reset()
     assert torch.equal(torch.compile(layer, fullgraph=True)(ids), layer(ids))  # same custom op, same kernels
+
+
+def main():
+    """The README's parity table: python tests/integrations/test_peft_embedding.py"""
+    from peft_parity import rel_err
+
+    worst = lambda g, h, keys: max(rel_err(g[k], h[k]) for k in keys)  # noqa: E731
+    print("| config | logits vs PEFT | LoRA grads vs PEFT (worst / embedding) | logits ours / PEFT vs fp64 | "
+          "grads ours / PEFT vs fp64 | embedding grads ours / PEFT vs fp64 |")
+    print("|---|---|---|---|---|---|")
+    for name, (dtype, autocast) in CONFIGS.items():
+        runs = embedding_parity(dtype, autocast)
+        (lo, go), (lp, gp), (lr, gr) = runs["fused"], runs["peft"], runs["fp64"]
+        emb = [k for k in gr if "lora_embedding" in k]
+        print(f"| {name} | {rel_err(lo, lp):.1e} | {worst(go, gp, gr):.1e} / {worst(go, gp, emb):.1e} | "
+              f"{rel_err(lo, lr):.1e} / {rel_err(lp, lr):.1e} | {worst(go, gr, gr):.1e} / {worst(gp, gr, gr):.1e} | "
+              f"{worst(go, gr, emb):.1e} / {worst(gp, gr, emb):.1e} |")
+
+
+if __name__ == "__main__":
+    main()
