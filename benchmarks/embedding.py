@@ -3,7 +3,7 @@
 Providers: ``fused`` (fused_lora.lora_embedding), ``peft`` (PEFT's lora.Embedding on an nn.Embedding) and
 ``embedding`` (a plain nn.Embedding, no LoRA). Three parts:
 
-1. measured on this machine (CPU, fp32, a smaller table: the 128256 x 4096 fp32 table is 2 GiB): forward,
+1. measured on the CPU it runs on (fp32, a smaller table: the 128256 x 4096 fp32 table is 2 GiB): forward,
    backward and both, median of interleaved rounds; fused runs its CPU path (the torch backend);
 2. saved bytes: what autograd keeps for backward (parameters excluded), exact, on meta tensors at the
    modeled sizes;
