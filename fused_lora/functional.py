@@ -1,4 +1,4 @@
-"""fused_lora.lora_linear: input checks and backend choice; the op itself is in _op.py."""
+"""fused_lora.lora_linear: input checks and backend choice; the op itself is in ops/linear.py."""
 from __future__ import annotations
 
 import math

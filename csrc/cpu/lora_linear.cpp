@@ -6,7 +6,7 @@
 // Rows are processed in blocks: per block the keep-mask is drawn (philox.h), the dropped x block is
 // written to a per-thread buffer, and the block's GEMMs run through at::mm_out / addmm_out on views, so
 // the only temporaries are block-sized (plus fp32 copies of W / A / B on the fp32-compute path below).
-// Semantics follow fused_lora/_torch_backend.py: dropout is x * (keep * 1/(1-p)), so NaN / inf at a
+// Semantics follow fused_lora/ops/torch_backend.py: dropout is x * (keep * 1/(1-p)), so NaN / inf at a
 // dropped position give NaN; with scaling == 0 the LoRA term is still added as 0 * (S B^T).
 #include <torch/extension.h>
 #include <torch/library.h>
