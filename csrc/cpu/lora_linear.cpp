@@ -390,8 +390,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(
 // The CPU kernels of the fused_lora ops. What TORCH_LIBRARY_IMPL(fused_lora, CPU, m) does at load, but
 // held in a torch::Library this module owns, so that the CPU slot can also be handed back: loading the
 // extension inside a test session would otherwise route every later CPU call of the ops in that process
-// (TRITON_INTERPRET=1 runs, FUSED_LORA_BACKEND=torch) to these kernels. fused_lora._cpp_backend.load()
-// registers them.
+// (TRITON_INTERPRET=1 runs, FUSED_LORA_BACKEND=torch) to these kernels. fused_lora.ops.cpp_backend.load()
+// registers them (except under TRITON_INTERPRET=1).
 namespace fused_lora_cpu {
 namespace {
 std::unique_ptr<torch::Library> g_cpu_library;
