@@ -57,36 +57,26 @@ def _peft_classes() -> dict[str, type]:
 def _fused_class(name: str) -> type:
     if not _FUSED_CLASSES:
         peft_classes = _peft_classes()
-        _FUSED_CLASSES.update(FusedLinear=_make_fused_linear(peft_classes["FusedLinear"]),
-                              FusedEmbedding=_make_fused_embedding(peft_classes["FusedEmbedding"]),
+        _FUSED_CLASSES.update(FusedLinear=_make_fused_layer("FusedLinear", peft_classes["FusedLinear"], _fused_forward,
+                                                            "fused_lora.lora_linear"),
+                              FusedEmbedding=_make_fused_layer("FusedEmbedding", peft_classes["FusedEmbedding"],
+                                                               _fused_embedding_forward, "fused_lora.lora_embedding"),
                               FusedLoraModel=_make_fused_lora_model(peft_classes["FusedLoraModel"]))
     return _FUSED_CLASSES[name]
 
 
-def _make_fused_linear(peft_linear: type) -> type:
-    class FusedLinear(peft_linear):
-        """peft.tuners.lora.layer.Linear whose forward runs fused_lora.lora_linear when it can."""
+def _make_fused_layer(name: str, peft_layer: type, fused_forward, op: str) -> type:
+    """A subclass of PEFT's layer class ``peft_layer`` whose forward runs ``fused_forward`` (the fused op
+    ``op``) when ``fused_call_args`` says the op computes the call as PEFT would, else PEFT's forward."""
 
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            call_args = fused_call_args(self, x, args, kwargs)
-            if call_args is None:
-                return peft_linear.forward(self, x, *args, **kwargs)
-            return _fused_forward(self, x, *call_args)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        call_args = fused_call_args(self, x, args, kwargs)
+        if call_args is None:
+            return peft_layer.forward(self, x, *args, **kwargs)
+        return fused_forward(self, x, *call_args)
 
-    return _public(FusedLinear, peft_linear)
-
-
-def _make_fused_embedding(peft_embedding: type) -> type:
-    class FusedEmbedding(peft_embedding):
-        """peft.tuners.lora.layer.Embedding whose forward runs fused_lora.lora_embedding when it can."""
-
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            call_args = fused_call_args(self, x, args, kwargs)
-            if call_args is None:
-                return peft_embedding.forward(self, x, *args, **kwargs)
-            return _fused_embedding_forward(self, x, *call_args)
-
-    return _public(FusedEmbedding, peft_embedding)
+    doc = f"peft.tuners.lora.layer.{peft_layer.__name__} whose forward runs {op} when it can."
+    return _public(type(name, (peft_layer,), {"forward": forward, "__doc__": doc}), peft_layer)
 
 
 def _make_fused_lora_model(lora_model: type) -> type:

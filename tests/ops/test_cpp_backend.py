@@ -24,8 +24,8 @@ if not cpp.available():
                 allow_module_level=True)
 
 ext = cpp.load()
-# load() put the C++ kernels in the ops' CPU slot; this module takes it only while its tests run (fixture
-# below): in the same pytest process the other modules' CPU op calls expect the Python-selected path.
+# load() takes the ops' CPU slot unless TRITON_INTERPRET=1; this module holds it only while its tests run
+# (fixture below): in the same pytest process the other modules' CPU op calls expect the Python-selected path.
 cpp.cpu_kernels_registered(False)
 
 
