@@ -231,3 +231,27 @@ def check_embedding_options(max_norm, sparse, *, where: str) -> None:
                          f"and PEFT also columns of lora_embedding_A, in place during forward); expected None")
     if sparse:
         raise ValueError(f"{where}: sparse=True is not supported (the LoRA grads are dense); expected False")
+
+
+def check_dora_inputs(x, weight, magnitude, weight_norm) -> None:
+    """DoRA's magnitude m (N,) and, when given, the cached norm n (N,) on x's device: float32, float64 for
+    float64 x (fused_lora.dora_weight_norm's result)."""
+    N = weight.shape[0]
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"magnitude must be a torch.Tensor of shape ({N},), got {type(magnitude).__name__}")
+    if tuple(magnitude.shape) != (N,):
+        raise ValueError(f"magnitude must have shape ({N},) to match weight's out_features, "
+                         f"got {tuple(magnitude.shape)}")
+    if not magnitude.is_floating_point():
+        raise TypeError(f"magnitude must be a floating-point tensor, got dtype {magnitude.dtype}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude is on device {magnitude.device} but x is on {x.device}")
+    if weight_norm is not None:
+        if not isinstance(weight_norm, torch.Tensor) or tuple(weight_norm.shape) != (N,) \
+                or weight_norm.dtype != (torch.float64 if x.dtype == torch.float64 else torch.float32) \
+                or weight_norm.device != x.device:
+            got = (f"dtype {weight_norm.dtype}, shape {tuple(weight_norm.shape)} on {weight_norm.device}"
+                   if isinstance(weight_norm, torch.Tensor) else type(weight_norm).__name__)
+            expected = "float64" if x.dtype == torch.float64 else "float32"
+            raise ValueError(f"weight_norm must be a {expected} tensor of shape ({N},) on {x.device} "
+                             f"(fused_lora.dora_weight_norm's result), got {got}")

@@ -110,3 +110,42 @@ def lora_embedding_bwd_da(ids, ds, num_embeddings, *, padding_idx=-1, scale_grad
     their count with scale_grad_by_freq), the padding_idx column 0; torch's embedding backward."""
     ds, = _operands(upcast, ds)
     return torch.ops.aten.embedding_dense_backward(ds, ids, num_embeddings, padding_idx, scale_grad_by_freq).t()
+
+
+# ---- DoRA (weight-decomposed LoRA) --------------------------------------------------------------
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling, *, upcast=False):
+    """n = ||W + scaling B A||_2 per output row, (N,), as PEFT's DoraLinearLayer.get_weight_norm: it forms the
+    N x K matrix (a reference; the kernels never do)."""
+    weight, lora_A, lora_B = _operands(upcast, weight, lora_A, lora_B)
+    return torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1)
+
+
+def dora_scale(magnitude, weight_norm):
+    """m / n per output row, and 0 where n == 0: such a row has W_i + s (B A)_i = 0, so its pre-scale output
+    is 0 and the row's output is the bias whatever the scale; PEFT's m / 0 gives inf or NaN there."""
+    positive = weight_norm > 0
+    return torch.where(positive, magnitude / torch.where(positive, weight_norm, 1.0), 0.0)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, *, dropout_p=0.0, training=False, seed=None,
+                upcast=False):
+    """PEFT's DoRA layer (DoraLinearLayer.forward on top of the base layer):
+
+        y = x W^T + b + (g - 1) * (x' W^T) + g * scaling * (x' A^T) B^T,   g = m / n,  n = ||W + s B A|| detached,
+
+    x' = dropout(x) (x itself when dropout is off, and then y = g * (x W^T + s (x A^T) B^T) + b). Autograd
+    gives every gradient, with no gradient through n, as PEFT. g = 0 where n = 0 (``dora_scale``).
+    upcast=True computes in float64 and returns float64.
+    """
+    check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, dtypes=ALL_DTYPES, max_rank=None)
+    x, weight, bias, lora_A, lora_B, magnitude = _operands(upcast, x, weight, bias, lora_A, lora_B, magnitude)
+    n = dora_weight_norm(weight, lora_A, lora_B, scaling).detach()
+    g = dora_scale(magnitude.to(n.dtype) if upcast else magnitude, n).to(x.dtype)
+    if training and dropout_p > 0.0:
+        seed = draw_seed(x.device) if seed is None else seed
+        x_lora = apply_dropout(x, dropout_p, seed)
+        base = F.linear(x_lora, weight)
+        return F.linear(x, weight, bias) + (g - 1) * base + g * (scaling * F.linear(F.linear(x_lora, lora_A), lora_B))
+    z = F.linear(x, weight) + scaling * F.linear(F.linear(x, lora_A), lora_B)
+    return g * z + bias if bias is not None else g * z
