@@ -11,6 +11,7 @@ fused layer (kernels stubbed out) against eager torch.
     fused-lora-bench --model-only --shapes 4096x4096 --tokens 8192 --ranks 16 --dtypes bf16   # no kernel timings
     fused-lora-bench --model-only --gpu h200   # the modeled table on the H200 SXM preset (4.8 TB/s)
     fused-lora-bench --host-only          # host time per tiny layer, kernels stubbed, against eager torch
+    fused-lora-bench --family dora --model-only   # DoRA: fused_dora, peft_dora, fused_lora; modeled H100 + H200
 """
 from __future__ import annotations
 
@@ -128,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     preset.add_argument("--full", action="store_true", help="the whole sweep (shapes x tokens x ranks x "
                         "dropout x bf16/fp16)")
     preset.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests, CI)")
-    p.add_argument("--family", default="linear", choices=("linear", "embedding"),
+    p.add_argument("--family", default="linear", choices=("linear", "embedding", "dora"),
                    help="linear: the LoRA linear layer (the default); embedding: LoRA on an embedding table "
-                        "(vocab 128256, d 4096; fused, peft and nn.Embedding)")
+                        "(vocab 128256, d 4096; fused, peft and nn.Embedding); dora: DoRA linear layers "
+                        "(fused_dora, peft_dora, fused_lora; --providers from those)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
     p.add_argument("--shapes", help="IN x OUT features, comma-separated: 4096x4096,8192x28672 ('4096->4096' works "
                    "too, quoted: unquoted, the shell reads > as a redirection)")
@@ -262,6 +264,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         filters = parse_filters(args)
+        if args.family == "dora":
+            from . import dora
+            try:
+                dora_providers = dora.parse_providers(args.providers)
+            except ValueError as e:
+                raise FilterError(str(e)) from None
+            return dora.main(args, argv, filters, dora_providers)
         providers, notes = usable_providers(parse_providers(args.providers) if args.providers else PROVIDERS)
         device = resolve_device(args.device)
     except FilterError as e:

@@ -149,3 +149,48 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, *, dropout_
         return F.linear(x, weight, bias) + (g - 1) * base + g * (scaling * F.linear(F.linear(x_lora, lora_A), lora_B))
     z = F.linear(x, weight) + scaling * F.linear(F.linear(x, lora_A), lora_B)
     return g * z + bias if bias is not None else g * z
+
+
+def dora_fwd(x, weight, bias, lora_A, lora_B, scaling, magnitude, norm, *, dropout_p=0.0, seed=0, upcast=False,
+             s=None):
+    """(y, S, Z) of the DoRA forward launcher, g = dora_scale(m, n): without dropout y = g (x W^T + scaling S B^T)
+    + b with S = x A^T, Z None; with dropout (x' = dropout(x), S = x' A^T) Z = x' W^T + scaling S B^T and
+    y = x W^T + b + g Z - x' W^T. ``s``: an S to expand instead of computing it."""
+    x, weight, bias, lora_A, lora_B, magnitude, norm, s = _operands(upcast, x, weight, bias, lora_A, lora_B,
+                                                                    magnitude, norm, s)
+    x_lora = _dropout_if(x, dropout_p, seed)
+    s = F.linear(x_lora, lora_A) if s is None else s
+    g = dora_scale(magnitude.to(norm.dtype), norm).to(x.dtype)
+    if dropout_p > 0.0:
+        base_lora = F.linear(x_lora, weight)
+        z = base_lora + scaling * F.linear(s, lora_B)
+        return F.linear(x, weight, bias) + g * z - base_lora, s, z
+    z = F.linear(x, weight) + scaling * F.linear(s, lora_B)
+    return (g * z + bias if bias is not None else g * z), s, None
+
+
+def dora_bwd(dy, x, weight, bias, lora_A, lora_B, scaling, magnitude, norm, s, saved, *, dropout_p=0.0, seed=0,
+             upcast=False, ds=None):
+    """(dX, dA, dB, dm) of the DoRA backward launchers, from the forward's S and ``saved`` (y without dropout,
+    Z with): dZ = g dY, dS = scaling dZ B, dB = scaling dZ^T S, dA = dS^T x'. Without dropout dX = dZ W + dS A
+    and dm = sum_i dY (y - b) / m (= sum_i dY z / n), z recomputed where m = 0; with dropout
+    dX = dY W + dropout'((g - 1) dY W + dS A) and dm = sum_i dY Z / n. dm = 0 where n = 0. ``ds``: a dS to use
+    for dX and dA instead of computing it (checks those launches alone on the dS pass's own dS)."""
+    dy, x, weight, bias, lora_A, lora_B, magnitude, norm, s, saved, ds = _operands(
+        upcast, dy, x, weight, bias, lora_A, lora_B, magnitude, norm, s, saved, ds)
+    g = dora_scale(magnitude.to(norm.dtype), norm).to(dy.dtype)
+    dz = dy * g
+    ds = scaling * dz @ lora_B if ds is None else ds
+    m = magnitude.to(norm.dtype)
+    n_safe = torch.where(norm > 0, norm, 1.0)
+    if dropout_p > 0.0:
+        dx = dy @ weight + _dropout_if((dy * (g - 1)) @ weight + ds @ lora_A, dropout_p, seed)
+        dm = (dy.to(norm.dtype) * saved.to(norm.dtype)).sum(0) / n_safe
+    else:
+        dx = dz @ weight + ds @ lora_A
+        u = (saved - bias if bias is not None else saved).to(norm.dtype)
+        z_lost = (F.linear(x, weight) + scaling * F.linear(s, lora_B)).to(norm.dtype)
+        dm = torch.where(m != 0, (dy.to(norm.dtype) * u).sum(0) / torch.where(m != 0, m, 1.0),
+                         (dy.to(norm.dtype) * z_lost).sum(0) / n_safe)
+    dm = torch.where(norm > 0, dm, 0.0)
+    return dx, ds.t() @ _dropout_if(x, dropout_p, seed), scaling * dz.t() @ s, dm

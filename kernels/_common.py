@@ -83,3 +83,12 @@ def _grouped_tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
     pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
     return pid_m, pid_n
+
+
+@triton.jit
+def _dora_scale(mag_ptr, norm_ptr, offs_n, stride_mag_n, N):
+    """(len(offs_n),) fp32 DoRA column scale g = m / n, 0 where n == 0 (such a row of W + s B A is 0, so its
+    pre-scale output is 0 whatever the scale) and outside N."""
+    m = tl.load(mag_ptr + offs_n * stride_mag_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    n = tl.load(norm_ptr + offs_n, mask=offs_n < N, other=0.0)
+    return tl.where(n > 0, m / tl.where(n > 0, n, 1.0), 0.0)

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._common import _dropped, _grouped_tile_ids, _load_tile, _rank_chunked_dot, _span
+from ._common import _dora_scale, _dropped, _grouped_tile_ids, _load_tile, _rank_chunked_dot, _span
 
 
 @triton.jit
@@ -13,15 +13,25 @@ def _lora_bwd_dy_kernel(
     ds_ptr,  # (M, r) output: s * dY B, x's dtype
     db_ptr,  # (N, r) fp32 when USE_ATOMICS; else (cdiv(M, BLOCK_M), N, r) fp32 partials, or (N, r) in
              # dY's dtype (B's, under lora_linear) when there is one row block (no reduction left: the launcher skips sum and cast)
+    mag_ptr,  # (N,) DoRA magnitude m; this and the next four are read or written only when DORA
+    norm_ptr,  # (N,) fp32 DoRA norm n
+    y_ptr,  # (M, N) the forward's output, saved: y - b = g z
+    bias_ptr,  # (N,); read only when DORA and HAS_BIAS
+    dm_parts_ptr,  # (cdiv(M, BLOCK_M), N) fp32 output: per row block, sum_i dY_ij (y_ij - b_j)
     M, N, r,
     stride_dym, stride_dyn,
     stride_bn, stride_br,
     stride_sm, stride_sr,
     stride_dsm, stride_dsr,
+    stride_ym, stride_yn,
+    stride_bias_n,
+    stride_mag_n,
     scaling,
     R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_ATOMICS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_ATOMICS: tl.constexpr,
+    DORA: tl.constexpr,  # dS and dB from dZ = g * dY (g = m / n per column), and the magnitude's partials
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # One program owns BLOCK_M rows of dY and walks all of N, so each dY element is read once,
     # dS needs no cross-program reduction, and dB gets one partial per row block.
@@ -36,9 +46,19 @@ def _lora_bwd_dy_kernel(
     dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn  # (BLOCK_M, BLOCK_N)
     b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br  # (BLOCK_N, R)
     db_ptrs = db_ptr + pid_m * N * r * (1 - USE_ATOMICS) + offs_n[:, None] * r + offs_r[None, :]  # (BLOCK_N, R)
+    if DORA:
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn  # (BLOCK_M, BLOCK_N)
     for n0 in range(0, N, BLOCK_N):
         mask_n = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=(offs_m[:, None] < M) & mask_n[None, :], other=0.0)
+        if DORA:
+            cols = n0 + offs_n
+            y = tl.load(y_ptrs, mask=(offs_m[:, None] < M) & mask_n[None, :], other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y -= tl.load(bias_ptr + cols * stride_bias_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(dm_parts_ptr + pid_m * N + cols, tl.sum(dy.to(tl.float32) * y, axis=0), mask=mask_n)
+            dy = (dy.to(tl.float32) * _dora_scale(mag_ptr, norm_ptr, cols, stride_mag_n, N)[None, :]).to(dy.dtype)
+            y_ptrs += tl.cast(stride_yn, tl.int64) * BLOCK_N
         b = tl.load(b_ptrs, mask=mask_n[:, None] & (offs_r[None, :] < r), other=0.0)
         ds_acc = tl.dot(dy, b, ds_acc, input_precision=INPUT_PRECISION)
         db = tl.dot(tl.trans(dy), s, input_precision=INPUT_PRECISION) * scaling  # (BLOCK_N, R)
@@ -62,26 +82,38 @@ def _lora_bwd_dx_kernel(
     a_ptr,  # (r, K)
     dx_ptr,  # (M, K) output
     seed_ptr,  # () int64 dropout seed; loaded only when APPLY_DROPOUT
+    mag_ptr,  # (N,) DoRA magnitude m; read only when DORA
+    norm_ptr,  # (N,) fp32 DoRA norm n; read only when DORA
     M, N, K, r,
     stride_dym, stride_dyn,
     stride_wn, stride_wk,
     stride_dsm, stride_dsr,
     stride_ar, stride_ak,
     stride_dxm, stride_dxk,
+    stride_mag_n,
     drop_threshold, keep_scale,
     R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    APPLY_DROPOUT: tl.constexpr,
+    # DoRA, g = m / n per column of dY: dX = (g dY) W + dS A; with APPLY_DROPOUT
+    # dX = dY W + dropout'((g - 1) dY W + dS A), both products from the same W tiles.
+    DORA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_k = _grouped_tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_k = _span(pid_k * BLOCK_K, BLOCK_K)
 
-    # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass.
+    DORA_DROPOUT: tl.constexpr = DORA and APPLY_DROPOUT
+    # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass. DoRA with dropout masks
+    # dS A + (g - 1) dY W, so that sum gets its own accumulator, masked after the loop.
     acc = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
                             stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION)
-    if APPLY_DROPOUT:
+    if DORA_DROPOUT:
+        acc_kept = acc
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    elif APPLY_DROPOUT:
         seed = tl.load(seed_ptr)
         acc = _dropped(acc, seed, offs_m, offs_k, drop_threshold) * keep_scale
 
@@ -96,9 +128,19 @@ def _lora_bwd_dx_kernel(
         mask_n = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=(offs_m[:, None] < M) & mask_n[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
+        if DORA_DROPOUT:
+            g = _dora_scale(mag_ptr, norm_ptr, n0 + offs_n, stride_mag_n, N)
+            dy_kept = (dy.to(tl.float32) * (g - 1.0)[None, :]).to(dy.dtype)
+            acc_kept = tl.dot(dy_kept, w, acc_kept, input_precision=INPUT_PRECISION)
+        elif DORA:
+            g = _dora_scale(mag_ptr, norm_ptr, n0 + offs_n, stride_mag_n, N)
+            dy = (dy.to(tl.float32) * g[None, :]).to(dy.dtype)
         acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
         dy_ptrs += dy_step
         w_ptrs += w_step
+    if DORA_DROPOUT:
+        seed = tl.load(seed_ptr)
+        acc += _dropped(acc_kept, seed, offs_m, offs_k, drop_threshold) * keep_scale
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 

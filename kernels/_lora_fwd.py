@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ._common import _grouped_tile_ids, _load_tile, _rank_chunked_dot, _shrink_step, _span
+from ._common import _dora_scale, _dropped, _grouped_tile_ids, _load_tile, _rank_chunked_dot, _shrink_step, _span
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])
@@ -46,6 +46,9 @@ def _lora_fwd_kernel(
     b_ptr,  # (N, r)
     y_ptr,  # (M, N) output
     seed_ptr,  # () int64 dropout seed; loaded only when FUSE_SHRINK and APPLY_DROPOUT
+    mag_ptr,  # (N,) DoRA magnitude m, any float dtype; read only when DORA
+    norm_ptr,  # (N,) fp32 DoRA norm n = ||W + s B A|| per row; read only when DORA
+    z_ptr,  # (M, N) output when DORA and APPLY_DROPOUT: z' = x' W^T + s S' B^T, saved for the magnitude's grad
     M, N, K, r,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
@@ -54,11 +57,16 @@ def _lora_fwd_kernel(
     stride_ar, stride_ak,
     stride_bn, stride_br,
     stride_ym, stride_yn,
+    stride_mag_n,
+    stride_zm, stride_zn,
     scaling, drop_threshold, keep_scale,
     R: tl.constexpr,  # r padded to a power of two >= 16
     R_CHUNK: tl.constexpr,  # rank slice per S B^T dot; bounds its shared memory
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
+    # DoRA, g = m / n per column: y = g * (x W^T + s S B^T) + b; with APPLY_DROPOUT (x' = dropout(x), S = x' A^T)
+    # y = x W^T + b + (g - 1) * x' W^T + g * s S B^T, both base products from the same W tiles.
+    DORA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -67,17 +75,28 @@ def _lora_fwd_kernel(
     offs_n = _span(pid_n * BLOCK_N, BLOCK_N)
     dtype = x_ptr.dtype.element_ty
 
+    DORA_DROPOUT: tl.constexpr = DORA and APPLY_DROPOUT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if DORA_DROPOUT:
+        acc_drop = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # (x * keep) W^T
+        seed = tl.load(seed_ptr)
     if FUSE_SHRINK:
         offs_r = _span(0, R)
         s_acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-        seed = tl.load(seed_ptr) if APPLY_DROPOUT else 0
+        if not DORA_DROPOUT:
+            seed = tl.load(seed_ptr) if APPLY_DROPOUT else 0
     for k0 in range(0, K, BLOCK_K):
         offs_k = _span(k0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         w = _load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N)  # (BLOCK_K, BLOCK_N)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        if FUSE_SHRINK:
+        if DORA_DROPOUT:
+            x_kept = _dropped(x, seed, offs_m, offs_k, drop_threshold)  # one mask for both products
+            acc_drop = tl.dot(x_kept, w, acc_drop, input_precision=INPUT_PRECISION)
+            if FUSE_SHRINK:
+                s_acc = _shrink_step(s_acc, x_kept, a_ptr, offs_m, offs_k, offs_r, stride_ar, stride_ak, K, r, 0,
+                                     drop_threshold, False, INPUT_PRECISION)
+        elif FUSE_SHRINK:
             s_acc = _shrink_step(s_acc, x, a_ptr, offs_m, offs_k, offs_r, stride_ar, stride_ak, K, r, seed,
                                  drop_threshold, APPLY_DROPOUT, INPUT_PRECISION)
 
@@ -95,7 +114,20 @@ def _lora_fwd_kernel(
     else:
         lora = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, offs_m, offs_n,
                                  stride_sm, stride_sr, stride_br, stride_bn, M, N, r, R, R_CHUNK, INPUT_PRECISION)
-    acc += lora * scaling
+    lora = lora * scaling
+    if DORA_DROPOUT:
+        base_drop = acc_drop * keep_scale
+        z = base_drop + lora
+        tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, z.to(dtype),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        # (g - 1) x' W^T + g s S B^T, as PEFT orders it: g z - x' W^T would cancel where g is near 1 (m is
+        # initialised to n) and doubled the fp32 error of y in a tiny Llama's gate_proj.
+        g = _dora_scale(mag_ptr, norm_ptr, offs_n, stride_mag_n, N)[None, :]
+        acc += (g - 1.0) * base_drop + g * lora
+    elif DORA:
+        acc = (acc + lora) * _dora_scale(mag_ptr, norm_ptr, offs_n, stride_mag_n, N)[None, :]
+    else:
+        acc += lora
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]

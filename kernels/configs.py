@@ -53,8 +53,20 @@ def _is_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def fwd_config(M: int, R: int, dtype: torch.dtype) -> tuple[TileConfig, bool]:
-    """(config, fuse_shrink) for _lora_fwd_kernel."""
+def fwd_config(M: int, R: int, dtype: torch.dtype, dora: bool = False, dropout: bool = False
+               ) -> tuple[TileConfig, bool]:
+    """(config, fuse_shrink) for _lora_fwd_kernel; ``dora`` with ``dropout``: the loop keeps x W^T and x' W^T in
+    two accumulators."""
+    if dora and _is_fp32(dtype):
+        # FMA: with DoRA's epilogue the 64-wide tiles below spilled 8-136 B on sm_90 (16 B fused at R = 16;
+        # 136 B with two accumulators on 4 warps); 32 columns do not, on 8 warps with two accumulators (4
+        # spilled 8 B at R = 64; kernel_report).
+        few = M <= FEW_TOKENS
+        return TileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32 if few else 16, GROUP_M=0 if few else 8,
+                          num_warps=8 if few or dropout else 4, num_stages=3), few and R <= FUSE_SHRINK_MAX_RANK
+    if dora and dropout and M > FEW_TOKENS:
+        # Two 128 x 128 fp32 accumulators are 128 registers per thread on 8 warps; 128 x 64 halves them.
+        return TileConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False
     if M <= FEW_TOKENS:
         # Few tokens: time is the read of W, so the grid must cover the SMs: BLOCK_N = 32 gives N / 32
         # programs (128 for N = 4096; 64 tiles left 52% of an H100's 132 SMs idle, modeled 25.0 -> 14.5 us
@@ -81,8 +93,20 @@ def shrink_config(R: int, dtype: torch.dtype) -> TileConfig:
                       num_warps=4 if R <= 64 else 8, num_stages=3)
 
 
-def bwd_dy_config(R: int, dtype: torch.dtype) -> TileConfig:
+def bwd_dy_config(R: int, dtype: torch.dtype, dora: bool = False) -> TileConfig:
+    """``dora``: the pass also reads the saved output (or Z) tile and writes the magnitude's partials."""
     # Two (BLOCK_M, R) fp32 accumulators live at once (dS and the dB partial): 8 warps above R = 64.
+    if dora and _is_fp32(dtype):
+        # FMA with DoRA's y tile: the 32 x 32 tiles below spilled 336-424 B at R = 256; 32 x 16 spilled 8 B at
+        # R = 32 and 16 x 32 8 B at R = 64 (sm_90); these do not (kernel_report).
+        return TileConfig(BLOCK_M=32 if R == 64 else 16, BLOCK_N=16 if R == 64 else 32, num_warps=8, num_stages=1)
+    if dora and R >= 128:
+        # 3 stages spilled 8 B on sm_80 at R = 256 with DoRA's y tile (kernel_report).
+        return TileConfig(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    if dora and R == 64:
+        # 4 warps spilled 24 B on sm_90 at R = 64 (r % 16 != 0) with DoRA's y tile; 8 do not, but 8 spilled 8 B
+        # at R = 16 on sm_80 (r % 16 != 0), where 4 do not (kernel_report).
+        return TileConfig(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)
     if _is_fp32(dtype):
         # FMA: the dB dot's K is BLOCK_M; 64 x 32 spilled from R = 64 on, 32 x 32 on 8 warps does not.
         # 1 stage: with int64 pointer offsets 3 stages spilled 8-16 B at R = 32-64 (r % 16 != 0), and 2
@@ -96,7 +120,14 @@ def bwd_dy_config(R: int, dtype: torch.dtype) -> TileConfig:
     return TileConfig(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3)
 
 
-def bwd_dx_config(M: int, dtype: torch.dtype) -> TileConfig:
+def bwd_dx_config(M: int, dtype: torch.dtype, two_products: bool = False) -> TileConfig:
+    """``two_products``: DoRA with dropout, whose loop keeps dY W and (g - 1) dY W in two accumulators."""
+    if two_products and M > FEW_TOKENS:
+        if _is_fp32(dtype):
+            # FMA: 128 x 32 x 32 spilled 160-176 B on sm_90 with two accumulators (kernel_report).
+            return TileConfig(BLOCK_M=64, BLOCK_K=32, BLOCK_N=32, GROUP_M=8, num_warps=8, num_stages=3)
+        # Two 128 x 128 fp32 accumulators are 128 registers per thread on 8 warps; 128 x 64 halves them.
+        return TileConfig(BLOCK_M=128, BLOCK_K=64, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=3)
     if _is_fp32(dtype):
         # fp32 without tf32 runs on FMA: 64 x 64 x 64 (4 warps) and 128 x 128 x 32 spilled; these do not.
         if M <= FEW_TOKENS:
@@ -126,3 +157,25 @@ def da_split(M: int, K: int, block_m: int, block_k: int, num_sms: int) -> tuple[
     splits = max(1, min(m_blocks, (2 * num_sms) // k_blocks))
     per_split = -(-m_blocks // splits)
     return -(-m_blocks // per_split), per_split
+
+
+def dora_norm_config(N: int, R: int, dtype: torch.dtype) -> TileConfig:
+    """_dora_weight_norm_kernel: BLOCK_N rows of W per program (the dot's N side), BLOCK_K its K tile (the
+    dot's M side, 64 for wgmma). It reads all of W, so the grid must cover the SMs: 32-row tiles give 128
+    programs at N = 4096; below 4096 rows, 16 (64 programs of 64 rows at N = 4096 left the modeled H100 under
+    one wave: 24.8 us for a 32 MiB read)."""
+    block_n = 32 if N >= 4096 else 16
+    if _is_fp32(dtype):
+        # FMA holds both operands' R-long slices in registers: 32 x 64 tiles spilled from R = 64 on (320-7576 B),
+        # 16 x 16 104-120 B at R = 256 with the whole rank in one dot; rank_chunk slices do not (kernel_report).
+        # 8 warps spilled 8 B on sm_80 from R = 128 on; 4 do not.
+        return TileConfig(BLOCK_M=0, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=3)
+    return TileConfig(BLOCK_M=0, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def dora_magnitude_config(dtype: torch.dtype) -> TileConfig:
+    """_dora_magnitude_grad_kernel: BLOCK_N columns per program; BLOCK_M x BLOCK_K tiles only in the
+    recompute for m == 0 columns."""
+    if _is_fp32(dtype):
+        return TileConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1)
+    return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=1)

@@ -21,10 +21,11 @@ import torch
 
 from ._interpreter import install_bf16_fixes, interpreting
 from ._lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
+from ._dora import _dora_magnitude_grad_kernel, _dora_weight_norm_kernel
 from ._lora_fwd import _lora_fwd_kernel, _lora_shrink_kernel
 from .dropout_args import drop_threshold, keep_scale, seed_on
-from .plans import (SUM_PARTS, ZERO_, ZEROS, Launch, find_launch, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy,
-                    plan_lora_fwd, plan_lora_shrink)
+from .plans import (SUM_PARTS, ZERO_, ZEROS, Launch, find_launch, plan_dora_magnitude_grad, plan_dora_weight_norm,
+                    plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_fwd, plan_lora_shrink)
 
 # Programs per SM the interpreter pretends to have: small, so tests still see several dA splits.
 _INTERPRETER_SMS = 2
@@ -120,19 +121,31 @@ def _shrink_ready(M, K, r, dtype, dropout, precision):
 
 
 @functools.lru_cache(maxsize=4096)
-def _fwd_ready(M, N, K, r, dtype, dropout, bias, fuse_shrink, precision):
-    plan = plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias, fuse_shrink=fuse_shrink)
+def _fwd_ready(M, N, K, r, dtype, dropout, bias, fuse_shrink, precision, dora=False):
+    plan = plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias, fuse_shrink=fuse_shrink, dora=dora)
     return _ready(plan, "_lora_fwd_kernel", precision)
 
 
 @functools.lru_cache(maxsize=4096)
-def _dy_ready(M, N, r, dtype, deterministic, precision):
-    return _ready(plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic), "_lora_bwd_dy_kernel", precision)
+def _dy_ready(M, N, r, dtype, deterministic, precision, dora=False, bias=False, dropout=False):
+    return _ready(plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, dora=dora, bias=bias, dropout=dropout),
+                  "_lora_bwd_dy_kernel", precision)
 
 
 @functools.lru_cache(maxsize=4096)
-def _dx_ready(M, N, K, r, dtype, dropout, precision):
-    return _ready(plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout), "_lora_bwd_dx_kernel", precision)
+def _dx_ready(M, N, K, r, dtype, dropout, precision, dora=False):
+    return _ready(plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=dora), "_lora_bwd_dx_kernel", precision)
+
+
+@functools.lru_cache(maxsize=4096)
+def _norm_ready(N, K, r, dtype, precision):
+    return _ready(plan_dora_weight_norm(N, K, r, dtype), "_dora_weight_norm_kernel", precision)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dm_ready(M, N, r, dtype, precision, dropout):
+    return _ready(plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout), "_dora_magnitude_grad_kernel",
+                  precision)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -183,12 +196,27 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: floa
 
     fuse_shrink=None lets the config choose (few tokens and a small rank fuse the shrink).
     """
+    y, s, _ = _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, None, None)
+    return y, s
+
+
+def dora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, magnitude, norm, *, dropout_p: float = 0.0, seed=0,
+             fuse_shrink: bool | None = None):
+    """(y, S, Z) of DoRA with g = m / n (``magnitude`` (N,), ``norm`` (N,) fp32): y = g (x W^T + s S B^T) + b and
+    Z empty; with dropout (x' = dropout(x), S = x' A^T) y = x W^T + b + (g - 1) x' W^T + g s S B^T and
+    Z = x' W^T + s S B^T (M, N), both base products in one GEMM loop."""
+    return _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, magnitude, norm)
+
+
+def _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, magnitude, norm):
     M, K = x.shape
     N = weight.shape[0]
     r = lora_A.shape[0]
+    dora = magnitude is not None
     ready = _fwd_ready(M, N, K, r, x.dtype, dropout_p > 0.0, bias is not None, fuse_shrink,
-                       _input_precision(x.dtype))
+                       _input_precision(x.dtype), dora)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    z = torch.empty((M, N) if dora and dropout_p > 0.0 else (0,), device=x.device, dtype=x.dtype)
     with launch_guard(x.device):
         seed = _seed_arg(seed, dropout_p, x.device)
         if ready.launch is None or not ready.launch.constexprs["FUSE_SHRINK"]:
@@ -196,12 +224,18 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: floa
         else:
             s = torch.empty((M, r), device=x.device, dtype=x.dtype)
         if ready.launch is None:  # M == 0 or N == 0: the plan is the shrink's
-            return y, s
+            return y, s, z
         _lora_fwd_kernel[ready.launch.grid](
-            x, weight, y if bias is None else bias, s, lora_A, lora_B, y, seed, M, N, K, r,
-            *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *s.stride(), *lora_A.stride(),
-            *lora_B.stride(), *y.stride(), float(scaling), *_dropout_scalars(dropout_p), **ready.kwargs)
-    return y, s
+            x, weight, y if bias is None else bias, s, lora_A, lora_B, y, seed, *_dora_ptrs(magnitude, norm, y), z,
+            M, N, K, r, *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *s.stride(),
+            *lora_A.stride(), *lora_B.stride(), *y.stride(), magnitude.stride(0) if dora else 0,
+            *(z.stride() if z.dim() == 2 else (0, 0)), float(scaling), *_dropout_scalars(dropout_p), **ready.kwargs)
+    return y, s, z
+
+
+def _dora_ptrs(magnitude, norm, placeholder):
+    """(mag_ptr, norm_ptr) of a launch: DoRA's m and n, or a tensor the kernel does not read."""
+    return (magnitude, norm) if magnitude is not None else (placeholder, placeholder)
 
 
 def lora_bwd_dy(dy, lora_B, s, scaling: float, *, deterministic: bool | None = None):
@@ -256,29 +290,41 @@ def _da_ready_for(x, r, dropout_p, deterministic, precision):
                      precision)
 
 
-def _bwd_dy(ready, dy, lora_B, s, scaling):
+def _bwd_dy(ready, dy, lora_B, s, scaling, dora=None):
+    """(dS, dB), and DoRA's dm partials (or None) when ``dora`` = (magnitude, norm, y, bias)."""
     M, N = dy.shape
     r = lora_B.shape[1]
     buffers = _run_torch_ops(ready.before, {"dS": torch.empty((M, r), device=dy.device, dtype=s.dtype)},
                              dy.device)
+    dm_parts = None
     if ready.launch is not None:
+        ds = buffers["dS"]
+        if dora is not None:
+            magnitude, norm, y, bias = dora
+            dm_parts = torch.empty(ready.launch.writes[1].shape, device=dy.device, dtype=torch.float32)
+            dora_args = (magnitude, norm, y, y if bias is None else bias, dm_parts)
+            dora_strides = (*y.stride(), 0 if bias is None else bias.stride(0), magnitude.stride(0))
+        else:
+            dora_args, dora_strides = (ds,) * 5, (0, 0, 0, 0)
         _lora_bwd_dy_kernel[ready.launch.grid](
-            dy, lora_B, s, buffers["dS"], _written(ready, buffers, dy.device), M, N, r, *dy.stride(),
-            *lora_B.stride(), *s.stride(), *buffers["dS"].stride(), float(scaling), **ready.kwargs)
+            dy, lora_B, s, ds, _written(ready, buffers, dy.device), *dora_args, M, N, r, *dy.stride(),
+            *lora_B.stride(), *s.stride(), *ds.stride(), *dora_strides, float(scaling), **ready.kwargs)
         _run_torch_ops(ready.after, buffers, dy.device)
+    if dora is not None:
+        return buffers["dS"], _result(buffers, "dB", (N, r), dy.device), dm_parts
     return buffers["dS"], _result(buffers, "dB", (N, r), dy.device)
 
 
-def _bwd_dx(ready, dy, weight, ds, lora_A, dropout_p, seed):
+def _bwd_dx(ready, dy, weight, ds, lora_A, dropout_p, seed, magnitude=None, norm=None):
     M, N = dy.shape
     r, K = lora_A.shape
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if ready.launch is None:  # M == 0 or K == 0: dX has no element
         return dx
     _lora_bwd_dx_kernel[ready.launch.grid](
-        dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), M, N, K, r,
-        *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
-        *_dropout_scalars(dropout_p), **ready.kwargs)
+        dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), *_dora_ptrs(magnitude, norm, dx),
+        M, N, K, r, *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
+        magnitude.stride(0) if magnitude is not None else 0, *_dropout_scalars(dropout_p), **ready.kwargs)
     return dx
 
 
@@ -292,3 +338,57 @@ def _bwd_da(ready, ds, x, dropout_p, seed):
             *ds.stride(), *x.stride(), *_dropout_scalars(dropout_p), **ready.kwargs)
         _run_torch_ops(ready.after, buffers, x.device)
     return _result(buffers, "dA", (r, K), x.device)
+
+
+# ---- DoRA: the LoRA kernels with DORA on, and the two DoRA kernels ------------------
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """n = ||W + s B A|| per row, (N,) fp32, without an N x K tensor."""
+    N, K = weight.shape
+    r = lora_A.shape[0]
+    ready = _norm_ready(N, K, r, weight.dtype, _input_precision(weight.dtype))
+    buffers = _run_torch_ops(ready.before, {"norm": torch.empty(N, device=weight.device, dtype=torch.float32)},
+                             weight.device)
+    if ready.launch is not None:
+        with launch_guard(weight.device):
+            _dora_weight_norm_kernel[ready.launch.grid](
+                weight, lora_A, lora_B, buffers["norm"], N, K, r, *weight.stride(), *lora_A.stride(),
+                *lora_B.stride(), float(scaling), **ready.kwargs)
+    return buffers["norm"]
+
+
+def dora_bwd(dy, x, weight, bias, lora_A, lora_B, magnitude, norm, s, saved, scaling: float, *, dropout_p=0.0,
+             seed=0, need_dx=True, need_dA=True, need_dm=True):
+    """(dX or None, dA or None, dB, dm or None) of dora_fwd's y, from its S and ``saved``: y without dropout, Z
+    with. The dS / dB pass on dZ = g dY (with the magnitude's partials from y - b, or from Z), dX, dA, and dm's
+    reduction."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    precision = _input_precision(dy.dtype)
+    M, N = dy.shape
+    r, K = lora_A.shape
+    dropout = dropout_p > 0.0
+    bias = None if dropout else bias  # Z = z' needs no bias removed
+    with launch_guard(dy.device):
+        seed = _seed_arg(seed, dropout_p, dy.device)
+        dy_ready = _dy_ready(M, N, r, dy.dtype, deterministic, precision, True, bias is not None, dropout)
+        ds, db, dm_parts = _bwd_dy(dy_ready, dy, lora_B, s, scaling, dora=(magnitude, norm, saved, bias))
+        dx = _bwd_dx(_dx_ready(M, N, K, r, dy.dtype, dropout, precision, True), dy, weight, ds, lora_A, dropout_p,
+                     seed, magnitude, norm) if need_dx else None
+        da = _bwd_da(_da_ready_for(x, r, dropout_p, deterministic, precision), ds, x, dropout_p,
+                     seed) if need_dA else None
+        dm = _dora_dm(_dm_ready(M, N, r, dy.dtype, precision, dropout), dm_parts, magnitude, norm, dy, x, weight, s,
+                      lora_B, scaling) if need_dm else None
+    return dx, da, db, dm
+
+
+def _dora_dm(ready, dm_parts, magnitude, norm, dy, x, weight, s, lora_B, scaling):
+    M, N = dy.shape
+    K, r = x.shape[1], s.shape[1]
+    buffers = _run_torch_ops(ready.before, {"dm": torch.empty(N, device=dy.device, dtype=magnitude.dtype)},
+                             dy.device)
+    if ready.launch is not None:
+        _dora_magnitude_grad_kernel[ready.launch.grid](
+            dm_parts, magnitude, norm, buffers["dm"], dy, x, weight, s, lora_B, M, N, K, r,
+            magnitude.stride(0), *dy.stride(), *x.stride(), *weight.stride(), *s.stride(), *lora_B.stride(),
+            float(scaling), **ready.kwargs)
+    return buffers["dm"]

@@ -124,10 +124,12 @@ def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
 
 
 def plan_lora_fwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, bias: bool,
-                  fuse_shrink: bool | None = None) -> list[Launch]:
-    """The shrink launch (unless fused) and the forward GEMM launch."""
+                  fuse_shrink: bool | None = None, dora: bool = False) -> list[Launch]:
+    """The shrink launch (unless fused) and the forward GEMM launch; ``dora``: DoRA's column scale m / n in the
+    epilogue, and with dropout the second base product x' W^T in the same loop and Z = z' written."""
     R = configs.padded_rank(r)
-    cfg, fuse = configs.fwd_config(M, R, dtype)
+    two_products = dora and dropout
+    cfg, fuse = configs.fwd_config(M, R, dtype, dora, dropout)
     if fuse_shrink is not None:
         fuse = fuse_shrink
     if M == 0 or N == 0:
@@ -137,7 +139,7 @@ def plan_lora_fwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout
         return launches
     grid_m, grid_n = _cdiv(M, cfg.BLOCK_M), _cdiv(N, cfg.BLOCK_N)
     Mp, Np, Kp = grid_m * cfg.BLOCK_M, grid_n * cfg.BLOCK_N, _cdiv(K, cfg.BLOCK_K) * cfg.BLOCK_K
-    flops = 2 * Mp * Np * Kp + 2 * Mp * Np * R  # x W^T, then S B^T over the padded rank
+    flops = 2 * Mp * Np * Kp * (2 if two_products else 1) + 2 * Mp * Np * R  # x W^T (and x' W^T), S B^T
     if fuse:
         flops += 2 * Mp * Kp * R * grid_n  # every N tile column recomputes its S = x' A^T
     S = Operand("S", (M, r), dtype)
@@ -145,49 +147,70 @@ def plan_lora_fwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout
     reads += [Operand("bias", (N,), dtype)] if bias else []
     reads += [Operand("A", (r, K), dtype)] if fuse else [S]
     reads += [Operand("B", (N, r), dtype)]
-    writes = [Operand("Y", (M, N), dtype)] + ([S] if fuse else [])
+    reads += _dora_scale_operands(N, dtype) if dora else []
+    writes = [Operand("Y", (M, N), dtype)] + ([S] if fuse else []) + ([Operand("Z", (M, N), dtype)] if two_products
+                                                                      else [])
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), HAS_BIAS=bias, FUSE_SHRINK=fuse, APPLY_DROPOUT=dropout,
-                      **_block_constexprs(cfg))
+                      DORA=dora, **_block_constexprs(cfg))
     return launches + [Launch("_lora_fwd_kernel", (grid_m * grid_n,), cfg, constexprs,
                               reads=tuple(reads), writes=tuple(writes), flops=flops)]
 
 
-def plan_lora_bwd_dy(M: int, N: int, r: int, dtype: torch.dtype, *, deterministic: bool) -> list[Launch]:
+def _dora_scale_operands(N: int, dtype: torch.dtype) -> list[Operand]:
+    """What a launch reads for DoRA's column scale g = m / n (m modeled in the inputs' dtype)."""
+    return [Operand("magnitude", (N,), dtype), Operand("norm", (N,), torch.float32)]
+
+
+def plan_lora_bwd_dy(M: int, N: int, r: int, dtype: torch.dtype, *, deterministic: bool, dora: bool = False,
+                     bias: bool = False, dropout: bool = False) -> list[Launch]:
     """dS and dB from one pass over dY; dB via fp32 atomics, or per-row-block partials and a sum.
 
     When one row block covers M there is nothing to reduce: the kernel stores dB once, in dY's dtype,
     so no memset, sum or cast is launched (3 of the 7 backward launches at decode sizes).
+    ``dora``: from dZ = g dY, reading the saved output y (and b with ``bias``), or with ``dropout`` the saved
+    Z = z', for the magnitude's per-row-block partials (dm_parts, fp32), which plan_dora_magnitude_grad reduces.
     """
+    bias = bias and not dropout  # from Z there is no bias to subtract
     dS = Operand("dS", (M, r), dtype)
     dB = Operand("dB", (N, r), torch.float32)
     if M == 0 or N == 0:
         return _torch_op(ZERO_, writes=[dS]) + _torch_op(ZEROS, writes=[dB])
     R = configs.padded_rank(r)
-    cfg = configs.bwd_dy_config(R, dtype)
+    cfg = configs.bwd_dy_config(R, dtype, dora)
     m_blocks = _cdiv(M, cfg.BLOCK_M)
     flops = 4 * m_blocks * cfg.BLOCK_M * _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N * R  # dY B and dY^T S
     reads = (Operand("dY", (M, N), dtype), Operand("B", (N, r), dtype), Operand("S", (M, r), dtype))
+    dora_writes = ()
+    if dora:
+        reads += (Operand("Z" if dropout else "Y", (M, N), dtype), *_dora_scale_operands(N, dtype))
+        reads += (Operand("bias", (N,), dtype),) if bias else ()
+        dora_writes = (Operand("dm_parts", (m_blocks, N), torch.float32),)
     use_atomics = m_blocks > 1 and not deterministic
-    constexprs = dict(R=R, USE_ATOMICS=use_atomics, **cfg.constexprs())
+    constexprs = dict(R=R, USE_ATOMICS=use_atomics, DORA=dora, HAS_BIAS=dora and bias, **cfg.constexprs())
 
     def kernel(out: Operand) -> Launch:
-        return Launch("_lora_bwd_dy_kernel", (m_blocks,), cfg, constexprs, reads=reads, writes=(dS, out),
-                      flops=flops)
+        return Launch("_lora_bwd_dy_kernel", (m_blocks,), cfg, constexprs, reads=reads,
+                      writes=(dS, *dora_writes, out), flops=flops)
 
     return _reduced_over_m(kernel, dB, m_blocks, dtype, use_atomics)
 
 
-def plan_lora_bwd_dx(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool) -> list[Launch]:
+def plan_lora_bwd_dx(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool,
+                     dora: bool = False) -> list[Launch]:
+    """dX = dY W + dropout'(dS A) in one GEMM; ``dora``: (g dY) W + dS A, dY scaled per column in the loop, and
+    with dropout dY W + dropout'((g - 1) dY W + dS A), both products in the same loop."""
     if M == 0 or K == 0:
         return []
     R = configs.padded_rank(r)
-    cfg = configs.bwd_dx_config(M, dtype)
+    two_products = dora and dropout
+    cfg = configs.bwd_dx_config(M, dtype, two_products)
     grid_m, grid_k = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
     Mp, Kp, Np = grid_m * cfg.BLOCK_M, grid_k * cfg.BLOCK_K, _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N
-    flops = 2 * Mp * Kp * (R + Np)  # dS A seeds the accumulator, then dY W
+    flops = 2 * Mp * Kp * (R + Np * (2 if two_products else 1))  # dS A seeds the accumulator, then dY W
     reads = (Operand("dY", (M, N), dtype), Operand("W", (N, K), dtype), Operand("dS", (M, r), dtype),
-             Operand("A", (r, K), dtype))
-    constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, **_block_constexprs(cfg))
+             Operand("A", (r, K), dtype), *(_dora_scale_operands(N, dtype) if dora else ()))
+    constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora,
+                      **_block_constexprs(cfg))
     return [Launch("_lora_bwd_dx_kernel", (grid_m * grid_k,), cfg, constexprs, reads=reads,
                    writes=(Operand("dX", (M, K), dtype),), flops=flops)]
 
@@ -213,6 +236,41 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
                       args=dict(m_blocks_per_split=per_split), reads=reads, writes=(out,), flops=flops)
 
     return _reduced_over_m(kernel, dA, splits, dtype, use_atomics)
+
+
+def plan_dora_weight_norm(N: int, K: int, r: int, dtype: torch.dtype) -> list[Launch]:
+    """n = ||W + s B A|| per row (N,) fp32 from W + s B A formed tile by tile in registers."""
+    norm = Operand("norm", (N,), torch.float32)
+    if N == 0:
+        return []
+    if K == 0:
+        return _torch_op(ZERO_, writes=[norm])
+    R = configs.padded_rank(r)
+    cfg = configs.dora_norm_config(N, R, dtype)
+    grid_n = _cdiv(N, cfg.BLOCK_N)
+    flops = 2 * grid_n * cfg.BLOCK_N * R * _cdiv(K, cfg.BLOCK_K) * cfg.BLOCK_K  # B A, tile by tile
+    r_chunk = configs.rank_chunk(R) if dtype == torch.float32 else R
+    return [Launch("_dora_weight_norm_kernel", (grid_n,), cfg, dict(R=R, R_CHUNK=r_chunk, **cfg.constexprs()),
+                   reads=(Operand("W", (N, K), dtype), Operand("A", (r, K), dtype), Operand("B", (N, r), dtype)),
+                   writes=(norm,), flops=flops)]
+
+
+def plan_dora_magnitude_grad(M: int, N: int, r: int, dtype: torch.dtype, *, dropout: bool = False) -> list[Launch]:
+    """dm (N,) from the dS / dB pass's per-row-block partials (plan_lora_bwd_dy with dora), reduced in a
+    fixed order and divided by m (by n with ``dropout``, whose partials come from Z): deterministic. Modeled
+    without the m == 0 recompute (a branch no trained magnitude takes)."""
+    dm = Operand("dm", (N,), dtype)
+    if N == 0:
+        return []
+    parts = _cdiv(M, configs.bwd_dy_config(configs.padded_rank(r), dtype, dora=True).BLOCK_M)
+    if M == 0:
+        return _torch_op(ZERO_, writes=[dm])
+    cfg = configs.dora_magnitude_config(dtype)
+    constexprs = dict(R_CHUNK=16, BLOCK_P=16, FROM_Z=dropout, **cfg.constexprs())
+    return [Launch("_dora_magnitude_grad_kernel", (_cdiv(N, cfg.BLOCK_N),), cfg, constexprs,
+                   args=dict(parts=parts),
+                   reads=(Operand("dm_parts", (parts, N), torch.float32), *_dora_scale_operands(N, dtype)),
+                   writes=(dm,))]
 
 
 def find_launch(plan: list[Launch], kernel: str) -> Launch | None:

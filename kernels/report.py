@@ -82,6 +82,8 @@ KERNEL_MODULES = {
     "_lora_bwd_dy_kernel": "fused_lora.kernels._lora_bwd",
     "_lora_bwd_dx_kernel": "fused_lora.kernels._lora_bwd",
     "_lora_bwd_da_kernel": "fused_lora.kernels._lora_bwd",
+    "_dora_weight_norm_kernel": "fused_lora.kernels._dora",
+    "_dora_magnitude_grad_kernel": "fused_lora.kernels._dora",
     "_lora_embedding_fwd_kernel": "fused_lora.kernels.lora_embedding",
     "_lora_embedding_bwd_da_kernel": "fused_lora.kernels.lora_embedding",
 }
@@ -93,7 +95,7 @@ LAUNCHER_MODULES = {name: ("fused_lora.kernels.lora_embedding" if module.endswit
 # Register worst case of the flags the launchers choose at run time.
 WORST_CASE_FLAGS = {"HAS_BIAS": True, "APPLY_DROPOUT": True, "USE_ATOMICS": True, "SCALE_GRAD_BY_FREQ": True}
 # Pointer arguments that are fp32 whatever the input dtype (dB / dA accumulators and partials).
-FP32_POINTERS = frozenset({"db_ptr", "da_ptr"})
+FP32_POINTERS = frozenset({"db_ptr", "da_ptr", "norm_ptr", "dm_parts_ptr"})
 # The operand a dB / dA launch writes when it is the only part (plans._reduced_over_m): in the inputs' dtype.
 SINGLE_PART_GRADS = frozenset({"dB", "dA"})
 # The dropout seed: a 0-dim int64 tensor, declared do_not_specialize (no alignment hint).
@@ -102,7 +104,7 @@ I64_POINTERS = frozenset({"seed_ptr"})
 ID_POINTERS = frozenset({"ids_ptr", "sorted_ids_ptr", "order_ptr", "run_end_ptr"})
 FLOAT_SCALARS = frozenset({"scaling", "keep_scale"})
 # Integer arguments whose divisibility by 16 does not depend on the tensor shapes.
-NO_HINT_INTS = frozenset({"drop_threshold", "m_blocks_per_split", "padding_idx"})
+NO_HINT_INTS = frozenset({"drop_threshold", "m_blocks_per_split", "padding_idx", "parts"})
 
 _TRITON_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -127,8 +129,8 @@ _ROW_TILED_KERNELS = frozenset({"_lora_embedding_fwd_kernel"})
 def expected_mma(arch: int, dtype: str, fp32_precision: str = "ieee", kernel: str | None = None,
                  config: dict | None = None) -> str:
     """The matrix instructions a healthy kernel of this arch and dtype (and config) should use."""
-    if kernel in _NO_DOT_KERNELS:
-        return "none"
+    if kernel in _NO_DOT_KERNELS or (kernel == "_dora_magnitude_grad_kernel" and (config or {}).get("FROM_Z")):
+        return "none"  # FROM_Z: a reduction, no recompute
     if dtype == "fp32" and fp32_precision == "ieee":
         return "fma"
     if kernel in _ROW_TILED_KERNELS and (config or {}).get("BLOCK_M", 64) < 64:
@@ -155,10 +157,25 @@ def plan_launches(M: int, N: int, K: int, r: int, dtype, *, dropout: bool, bias:
                 *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout),
                 *plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic,
                                         num_sms=num_sms),
+                *_dora_plans(M, N, K, r, dtype, dropout=dropout, bias=bias, deterministic=deterministic),
                 *lora_embedding.plan_lora_embedding_fwd(M, K, N, r, dtype),
                 *lora_embedding.plan_lora_embedding_bwd(M, K, N, r, dtype, deterministic=deterministic,
                                                         scale_grad_by_freq=dropout)]
     return [launch for launch in launches if launch.is_triton]
+
+
+def _dora_plans(M, N, K, r, dtype, *, dropout, bias, deterministic) -> list:
+    """The DoRA launches the LoRA plans do not make: the norm, the LoRA kernels with DORA on, the magnitude's
+    gradient (dA is the LoRA launch)."""
+    from fused_lora.kernels import plans
+
+    return [*plans.plan_dora_weight_norm(N, K, r, dtype),
+            *plans.plan_dora_weight_norm(N // 4, K, r, dtype),  # its row tile narrows below 4096 rows
+            *plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias, dora=True),
+            *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, dora=True, bias=bias,
+                                    dropout=dropout),
+            *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=True),
+            *plans.plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout)]
 
 
 def _representative_launches(dtype) -> Iterator:
@@ -178,10 +195,14 @@ def launch_config(launch) -> dict:
 
     A dB / dA launch that is the only part of its reduction stores the grad once, in the inputs' dtype,
     without atomics: it keeps USE_ATOMICS False, and that tells build_signature its grad pointer's dtype.
+    A DoRA launch keeps its APPLY_DROPOUT: with DORA on, dropout selects another loop (two base products) and
+    another tile config, so each value is its own launch.
     """
     worst = {k: v for k, v in WORST_CASE_FLAGS.items() if k in launch.constexprs}
     if _stores_single_part(launch):
         worst.pop("USE_ATOMICS")
+    if launch.constexprs.get("DORA"):
+        worst.pop("APPLY_DROPOUT", None)
     return {**launch.constexprs, **worst, **launch.config.launch_options()}
 
 
@@ -206,7 +227,8 @@ def launch_jobs(archs: Iterable[int] = ARCHS, dtypes: Iterable[str] = DTYPES,
         for launch in _representative_launches(getattr(torch, _TORCH_DTYPE[dtype])):
             config = launch_config(launch)
             key = (launch.kernel, json.dumps(config, sort_keys=True))
-            if launch.kernel not in kernels or (ranks is not None and config["R"] not in ranks) or key in seen:
+            rank_excluded = ranks is not None and "R" in config and config["R"] not in ranks  # no R: every rank
+            if launch.kernel not in kernels or rank_excluded or key in seen:
                 continue
             seen.add(key)  # a config reached by several sizes or flags is compiled once
             for arch in archs:
@@ -562,10 +584,14 @@ def describe_config(config: dict) -> str:
     rest = []
     if config.get("GROUP_M", 1) > 1:
         rest.append(f"G{config['GROUP_M']}")
-    if "R_CHUNK" in config and config["R_CHUNK"] != config["R"]:
+    if "R_CHUNK" in config and config["R_CHUNK"] != config.get("R"):
         rest.append(f"rc{config['R_CHUNK']}")
     if config.get("FUSE_SHRINK"):
         rest.append("fused")
+    if config.get("DORA"):
+        rest.append("dora-dropout" if config.get("APPLY_DROPOUT") else "dora")
+    if config.get("FROM_Z"):
+        rest.append("fromZ")
     if config.get("USE_ATOMICS") is False:
         rest.append("1part")
     return " ".join([tiles, f"w{config['num_warps']}s{config['num_stages']}", *rest])
@@ -575,7 +601,8 @@ def job_id(job: dict) -> str:
     """Short unique name of a job (or record), e.g. 'sm90-bf16-fwd-R16-64x64x128-w8s3-fused-aligned'."""
     name = job["kernel"].removeprefix("_lora_").removesuffix("_kernel")
     desc = describe_config(job["config"]).replace(" ", "-")
-    return f"sm{job['arch']}-{job['dtype']}-{name}-R{job['config']['R']}-{desc}-{job['align']}"
+    rank = f"R{job['config']['R']}-" if "R" in job["config"] else ""  # the magnitude kernel serves every rank
+    return f"sm{job['arch']}-{job['dtype']}-{name}-{rank}{desc}-{job['align']}"
 
 
 def format_table(records: list[dict]) -> str:
@@ -583,11 +610,11 @@ def format_table(records: list[dict]) -> str:
             "ok")
     rows = []
     for r in sorted(records, key=lambda r: (r["arch"], r["kernel"], DTYPES.index(r["dtype"]),
-                                            r["config"]["R"], describe_config(r["config"]), r["align"])):
+                                            r["config"].get("R", 0), describe_config(r["config"]), r["align"])):
         mma = r["mma"] or "-"
         if r.get("hmma_with_wgmma"):
             mma += "+mma"
-        rows.append((r["kernel"], str(r["arch"]), r["dtype"], str(r["config"]["R"]), describe_config(r["config"]),
+        rows.append((r["kernel"], str(r["arch"]), r["dtype"], str(r["config"].get("R", "any")), describe_config(r["config"]),
                      r["align"], _s(r["registers"]), _s(r["spill_bytes"]), _s(r["shared_bytes"]),
                      _s(r["shared_limit"]), mma, "ok" if r["ok"] else "NO: " + "; ".join(r["problems"])[:80]))
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]

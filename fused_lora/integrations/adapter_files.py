@@ -3,8 +3,9 @@
 A directory with adapter_config.json (LoraConfig fields, peft_type "LORA") and adapter_model.safetensors
 (metadata {"format": "pt"}), keys ``base_model.model.<module path>.lora_A.weight`` (r, in) and
 ``...lora_B.weight`` (out, r), and for embeddings ``...lora_embedding_A`` (r, num_embeddings) and
-``...lora_embedding_B`` (embedding_dim, r) (no ".weight"), as PEFT's save_pretrained writes them for the
-default adapter.
+``...lora_embedding_B`` (embedding_dim, r) (no ".weight"), and for DoRA (``use_dora: true``) Linear layers
+``...lora_magnitude_vector`` (out,) (no ".weight"), as PEFT's save_pretrained writes them for the default
+adapter.
 load_adapter validates the whole file against the model before it changes anything.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
 _EMB_A_SUFFIX = ".lora_embedding_A"
 _EMB_B_SUFFIX = ".lora_embedding_B"
+_MAG_SUFFIX = ".lora_magnitude_vector"  # DoRA's m, (out,): PEFT 0.18 writes it without ".weight"
 # The base embedding table, which PEFT's save_pretrained writes for targeted embeddings (save_embedding_layers,
 # "auto" by default: on when target_modules holds an embedding) and loads into the base layer.
 _TABLE_SUFFIX = ".base_layer.weight"
@@ -46,7 +48,6 @@ def _key(name: str, part: str, embedding: bool) -> str:
 
 # LoraConfig fields that turn on something fused_lora does not load; each must be falsy / empty.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA",
     "lora_bias": "a LoRA bias (lora_bias=True)",
     "modules_to_save": "extra trainable modules (modules_to_save)",
     "layers_to_transform": "layers_to_transform",
@@ -114,6 +115,11 @@ def adapter_config(model: nn.Module, *, task_type: str | None = None) -> dict:
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA layer (use inject first)")
     injected: InjectionConfig | None = getattr(model, CONFIG_ATTR, None)
     use_rslora = _uniform(layers, "use_rslora")
+    linear_layers = [(name, layer) for name, layer in layers if isinstance(layer, LoRALinear)]
+    use_dora = bool(linear_layers) and _uniform(linear_layers, "use_dora")
+    if use_dora and len(linear_layers) < len(layers):
+        raise ValueError(f"save_adapter: PEFT's use_dora applies to every layer of an adapter, and LoRAEmbedding "
+                         f"{[n for n, l in layers if not isinstance(l, LoRALinear)][:3]} has no DoRA")
     lora_dropout = _uniform(layers, "lora_dropout")
     r = injected.r if injected else _most_common([layer.r for _, layer in layers])
     lora_alpha = injected.lora_alpha if injected else _most_common([layer.lora_alpha for _, layer in layers])
@@ -146,7 +152,7 @@ def adapter_config(model: nn.Module, *, task_type: str | None = None) -> dict:
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": use_dora,
         "lora_bias": False,
     }
 
@@ -154,7 +160,8 @@ def adapter_config(model: nn.Module, *, task_type: str | None = None) -> dict:
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = None,
                  save_embedding_layers: bool = False) -> None:
     """Write the model's LoRALinear and LoRAEmbedding adapters to ``path`` as PEFT's save_pretrained does
-    (default adapter; embeddings under PEFT's lora_embedding_A / lora_embedding_B keys).
+    (default adapter; embeddings under PEFT's lora_embedding_A / lora_embedding_B keys; DoRA layers add
+    lora_magnitude_vector and ``use_dora: true``, which must then hold for every layer).
 
     ``PeftModel.from_pretrained(base_model, path)`` loads the result. task_type (e.g. "CAUSAL_LM") is
     written to the config and picks PEFT's model class there. A merged layer's lora_A / lora_B are
@@ -171,6 +178,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, task_type: str | 
         embedding = isinstance(layer, LoRAEmbedding)
         tensors[_key(name, "A", embedding)] = layer.lora_A.detach().contiguous()
         tensors[_key(name, "B", embedding)] = layer.lora_B.detach().contiguous()
+        if not embedding and layer.use_dora:
+            tensors[f"{KEY_PREFIX}{name}{_MAG_SUFFIX}"] = layer.lora_magnitude_vector.detach().contiguous()
         if embedding and save_embedding_layers:
             tensors[f"{KEY_PREFIX}{name}{_TABLE_SUFFIX}"] = layer.weight.detach().contiguous()
     os.makedirs(path, exist_ok=True)
@@ -222,6 +231,8 @@ def _check_config(config: dict) -> None:
                                  f"(save_pretrained(path_initial_model_for_weight_conversion=...))")
     for name, default in (("r", 8), ("lora_alpha", 8), ("lora_dropout", 0.0), ("use_rslora", False)):
         _check_field(name, name, config.get(name, default))
+    if not isinstance(config.get("use_dora", False), bool):
+        raise AdapterFormatError(f"adapter_config.json has use_dora={config['use_dora']!r}; expected true or false")
     for field_name, required in (("target_modules", True), ("exclude_modules", False)):
         spec = config.get(field_name)
         if (spec is None and required) or not (spec is None or isinstance(spec, str) or
@@ -259,8 +270,12 @@ def _module_tensors(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
         if not name.startswith(KEY_PREFIX):
             raise AdapterFormatError(f"unexpected key {key!r}: PEFT adapter keys start with {KEY_PREFIX!r}")
         name = name[len(KEY_PREFIX):]
-        if ".lora_magnitude_vector" in name:
-            raise AdapterFormatError(f"key {key!r} is a DoRA magnitude vector; DoRA adapters are not supported")
+        if name.endswith(_MAG_SUFFIX):
+            if tensor.dim() != 1 or not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                raise AdapterFormatError(f"{key} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; expected "
+                                         f"a finite floating-point (out_features,) DoRA magnitude")
+            modules.setdefault(name[:-len(_MAG_SUFFIX)], {})["M"] = tensor
+            continue
         if name.endswith(".lora_B.bias"):
             raise AdapterFormatError(f"key {key!r} is a LoRA bias (lora_bias=True); not supported")
         if name.endswith(_TABLE_SUFFIX):
@@ -280,6 +295,9 @@ def _module_tensors(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
                                      f"<module>.lora_embedding_B (modules_to_save and other tuners are not supported)")
     for name, parts in modules.items():
         embedding = parts.get("embedding", False)
+        if "M" in parts and embedding:
+            raise AdapterFormatError(f"unexpected key {KEY_PREFIX}{name}{_MAG_SUFFIX}: DoRA magnitudes are read for "
+                                     f"Linear LoRA modules (lora_A / lora_B) only, not embeddings")
         if "table" in parts and not embedding:
             raise AdapterFormatError(f"unexpected key {KEY_PREFIX}{name}{_TABLE_SUFFIX}: base weights are read for "
                                      f"embedding LoRA modules (lora_embedding_A / _B) only")
@@ -347,6 +365,7 @@ def _adapter_loads(model: nn.Module, config: dict, modules: dict
                                  f"{where}, e.g. {_key(unexpected[0], 'A', modules[unexpected[0]].get('embedding', False))}")
 
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    use_dora = config.get("use_dora", False)
     lora_dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     loads = []
@@ -375,6 +394,19 @@ def _adapter_loads(model: nn.Module, config: dict, modules: dict
         elif not _is_linear(target):
             raise AdapterFormatError(f"module {name!r} is a {type(target).__name__}; lora_A / lora_B target "
                                      f"nn.Linear and transformers Conv1D modules")
+        if existing and not embedding and target.use_dora != use_dora:
+            raise AdapterFormatError(f"adapter_config.json has use_dora={str(use_dora).lower()} but LoRALinear "
+                                     f"{name!r} has use_dora={target.use_dora}")
+        magnitude = modules[name].get("M")
+        if use_dora and embedding:
+            raise AdapterFormatError(f"adapter_config.json has use_dora=true and {_key(name, 'A', True)} is an "
+                                     f"embedding LoRA: DoRA on embeddings is not supported by fused_lora")
+        if use_dora and magnitude is None:
+            raise AdapterFormatError(f"missing key {KEY_PREFIX}{name}{_MAG_SUFFIX}: adapter_config.json has "
+                                     f"use_dora=true")
+        if not use_dora and magnitude is not None:
+            raise AdapterFormatError(f"unexpected key {KEY_PREFIX}{name}{_MAG_SUFFIX}: a DoRA magnitude, but "
+                                     f"adapter_config.json has use_dora={config.get('use_dora', False)!r}")
         a, b = modules[name]["A"], modules[name]["B"]
         r = a.shape[0]
         r_key = _pattern_key(rank_pattern, name)
@@ -407,15 +439,19 @@ def _adapter_loads(model: nn.Module, config: dict, modules: dict
             table = table.to(target.weight.dtype)
             if not bool(torch.isfinite(table).all()):
                 raise AdapterFormatError(f"{key} contains NaN or inf (or overflows {target.weight.dtype})")
-        cast = {part: modules[name][part].to(dtype) for part in ("A", "B")}
+        if magnitude is not None and tuple(magnitude.shape) != (out_features,):
+            raise AdapterFormatError(f"{KEY_PREFIX}{name}{_MAG_SUFFIX} has shape {tuple(magnitude.shape)}; the "
+                                     f"module expects ({out_features},)")
+        cast = {part: modules[name][part].to(dtype) for part in ("A", "B", "M") if part in modules[name]}
         for part, t in cast.items():
             # The file's values are finite (checked on reading); a cast to a narrower dtype can still overflow.
             if not bool(torch.isfinite(t).all()):
                 largest = modules[name][part].abs().max().item()
-                raise AdapterFormatError(f"{_key(name, part, embedding)} has a value of magnitude "
+                key = f"{KEY_PREFIX}{name}{_MAG_SUFFIX}" if part == "M" else _key(name, part, embedding)
+                raise AdapterFormatError(f"{key} has a value of magnitude "
                                          f"{largest:g} that overflows the model's dtype {dtype} (largest finite "
                                          f"{torch.finfo(dtype).max:g})")
-        loads.append((name, target, r, alpha, cast["A"], cast["B"], table))
+        loads.append((name, target, r, alpha, cast["A"], cast["B"], cast.get("M"), table))
     return loads
 
 
@@ -426,7 +462,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     the same ranks; lora_alpha, use_rslora and lora_dropout are taken from the file. Into a plain model:
     LoRALinear layers are injected at the modules the file's keys name (which must be the modules the
     config's target_modules selects). Honours r, lora_alpha, use_rslora, rank_pattern, alpha_pattern
-    and fan_in_fan_out (from the base module's type, as PEFT does). Tensors are cast to each layer's
+    and fan_in_fan_out (from the base module's type, as PEFT does), and use_dora (DoRA LoRALinear layers with
+    the file's lora_magnitude_vector; existing layers must have the same use_dora; embeddings cannot). Tensors are cast to each layer's
     dtype (the base weight's); a value that overflows it is refused. r, lora_alpha, lora_dropout and
     use_rslora (and the patterns' values) are checked as LoRALinear checks them. Everything is checked
     before the model changes: on any AdapterFormatError the model is untouched. Returns ``model``.
@@ -451,22 +488,29 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     lora_dropout = float(config.get("lora_dropout", 0.0))
     spec = config["target_modules"]
     injection = InjectionConfig(spec if isinstance(spec, str) else sorted(spec), config.get("r", 8),
-                                config.get("lora_alpha", 8), lora_dropout, use_rslora, sorted(modules))
+                                config.get("lora_alpha", 8), lora_dropout, use_rslora, sorted(modules),
+                                config.get("use_dora", False))
     # Everything above is checked; nothing below can fail on the file's content.
     injected_now = []
     with torch.no_grad():
-        for name, target, r, alpha, lora_A, lora_B, table in loads:
+        for name, target, r, alpha, lora_A, lora_B, magnitude, table in loads:
             if isinstance(target, (LoRALinear, LoRAEmbedding)):
                 layer = target
                 layer.lora_dropout = lora_dropout
                 layer.set_scaling(lora_alpha=alpha, use_rslora=use_rslora)
             else:
-                from_module = LoRAEmbedding.from_embedding if is_plain_embedding(target) else LoRALinear.from_linear
-                layer = from_module(target, r=r, lora_alpha=alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+                if is_plain_embedding(target):
+                    layer = LoRAEmbedding.from_embedding(target, r=r, lora_alpha=alpha, lora_dropout=lora_dropout,
+                                                         use_rslora=use_rslora)
+                else:
+                    layer = LoRALinear.from_linear(target, r=r, lora_alpha=alpha, lora_dropout=lora_dropout,
+                                                   use_rslora=use_rslora, use_dora=magnitude is not None)
                 _set_submodule(model, name, layer)
                 injected_now.append(name)
             layer.lora_A.copy_(lora_A)
             layer.lora_B.copy_(lora_B)
+            if magnitude is not None:
+                layer.lora_magnitude_vector.copy_(magnitude)
             if table is not None:
                 layer.weight.copy_(table)  # in place: an output head tied to this table reads it too
     if injected_now:

@@ -11,12 +11,14 @@ PeftModel.load_adapter, add_weighted_adapter) patches the layers it creates. ``u
 classes back.
 
 Per call, the fused path is taken only when it computes what PEFT computes; otherwise the layer runs
-PEFT's own forward for that call (see ``fused_call_args``): adapter-level configurations (DoRA and other
-variants, lora_bias) and hooks on the base layer are checked there, so a layer fuses again once a
+PEFT's own forward for that call (see ``fused_call_args``): adapter-level configurations (LoRA variants,
+lora_bias) and hooks on the base layer are checked there, so a layer fuses again once a
 supported adapter is active. Layers that can never fuse keep PEFT's class: LoRA layers other than
 lora.Linear and lora.Embedding (PEFT's quantized ones among them), base layers other than nn.Linear /
 transformers Conv1D / nn.Embedding or their subclasses that inherit forward, and embeddings with
-max_norm or sparse=True. One warning at patch time (and one per later
+max_norm or sparse=True. DoRA (use_dora=True) on a lora.Linear computes with fused_lora.dora_linear when it
+is the layer's only active adapter; DoRA on lora.Embedding and together with other active adapters runs
+PEFT's forward. One warning at patch time (and one per later
 inject_adapter), attributed to the user's line, lists every layer that falls back, with the reason.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 
 from .._validation import KERNEL_DTYPES, MAX_RANK
 from ..functional import lora_linear
+from ..functional_dora import dora_linear
 from ..functional_embedding import lora_embedding
 from ..nn.embedding import is_plain_embedding
 from ..nn.linear import is_conv1d
@@ -131,7 +134,16 @@ def _dropout_p(module: nn.Module) -> float | None:
 
 # Why a layer with given adapters cannot fuse, as (code, adapter name or None); _unfusable_message words it.
 # Codes, not messages: fused_call_args runs per call and formats nothing.
-_HOOKS, _INSTANCE_FORWARD, _VARIANT, _LORA_BIAS, _CUSTOM_DROPOUT, _RANK = range(6)
+_HOOKS, _INSTANCE_FORWARD, _VARIANT, _LORA_BIAS, _CUSTOM_DROPOUT, _RANK, _DORA_STACKED = range(7)
+
+
+def _is_dora(layer, name: str, embedding: bool) -> bool:
+    """Adapter ``name`` of a lora.Linear is PEFT's DoRA (DoraLinearVariant) with its magnitude vector."""
+    variant = layer.lora_variant[name]
+    cls = variant if isinstance(variant, type) else type(variant)
+    # By name: DoraEmbeddingVariant subclasses DoraLinearVariant, and importing peft here would run per call.
+    return (not embedding and cls.__name__ == "DoraLinearVariant" and cls.__module__ == "peft.tuners.lora.variants"
+            and name in layer.lora_magnitude_vector)
 
 
 def _unfusable(layer, adapters, active: list) -> tuple[int, str | None] | None:
@@ -150,7 +162,11 @@ def _unfusable(layer, adapters, active: list) -> tuple[int, str | None] | None:
     for name in adapters:
         # PEFT's forward dispatches on lora_variant (DoRA is one); use_dora only names it in the message.
         if name in layer.lora_variant:
-            return _VARIANT, name
+            if not _is_dora(layer, name, embedding):
+                return _VARIANT, name
+            # PEFT's DoRA term scales the result of the adapters before it: no rank stacking.
+            if name in active and len(active) > 1:
+                return _DORA_STACKED, name
         if layer.lora_bias.get(name, False):
             return _LORA_BIAS, name
         # PEFT's lora.Embedding never calls its dropout module: any module computes the same there.
@@ -172,10 +188,12 @@ def _unfusable_message(layer, code: int, name: str | None, active: list) -> str:
         return "the base layer has an instance-level forward (e.g. an accelerate hook), which the fused op would bypass"
     if code == _VARIANT:
         if getattr(layer, "use_dora", {}).get(name, False):
-            return f"adapter {name!r} uses DoRA"
+            return f"adapter {name!r} uses DoRA (fused on lora.Linear only)"
         return f"adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__})"
     if code == _LORA_BIAS:
         return f"adapter {name!r} has lora_bias=True"
+    if code == _DORA_STACKED:
+        return f"adapter {name!r} uses DoRA with other active adapters {active} (fused: DoRA as the only one)"
     if code == _CUSTOM_DROPOUT:
         return f"adapter {name!r} has a custom dropout module {type(layer.lora_dropout[name]).__name__}"
     return f"active adapters {active} stack to rank {_stacked_rank(layer, active)} > {MAX_RANK}"
@@ -203,8 +221,8 @@ def fused_call_args(layer, x: torch.Tensor, args: tuple, kwargs: dict):
     on them. PEFT's forward runs instead when: extra forward arguments are given (``adapter_names`` for
     mixed batches, variant kwargs); adapters are disabled or merged (PEFT then runs the base layer);
     the layer with its active adapters cannot fuse (_unfusable: base-layer hooks or an instance-level
-    forward, a variant such as DoRA or lora_bias added after patching, a custom dropout module, a stacked
-    rank above MAX_RANK); several active adapters in training with dropout (PEFT draws an independent
+    forward, a LoRA variant other than DoRA on lora.Linear, DoRA with other active adapters, lora_bias, a
+    custom dropout module, a stacked rank above MAX_RANK); several active adapters in training with dropout (PEFT draws an independent
     mask per adapter, one fused call would share one); the compute dtype is not fp16 / bf16 / fp32; the
     base weight's dtype differs from the compute dtype outside autocast.
     """
@@ -247,6 +265,10 @@ def _fused_forward(layer, x: torch.Tensor, adapters: list, dtype: torch.dtype, d
         lora_A = layer.lora_A[name].weight.to(dtype)
         lora_B = layer.lora_B[name].weight.to(dtype)
         scaling = float(layer.scaling[name])
+        if name in layer.lora_variant:  # DoRA (fused_call_args admits no other variant); m in its own dtype
+            magnitude = layer.lora_magnitude_vector[name].weight
+            return dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_p=dropout_p,
+                               training=dropout_p > 0.0)
     else:
         # Several adapters: one call with the ranks stacked, each B pre-multiplied by its own scale.
         # Autograd through cat / mul hands each adapter its own gradient.

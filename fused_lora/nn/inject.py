@@ -12,7 +12,7 @@ from torch import nn
 
 from .._validation import check_embedding_options, check_lora_config, regex_error
 from .embedding import LoRAEmbedding, is_plain_embedding
-from .linear import LoRALinear, is_conv1d
+from .linear import LoRALinear, check_use_dora, is_conv1d
 
 __all__ = ["inject", "merge_and_unload", "lora_layers", "match_targets", "InjectionConfig", "ALL_LINEAR"]
 
@@ -30,6 +30,7 @@ class InjectionConfig:
     lora_dropout: float
     use_rslora: bool
     module_names: list[str] = field(default_factory=list)
+    use_dora: bool = False
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -93,7 +94,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject(model: nn.Module, target_modules, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-           use_rslora: bool = False) -> nn.Module:
+           use_rslora: bool = False, use_dora: bool = False) -> nn.Module:
     """Replace the matching nn.Linear (and transformers Conv1D) modules in place with LoRALinear, and the
     matching nn.Embedding modules with LoRAEmbedding.
 
@@ -107,8 +108,11 @@ def inject(model: nn.Module, target_modules, *, r: int = 8, lora_alpha: float = 
     nothing matches, TypeError when a match is not a Linear or Embedding, ValueError for an Embedding with
     max_norm or sparse=True, TypeError / ValueError for r, lora_alpha,
     lora_dropout or use_rslora as LoRALinear does; the model is unchanged on error.
+    use_dora=True makes DoRA LoRALinear layers (LoRALinear's use_dora); a matched nn.Embedding then raises
+    ValueError (LoRAEmbedding has no DoRA).
     """
     check_lora_config(r, lora_alpha, lora_dropout, use_rslora)
+    check_use_dora(use_dora)
     names = match_targets(model, target_modules)
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matched no module of {type(model).__name__}; "
@@ -120,20 +124,27 @@ def inject(model: nn.Module, target_modules, *, r: int = 8, lora_alpha: float = 
                              f"before)")
         if is_plain_embedding(module):
             check_embedding_options(module.max_norm, module.sparse, where=f"inject, module {name!r}")
+            if use_dora:
+                raise ValueError(f"use_dora=True: target_modules={target_modules!r} matched {name!r}, an "
+                                 f"nn.Embedding; DoRA is supported for nn.Linear and transformers Conv1D only")
         elif not _is_linear(module):
             raise TypeError(f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
                             f"inject replaces nn.Linear, transformers Conv1D and nn.Embedding modules only")
     for name in names:
         module = model.get_submodule(name)
-        from_module = LoRAEmbedding.from_embedding if is_plain_embedding(module) else LoRALinear.from_linear
-        layer = from_module(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+        if is_plain_embedding(module):
+            layer = LoRAEmbedding.from_embedding(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                 use_rslora=use_rslora)
+        else:
+            layer = LoRALinear.from_linear(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                           use_rslora=use_rslora, use_dora=use_dora)
         _set_submodule(model, name, layer)
     freeze_base(model)
     previous = getattr(model, CONFIG_ATTR, None)
     if previous is None:
         spec = target_modules if isinstance(target_modules, str) else sorted(target_modules)
         setattr(model, CONFIG_ATTR, InjectionConfig(spec, r, lora_alpha, float(lora_dropout), bool(use_rslora),
-                                                    list(names)))
+                                                    list(names), bool(use_dora)))
     else:  # a second inject: save_adapter writes the full module list and per-module patterns
         previous.module_names.extend(names)
         previous.target_modules = sorted(previous.module_names)
@@ -141,8 +152,9 @@ def inject(model: nn.Module, target_modules, *, r: int = 8, lora_alpha: float = 
 
 
 def freeze_base(model: nn.Module) -> None:
-    """requires_grad=False for every parameter except the LoRA layers' lora_A / lora_B."""
-    lora_params = {id(p) for _, layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)}
+    """requires_grad=False for every parameter except the LoRA layers' lora_A / lora_B (and DoRA magnitudes)."""
+    lora_params = {id(p) for _, layer in lora_layers(model)
+                   for p in (layer.lora_A, layer.lora_B, getattr(layer, "lora_magnitude_vector", None))}
     for param in model.parameters():
         if id(param) not in lora_params:
             param.requires_grad_(False)

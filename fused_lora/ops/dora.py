@@ -14,9 +14,10 @@ output y (z = (y - b) / g; autograd keeps y alive for the next layer anyway, so 
 dropout it is Z = z' = x' W^T + s S' B^T, which y no longer holds. A gradient that is not needed comes back as
 an empty (0,) tensor: custom ops cannot return None.
 
-Implementation per call: the Triton kernels (fused_lora.kernels.lora_dora) when ``dispatch.select_backend``
-says "triton" and dropout is off, else the torch path (fused_lora.ops.dora_torch): there is no C++ DoRA kernel,
-and DoRA with dropout needs the second base product x' W^T, which runs as torch GEMMs.
+Implementation per call: the Triton kernels (fused_lora.ops.dora_triton) when ``dispatch.select_backend``
+says "triton", else the torch path (fused_lora.ops.dora_torch; "cpp" too: there is no C++ DoRA kernel). DoRA
+with dropout needs a second base product, x' W^T beside x W^T, which PEFT's semantics require (the base
+layer sees x, the DoRA term x'): the kernels compute both from the same W tiles in one loop, forward and dX.
 """
 from __future__ import annotations
 
@@ -27,17 +28,17 @@ from .dispatch import select_backend
 from ..dropout import seed_tensor
 
 
-def _uses_triton(x: torch.Tensor, dropout_p: float = 0.0) -> bool:
-    return dropout_p == 0.0 and select_backend(x) == "triton"
+def _uses_triton(x: torch.Tensor) -> bool:
+    return select_backend(x) == "triton"
 
 
 def _kernels():
-    from ..kernels import lora_dora  # imports triton: only when the kernels are used
-    return lora_dora
+    from . import dora_triton  # imports triton: only when the kernels are used
+    return dora_triton
 
 
 def _implementation(x, dropout_p):
-    return _kernels() if _uses_triton(x, dropout_p) else dora_torch
+    return _kernels() if _uses_triton(x) else dora_torch
 
 
 def _weight_norm(weight, lora_A, lora_B, scaling):

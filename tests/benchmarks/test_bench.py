@@ -221,8 +221,8 @@ def test_fused_model_follows_the_tile_config(monkeypatch):
     before = {l.name: l for l in roofline.fused_launches(point, "fwd")}["_lora_fwd_kernel"]
     original = configs.fwd_config
 
-    def wider(M, R, dtype):
-        cfg, fuse = original(M, R, dtype)
+    def wider(M, R, dtype, *args, **kwargs):
+        cfg, fuse = original(M, R, dtype, *args, **kwargs)
         return configs.TileConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=256, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M), fuse
 
     monkeypatch.setattr(configs, "fwd_config", wider)

@@ -130,7 +130,9 @@ def _edit_state(path, edit):
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 REJECTIONS = {
-    "dora": (lambda p: _edit_config(p, use_dora=True), "use_dora=True: DoRA"),
+    # DoRA without magnitudes: a missing key (plain model), or LoRALinear layers without DoRA (injected).
+    "dora": (lambda p: _edit_config(p, use_dora=True), "adapter_config.json has use_dora=true"),
+    "use_dora type": (lambda p: _edit_config(p, use_dora="yes"), "use_dora='yes'; expected true or false"),
     "bias": (lambda p: _edit_config(p, bias="all"), "bias='all'"),
     "modules_to_save": (lambda p: _edit_config(p, modules_to_save=["lm_head"]), "modules_to_save"),
     "peft_type": (lambda p: _edit_config(p, peft_type="IA3"), "peft_type='IA3'"),
@@ -143,7 +145,8 @@ REJECTIONS = {
     "unexpected": (lambda p: _edit_state(p, lambda s: s.update({"base_model.model.lm_head.modules_to_save.weight":
                                                                  torch.zeros(2)})), "unexpected key"),
     "magnitude": (lambda p: _edit_state(p, lambda s: s.update({f"{Q0}.lora_magnitude_vector": torch.ones(64)})),
-                  "DoRA magnitude vector"),
+                  f"unexpected key {Q0}.lora_magnitude_vector: a DoRA magnitude, but adapter_config.json has "
+                  f"use_dora=False"),
     "shape": (lambda p: _edit_state(p, lambda s: s.update({f"{Q0}.lora_A.weight": torch.zeros(4, 32),
                                                            f"{Q0}.lora_B.weight": torch.zeros(64, 4)})),
               "shape mismatch for 'model.layers.0.self_attn.q_proj'"),

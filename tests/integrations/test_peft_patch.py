@@ -224,7 +224,8 @@ def test_gradient_checkpointing_with_dropout(dropout_training_run, use_reentrant
 def test_fallbacks_warn_once_and_match_peft():
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])
     model = peft_model(tiny_llama(), config)
-    model.add_adapter("dora", LoraConfig(r=4, target_modules=["k_proj"], use_dora=True))
+    # DoRA fuses as a layer's only active adapter (k_proj) and falls back next to another one (v_proj).
+    model.add_adapter("dora", LoraConfig(r=4, target_modules=["k_proj", "v_proj"], use_dora=True))
     randomize_all = [p for n, p in model.named_parameters() if "lora_" in n]
     with torch.no_grad():
         for i, p in enumerate(randomize_all):
@@ -237,8 +238,8 @@ def test_fallbacks_warn_once_and_match_peft():
     assert len(record) == 1
     message = str(record[0].message)
     assert "embed_tokens" not in message  # lora.Embedding fuses (tests/integrations/test_peft_embedding.py)
-    assert "model.layers.0.self_attn.k_proj: adapter 'dora' uses DoRA" in message
-    assert "q_proj" not in message
+    assert "model.layers.0.self_attn.v_proj: adapter 'dora' uses DoRA with other active adapters" in message
+    assert "q_proj" not in message and "k_proj" not in message
     ids, _ = inputs()
     assert_logits_match(model, reference, ids)
 

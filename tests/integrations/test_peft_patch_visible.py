@@ -178,7 +178,7 @@ def _record_fallback(call):
     return fallbacks[0].filename, fallbacks[0].lineno
 
 
-FALLBACK = dict(r=4, target_modules=["v_proj"], use_dora=True)  # DoRA: PEFT's forward, with a warning
+FALLBACK = dict(r=4, target_modules=["v_proj"], lora_bias=True)  # PEFT's forward, with a warning
 
 
 def test_patch_peft_warning_points_at_caller():
@@ -190,11 +190,11 @@ def test_patch_peft_warning_points_at_caller():
 def test_add_adapter_warning_points_at_caller():
     model = _patch_quietly(peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])))
     line = inspect.currentframe().f_lineno + 1
-    assert _record_fallback(lambda: model.add_adapter("dora", LoraConfig(**FALLBACK))) == (__file__, line)
+    assert _record_fallback(lambda: model.add_adapter("biased", LoraConfig(**FALLBACK))) == (__file__, line)
 
 
 def test_load_adapter_warning_points_at_caller(tmp_path):
     peft_model(tiny_llama(), LoraConfig(**FALLBACK)).save_pretrained(tmp_path)
     model = _patch_quietly(peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])))
     line = inspect.currentframe().f_lineno + 1
-    assert _record_fallback(lambda: model.load_adapter(tmp_path, adapter_name="dora")) == (__file__, line)
+    assert _record_fallback(lambda: model.load_adapter(tmp_path, adapter_name="biased")) == (__file__, line)

@@ -183,10 +183,12 @@ def test_seed_is_not_specialised():
 def test_matrix_covers_every_launch_choice():
     by = {}
     for j in JOBS:
-        by.setdefault((j["arch"], j["dtype"]), set()).add((j["kernel"], j["config"]["R"]))
+        by.setdefault((j["arch"], j["dtype"]), set()).add((j["kernel"], j["config"].get("R")))
     assert set(by) == {(a, d) for a in kr.ARCHS for d in kr.DTYPES}
+    rank_free = {"_dora_magnitude_grad_kernel"}  # loops over r at run time: one config for every rank
     for combos in by.values():
-        assert combos == {(k, R) for k in kr.KERNELS for R in (16, 32, 64, 128, 256)}
+        assert combos == {(k, R) for k in set(kr.KERNELS) - rank_free for R in (16, 32, 64, 128, 256)} | \
+            {(k, None) for k in rank_free}
     assert len(set(IDS)) == len(IDS)
 
 
@@ -206,6 +208,11 @@ def _random_plans(rng, dtype) -> list:
             *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout),
             *plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic,
                                     num_sms=rng.randint(1, 200)),
+            *plans.plan_dora_weight_norm(N, K, r, dtype),
+            *plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias, dora=True),
+            *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, dora=True, bias=bias, dropout=dropout),
+            *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=True),
+            *plans.plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout),
             *lora_embedding.plan_lora_embedding_fwd(M, K, N, r, dtype),
             *lora_embedding.plan_lora_embedding_bwd(M, K, N, r, dtype, deterministic=deterministic,
                                                     scale_grad_by_freq=dropout)]

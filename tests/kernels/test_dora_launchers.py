@@ -1,0 +1,95 @@
+"""The DoRA launchers (fused_lora.kernels.launchers: dora_weight_norm, lora_fwd with a magnitude, dora_bwd) against
+their formulas in fused_lora.reference, at the same dtype and in fp64, and their launches against the plans."""
+import pytest
+import torch
+
+import fused_lora
+from fused_lora import reference
+from fused_lora.kernels import launchers, plans
+from numerics import assert_within_torch_error, make_inputs
+from spies import spy_on_kernels
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SEED = 31
+DORA_KERNELS = ("_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel",
+                "_lora_bwd_da_kernel", "_dora_weight_norm_kernel", "_dora_magnitude_grad_kernel")
+
+
+def _inputs(M, K, N, r, dtype, bias=True):
+    x, w, b, a, bb = make_inputs((M,), K, N, r, dtype, bias=bias)
+    m = (0.5 + torch.rand(N, generator=torch.Generator().manual_seed(4))).to(dtype)
+    m[1] = 0.0  # y = b in that column: dm comes from the recompute
+    w[2], bb[2] = 0.0, 0.0  # n = 0: g = 0, dm = 0
+    return x, w, b, a, bb, m
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,r,fuse", [(3, 7, True), (3, 1, False), (90, 64, False), (90, 16, None)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fwd_and_bwd(dtype, M, r, fuse, bias, p):
+    x, w, b, a, bb, m = _inputs(M, 70, 45, r, dtype, bias)
+    n = launchers.dora_weight_norm(w, a, bb, 0.9)
+    y, s, z = launchers.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, fuse_shrink=fuse)
+    (y_low, s_low, z_low), (y_ref, s_ref, z_ref) = (
+        reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, upcast=u) for u in (False, True))
+    assert_within_torch_error("S", s, s_low, s_ref, dtype)
+    (y_low, _, z_low), (y_ref, _, z_ref) = (
+        reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, s=s, upcast=u) for u in (False, True))
+    assert_within_torch_error("y given S", y, y_low, y_ref, dtype)
+    if p > 0:
+        assert_within_torch_error("Z given S", z, z_low, z_ref, dtype)
+    saved = z if p > 0 else y
+    dy = torch.randn(M, 45, generator=torch.Generator().manual_seed(8)).to(dtype)
+    got = launchers.dora_bwd(dy, x, w, b, a, bb, m, n, s, saved, 0.9, dropout_p=p, seed=SEED)
+    lows = reference.dora_bwd(dy, x, w, b, a, bb, 0.9, m, n, s, saved, dropout_p=p, seed=SEED)
+    refs = reference.dora_bwd(dy, x, w, b, a, bb, 0.9, m, n, s, saved, dropout_p=p, seed=SEED, upcast=True)
+    for name, g, lo, rf in zip(("dB", "dm"), got[2:], lows[2:], refs[2:]):
+        assert_within_torch_error(name, g.to(dtype), lo.to(dtype), rf, dtype)
+    # dX and dA from the dS pass's own dS, which the kernels share: those launches alone against torch.
+    dy_ready = launchers._dy_ready(M, 45, r, dtype, False, launchers._input_precision(dtype), True, bias and p == 0,
+                                   p > 0)
+    ds = launchers._bwd_dy(dy_ready, dy, bb, s, 0.9, dora=(m, n, saved, b if p == 0 else None))[0]
+    g, g64 = reference.dora_scale(m.float(), n).to(dtype), reference.dora_scale(m.double(), n.double())
+    assert_within_torch_error("dS", ds, 0.9 * (dy * g) @ bb, 0.9 * (dy.double() * g64) @ bb.double(), dtype)
+    lows = reference.dora_bwd(dy, x, w, b, a, bb, 0.9, m, n, s, saved, dropout_p=p, seed=SEED, ds=ds)
+    refs = reference.dora_bwd(dy, x, w, b, a, bb, 0.9, m, n, s, saved, dropout_p=p, seed=SEED, ds=ds, upcast=True)
+    for name, g, lo, rf in zip(("dX", "dA"), got[:2], lows[:2], refs[:2]):
+        assert_within_torch_error(name, g.to(dtype), lo.to(dtype), rf, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,K,r", [(150, 83, 1), (64, 200, 16), (9, 5, 256)])
+def test_weight_norm(dtype, N, K, r):
+    _, w, _, a, bb = make_inputs((1,), K, N, r, dtype)
+    n = launchers.dora_weight_norm(w, a, bb, -1.5)
+    assert_within_torch_error("n", n.to(dtype), reference.dora_weight_norm(w, a, bb, -1.5),
+                              reference.dora_weight_norm(w, a, bb, -1.5, upcast=True), dtype)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("M,r,bias,p", [(70, 5, True, 0.0), (300, 40, False, 0.0), (1, 16, True, 0.0),
+                                        (70, 5, True, 0.2), (1, 16, False, 0.2)])
+def test_launches_equal_the_plans(monkeypatch, M, r, bias, p, deterministic):
+    """One fused DoRA fwd+bwd launches exactly its plans: norm, forward, dS / dB, dX, dA, dm."""
+    launches = []
+    spy_on_kernels(monkeypatch, kernels=DORA_KERNELS, log=launches)
+    x, w, b, a, bb, m = _inputs(M, 40, 24, r, torch.float16, bias)
+    x.requires_grad_(True), a.requires_grad_(True), bb.requires_grad_(True), m.requires_grad_(True)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        fused_lora.dora_linear(x, w, b, a, bb, 1.0, m, dropout_p=p, training=True, seed=3).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    dt = torch.float16
+    planned = [l for l in plans.plan_dora_weight_norm(24, 40, r, dt)
+               + plans.plan_lora_fwd(M, 24, 40, r, dt, dropout=p > 0, bias=bias, dora=True)
+               + plans.plan_lora_bwd_dy(M, 24, r, dt, deterministic=deterministic, dora=True, bias=bias,
+                                        dropout=p > 0)
+               + plans.plan_lora_bwd_dx(M, 24, 40, r, dt, dropout=p > 0, dora=True)
+               + plans.plan_lora_bwd_da(M, 40, r, dt, dropout=p > 0, deterministic=deterministic,
+                                        num_sms=launchers._INTERPRETER_SMS)
+               + plans.plan_dora_magnitude_grad(M, 24, r, dt, dropout=p > 0) if l.is_triton]
+    expected = [(l.kernel, l.grid, l.constexprs, l.config.num_warps, l.config.num_stages) for l in planned]
+    log = [(l.kernel, l.grid, l.constexprs, l.kwargs["num_warps"], l.kwargs["num_stages"]) for l in launches]
+    assert log == expected
