@@ -205,7 +205,8 @@ def dora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, magnitude, norm, *
     """(y, S, Z) of DoRA with g = m / n (``magnitude`` (N,), ``norm`` (N,) fp32): y = g (x W^T + s S B^T) + b and
     Z empty; with dropout (x' = dropout(x), S = x' A^T) y = x W^T + b + (g - 1) x' W^T + g s S B^T and
     Z = x' W^T + s S B^T (M, N), both base products in one GEMM loop."""
-    return _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, magnitude, norm)
+    y, s, z = _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, magnitude, norm)
+    return y, s, x.new_empty((0,)) if z is None else z
 
 
 def _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, magnitude, norm):
@@ -216,7 +217,9 @@ def _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink,
     ready = _fwd_ready(M, N, K, r, x.dtype, dropout_p > 0.0, bias is not None, fuse_shrink,
                        _input_precision(x.dtype), dora)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    z = torch.empty((M, N) if dora and dropout_p > 0.0 else (0,), device=x.device, dtype=x.dtype)
+    # Z only for DoRA with dropout; otherwise y stands in for the pointer the kernel does not touch (an
+    # empty tensor per call cost host time at a few tokens).
+    z = torch.empty((M, N), device=x.device, dtype=x.dtype) if dora and dropout_p > 0.0 else None
     with launch_guard(x.device):
         seed = _seed_arg(seed, dropout_p, x.device)
         if ready.launch is None or not ready.launch.constexprs["FUSE_SHRINK"]:
@@ -226,10 +229,10 @@ def _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink,
         if ready.launch is None:  # M == 0 or N == 0: the plan is the shrink's
             return y, s, z
         _lora_fwd_kernel[ready.launch.grid](
-            x, weight, y if bias is None else bias, s, lora_A, lora_B, y, seed, *_dora_ptrs(magnitude, norm, y), z,
-            M, N, K, r, *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *s.stride(),
-            *lora_A.stride(), *lora_B.stride(), *y.stride(), magnitude.stride(0) if dora else 0,
-            *(z.stride() if z.dim() == 2 else (0, 0)), float(scaling), *_dropout_scalars(dropout_p), **ready.kwargs)
+            x, weight, y if bias is None else bias, s, lora_A, lora_B, y, seed, *_dora_ptrs(magnitude, norm, y),
+            y if z is None else z, M, N, K, r, *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0),
+            *s.stride(), *lora_A.stride(), *lora_B.stride(), *y.stride(), magnitude.stride(0) if dora else 0,
+            *((0, 0) if z is None else z.stride()), float(scaling), *_dropout_scalars(dropout_p), **ready.kwargs)
     return y, s, z
 
 

@@ -1,7 +1,15 @@
-"""patch_peft and the adapter files with PEFT's DoRA (LoraConfig(use_dora=True)) on a tiny Llama."""
+"""patch_peft and the adapter files with PEFT's DoRA (LoraConfig(use_dora=True)) on a tiny Llama.
+
+``python tests/integrations/test_peft_dora.py`` prints the eval parity table of the README's DoRA section."""
 import copy
 import json
+import os
+import sys
 import warnings
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the helpers
 
 import pytest
 import torch
@@ -55,8 +63,8 @@ def _as_results(logits_and_grads):
     return {"logits": logits, **grads}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_eval_parity_with_peft(dtype):
+def eval_parity(dtype):
+    """(ours, PEFT, fp64) results (logits and every grad) of the eval model, and the fused call count."""
     model = _dora_model(dtype).eval()
     ids, grad_out = inputs()
     ref = _as_results(run(copy.deepcopy(model).double(), ids, grad_out))
@@ -64,7 +72,13 @@ def test_eval_parity_with_peft(dtype):
     fused_lora.patch_peft(model)
     with count_dora_calls() as counter:
         ours = _as_results(run(model, ids, grad_out))
-    assert counter["calls"] == lora_linear_layers(model) == 14  # every DoRA layer ran the fused op once
+    return ours, peft, ref, counter["calls"], lora_linear_layers(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eval_parity_with_peft(dtype):
+    ours, peft, ref, calls, layers = eval_parity(dtype)
+    assert calls == layers == 14  # every DoRA layer ran the fused op once
     assert sum("lora_magnitude_vector" in k for k in ours) == 14
     # Baseline: PEFT unpatched at dtype; exact: its fp64 copy. Logits and every LoRA and magnitude grad.
     assert_results_within_torch_error(ours, peft, ref)
@@ -181,3 +195,22 @@ def test_load_refuses_dora_mismatches(tmp_path):
     with pytest.raises(AdapterFormatError, match=f"missing key {key}: adapter_config.json has use_dora=true"):
         fused_lora.load_adapter(model, tmp_path)
     assert not lora_layers(model)
+
+
+def main():
+    rel = lambda a, b: ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+    worst = lambda got, ref, keys: max(rel(got[k], ref[k]) for k in keys)
+    print("| dtype | logits ours / PEFT vs fp64 | LoRA grads ours / PEFT vs fp64 (worst) | magnitude grads ours / PEFT "
+          "vs fp64 (worst) |")
+    print("|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, peft, ref, _, _ = eval_parity(dtype)
+        lora = [k for k in ref if "lora_A" in k or "lora_B" in k]
+        mags = [k for k in ref if "lora_magnitude_vector" in k]
+        print(f"| {str(dtype).replace('torch.', '')} | {rel(ours['logits'], ref['logits']):.1e} / "
+              f"{rel(peft['logits'], ref['logits']):.1e} | {worst(ours, ref, lora):.1e} / {worst(peft, ref, lora):.1e} | "
+              f"{worst(ours, ref, mags):.1e} / {worst(peft, ref, mags):.1e} |")
+
+
+if __name__ == "__main__":
+    main()
