@@ -209,3 +209,23 @@ def test_bad_dora_inputs(bad, match):
     m, n = bad(_magnitude(30, torch.float32), fused_lora.dora_weight_norm(w, a, bb, 1.0))
     with pytest.raises((ValueError, TypeError), match=match):
         fused_lora.dora_linear(x, w, b, a, bb, 1.0, m, weight_norm=n)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_autocast_computes_in_the_autocast_dtype(p):
+    """Under torch.autocast the op runs on inputs cast to the autocast dtype (m keeps its own); grads come
+    back to each tensor in its own dtype."""
+    x, w, b, a, bb = make_inputs((6,), 24, 20, 4, torch.float32)
+    m = _magnitude(20, torch.float32)
+    got = _run(lambda *t, **kw: _autocast_dora(*t, **kw), (x, w, b, a, bb), m, 1.2, torch.ones(6, 20), dropout_p=p,
+               seed=3)
+    cast = lambda t: t.to(torch.bfloat16)
+    want = fused_lora.dora_linear(cast(x), cast(w), cast(b), cast(a), cast(bb), 1.2, m, dropout_p=p, training=True,
+                                  seed=3)
+    assert got["y"].dtype == torch.bfloat16 and torch.equal(got["y"], want)
+    assert all(got[k].dtype == torch.float32 for k in ("dx", "dA", "dB", "dm"))
+
+
+def _autocast_dora(*args, **kwargs):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fused_lora.dora_linear(*args, **kwargs)
