@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from . import sweep as sw
 from .providers import Layer, Params, _leaf, cuda_dropout_on_meta, make_input, torch_backend_for_cpu
@@ -128,23 +127,10 @@ def build_fused_dora(p: Params) -> Layer:
 
 def build_peft_dora(p: Params) -> Layer:
     """PEFT's lora.Linear with use_dora=True around an nn.Linear holding W and b, its A, B, m our leaves."""
-    from peft import LoraConfig
-    from peft.tuners.lora import Linear as PeftLoraLinear
+    from .providers import peft_linear
 
-    N, K = p.W.shape
-    r = p.A.shape[0]
-    base = nn.Linear(K, N, bias=p.b is not None, device="meta")
-    base.weight = _leaf(p.W, False)
-    if p.b is not None:
-        base.bias = _leaf(p.b, False)
-    alpha = p.scaling * r
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p.dropout, init_lora_weights=False, use_dora=True)
-    layer = PeftLoraLinear(base, "default", config=config, r=r, lora_alpha=alpha)
-    layer.lora_A["default"].weight = _leaf(p.A, True)
-    layer.lora_B["default"].weight = _leaf(p.B, True)
+    layer = peft_linear(p, use_dora=True)
     layer.lora_magnitude_vector["default"].weight = _leaf(_magnitude(p), True)
-    layer.scaling["default"] = p.scaling
-    layer.train()
     trainable = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
                  layer.lora_magnitude_vector["default"].weight]
     return Layer(layer, trainable, list(layer.parameters()))

@@ -138,8 +138,9 @@ def peft_available() -> bool:
     return True
 
 
-def build_peft(p: Params) -> Layer:
-    """The real peft.tuners.lora.Linear around an nn.Linear holding W and b."""
+def peft_linear(p: Params, **config):
+    """The real peft.tuners.lora.Linear (LoraConfig(**config) on top of r, lora_alpha, lora_dropout) around an
+    nn.Linear holding W and b, in training mode, its lora_A and lora_B our leaves A and B."""
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLoraLinear
 
@@ -150,12 +151,18 @@ def build_peft(p: Params) -> Layer:
     if p.b is not None:
         base.bias = _leaf(p.b, False)
     alpha = p.scaling * r
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p.dropout, init_lora_weights=False)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p.dropout, init_lora_weights=False, **config)
     layer = PeftLoraLinear(base, "default", config=config, r=r, lora_alpha=alpha)
     layer.lora_A["default"].weight = _leaf(p.A, True)
     layer.lora_B["default"].weight = _leaf(p.B, True)
     layer.scaling["default"] = p.scaling
     layer.train()
+    return layer
+
+
+def build_peft(p: Params) -> Layer:
+    """The real peft.tuners.lora.Linear around an nn.Linear holding W and b."""
+    layer = peft_linear(p)
     trainable = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     return Layer(layer, trainable, list(layer.parameters()))
 
