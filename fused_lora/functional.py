@@ -24,6 +24,17 @@ def _autocast_inputs(device_type: str, *tensors):
                  for t in tensors)
 
 
+def forced_backend_for(t: torch.Tensor, name: str) -> str | None:
+    """The backend when FUSED_LORA_BACKEND forces one or ``t`` is float64 (select_backend), else None (the op's
+    kernels choose); a TypeError for float64 on the Triton kernels. The op's kernels choose triton or torch
+    themselves, so only these cases matter here: one environment read on the common path."""
+    backend = select_backend(t) if os.environ.get("FUSED_LORA_BACKEND") or t.dtype not in KERNEL_DTYPES else None
+    if backend == "triton" and t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernels support float16, bfloat16 and float32 "
+                        f"(float64 runs with FUSED_LORA_BACKEND=torch)")
+    return backend
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=False, seed=None):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T, with fused kernels on CUDA.
 
@@ -39,12 +50,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
     if isinstance(x, torch.Tensor) and _autocasting(x.device.type):
         x, weight, bias, lora_A, lora_B = _autocast_inputs(x.device.type, x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, dtypes=ALL_DTYPES)
-    # The op's kernels choose triton or torch themselves; here only a forced backend (reference, or an
-    # error for a bad value) and float64 on the kernels matter: one environment read on the common path.
-    backend = select_backend(x) if os.environ.get("FUSED_LORA_BACKEND") or x.dtype not in KERNEL_DTYPES else None
-    if backend == "triton" and x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; the Triton kernels support float16, bfloat16 and float32 "
-                        f"(float64 runs with FUSED_LORA_BACKEND=torch)")
+    backend = forced_backend_for(x, "x")
     scaling = float(scaling)
     dropout_p = float(dropout_p) if training else 0.0
     if backend == "reference":

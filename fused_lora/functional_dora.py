@@ -2,24 +2,13 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from . import reference
-from ._validation import ALL_DTYPES, KERNEL_DTYPES, check_dora_inputs, check_lora_inputs
-from .functional import _autocast_inputs, _autocasting
-from .ops.dispatch import select_backend
+from ._validation import ALL_DTYPES, check_dora_inputs, check_lora_inputs
+from .functional import _autocast_inputs, _autocasting, forced_backend_for
 from .ops.dora import dora_linear_2d, weight_norm as _weight_norm
-
-
-def _check_kernel_dtype(t, name):
-    """The forced backend (or None), and a TypeError for float64 on the Triton kernels, as lora_linear."""
-    backend = select_backend(t) if os.environ.get("FUSED_LORA_BACKEND") or t.dtype not in KERNEL_DTYPES else None
-    if backend == "triton" and t.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernels support float16, bfloat16 and float32 "
-                        f"(float64 runs with FUSED_LORA_BACKEND=torch)")
-    return backend
 
 
 def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
@@ -30,7 +19,7 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
     256 rows at a time; both accumulate in fp32. weight (N, K), lora_A (r, K), lora_B (N, r), one dtype.
     """
     check_lora_inputs(weight[:0], weight, None, lora_A, lora_B, scaling, 0.0, None, dtypes=ALL_DTYPES)
-    _check_kernel_dtype(weight, "weight")
+    forced_backend_for(weight, "weight")
     return _weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(), float(scaling))
 
 
@@ -50,7 +39,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, *, dropout_
         x, weight, bias, lora_A, lora_B = _autocast_inputs(x.device.type, x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, dtypes=ALL_DTYPES)
     check_dora_inputs(x, weight, magnitude, weight_norm)
-    backend = _check_kernel_dtype(x, "x")
+    backend = forced_backend_for(x, "x")
     scaling = float(scaling)
     dropout_p = float(dropout_p) if training else 0.0
     if backend == "reference":

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import math
-import os
-
-import torch
 
 from . import reference
-from ._validation import ALL_DTYPES, KERNEL_DTYPES, check_embedding_inputs
-from .ops.dispatch import select_backend
+from ._validation import ALL_DTYPES, check_embedding_inputs
+from .functional import forced_backend_for
 from .ops.embedding import lora_embedding_1d
 
 
@@ -23,11 +20,7 @@ def lora_embedding(ids, weight, lora_A, lora_B, scaling, *, padding_idx=None, sc
     lora_B, and weight when it requires grad. Autocast does not change it (as F.embedding).
     """
     padding = check_embedding_inputs(ids, weight, lora_A, lora_B, scaling, padding_idx, dtypes=ALL_DTYPES)
-    backend = select_backend(weight) if os.environ.get("FUSED_LORA_BACKEND") or weight.dtype not in KERNEL_DTYPES \
-        else None
-    if backend == "triton" and weight.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"weight has dtype {weight.dtype}; the Triton kernels support float16, bfloat16 and "
-                        f"float32 (float64 runs with FUSED_LORA_BACKEND=torch)")
+    backend = forced_backend_for(weight, "weight")
     scaling = float(scaling)
     scale_grad_by_freq = bool(scale_grad_by_freq)
     if backend == "reference":

@@ -157,8 +157,7 @@ class LoRALinear(LoRAModuleMixin, nn.Module):
 
     def _delta_fp32(self) -> torch.Tensor:
         """s B A in fp32, in the layout of ``weight`` ((in, out) when fan_in_fan_out)."""
-        delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
-        return delta.t() if self.fan_in_fan_out else delta
+        return self._delta(torch.float32)
 
     # DoRA: W' = g (W + s B A), g = m / n with n from the unmerged weights (PEFT's DoraLinearVariant.merge_*),
     # computed in fp32 (fp64 for fp64 W). Unmerge divides by g, so rows with g = 0 (m = 0, or n = 0) are
@@ -183,6 +182,7 @@ class LoRALinear(LoRAModuleMixin, nn.Module):
         return merged, n
 
     def _delta(self, dtype: torch.dtype, *, transposed: bool = True) -> torch.Tensor:
+        """s B A in ``dtype``: in weight's layout, or (out, in) with transposed=False."""
         delta = (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
         return delta.t() if transposed and self.fan_in_fan_out else delta
 

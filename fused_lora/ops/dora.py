@@ -37,7 +37,7 @@ def _kernels():
     return dora_triton
 
 
-def _implementation(x, dropout_p):
+def _implementation(x):
     return _kernels() if _uses_triton(x) else dora_torch
 
 
@@ -65,13 +65,13 @@ def weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
 
 
 def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed):
-    return _implementation(x, dropout_p).forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling,
+    return _implementation(x).forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling,
                                                  dropout_p, seed)
 
 
 def _backward_op_outputs(dy, x, weight, bias, lora_A, lora_B, magnitude, norm, s, saved, scaling, dropout_p, seed,
                          need_dx, need_dA, need_dB, need_dm):
-    grads = _implementation(x, dropout_p).backward(dy, x, weight, bias, lora_A, lora_B, magnitude, norm, s, saved,
+    grads = _implementation(x).backward(dy, x, weight, bias, lora_A, lora_B, magnitude, norm, s, saved,
                                                    scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dm)
     return _as_outputs(grads, x, lora_A, lora_B, magnitude)
 
@@ -158,7 +158,7 @@ class DoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed):
-        impl = _implementation(x, dropout_p)
+        impl = _implementation(x)
         y, s, z = impl.forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed)
         ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, s, z if dropout_p > 0.0 else y)
         ctx.implementation = impl

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dropout import dropout_keep_mask, keep_scale
+from .torch_backend import add_expand, keep_scaled
 
 # Rows of W + s B A formed at a time for the norm (fp32): 256 x K, never N x K.
 NORM_ROWS = 256
@@ -38,30 +38,18 @@ def scale(magnitude, norm):
     return torch.where(positive, magnitude.to(norm.dtype) / torch.where(positive, norm, 1.0), 0.0)
 
 
-def _keep_scaled(x, dropout_p, seed):
-    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
-    return keep.to(x.dtype).mul_(keep_scale(dropout_p))
-
-
-def _add_expand(z, s, lora_B, scaling):
-    """z + scaling * S B^T in place; addmm_(alpha=0) would skip the product and hide NaN / inf of S B^T."""
-    if scaling == 0.0:
-        return z.add_(torch.mm(s, lora_B.t()).mul_(0.0))
-    return z.addmm_(s, lora_B.t(), alpha=scaling)
-
-
 def forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed):
     g = scale(magnitude, norm).to(x.dtype)
     if dropout_p > 0.0:
-        x_lora = x * _keep_scaled(x, dropout_p, seed)
+        x_lora = x * keep_scaled(x, dropout_p, seed)
         s = torch.mm(x_lora, lora_A.t())
         base_lora = torch.mm(x_lora, weight.t())
-        z = _add_expand(base_lora.clone(), s, lora_B, scaling)
+        z = add_expand(base_lora.clone(), s, lora_B, scaling)
         y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
         y.addcmul_(z, g).sub_(base_lora)  # x W^T + b + g z' - x' W^T = PEFT's x W^T + b + (g-1) x'W^T + g s S'B^T
         return y, s, z
     s = torch.mm(x, lora_A.t())
-    y = _add_expand(torch.mm(x, weight.t()), s, lora_B, scaling).mul_(g)
+    y = add_expand(torch.mm(x, weight.t()), s, lora_B, scaling).mul_(g)
     if bias is not None:
         y.add_(bias)
     return y, s, x.new_empty((0,))
@@ -86,7 +74,7 @@ def backward(dy, x, weight, bias, lora_A, lora_B, magnitude, norm, s, saved, sca
     ds = torch.mm(dz, lora_B).mul_(scaling)
     dB = torch.mm(dz.t(), s).mul_(scaling) if need_dB else None
     dx = dA = dm = None
-    keep = _keep_scaled(x, dropout_p, seed) if dropout_p > 0.0 and (need_dx or need_dA) else None
+    keep = keep_scaled(x, dropout_p, seed) if dropout_p > 0.0 and (need_dx or need_dA) else None
     if need_dx:
         if keep is None:
             dx = torch.mm(dz, weight).addmm_(ds, lora_A)
@@ -107,5 +95,5 @@ def weight_grad(dy, x, magnitude, norm, dropout_p, seed):
     """dW of the frozen base when it requires grad: g dY^T x, or dY^T x + ((g - 1) dY)^T x' with dropout."""
     g = scale(magnitude, norm).to(dy.dtype)
     if dropout_p > 0.0:
-        return torch.mm(dy.t(), x).add_(torch.mm((dy * (g - 1)).t(), x * _keep_scaled(x, dropout_p, seed)))
+        return torch.mm(dy.t(), x).add_(torch.mm((dy * (g - 1)).t(), x * keep_scaled(x, dropout_p, seed)))
     return torch.mm((dy * g).t(), x)
