@@ -248,15 +248,13 @@ def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERM
     M, N, K, r = point.tokens, point.out_features, point.in_features, point.r
     dropout = point.dropout > 0.0
     fwd = plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=point.bias)
-    bwd_dy = plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic)
-    bwd_da = plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms)
-    bwd = bwd_dy + plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout) + bwd_da
+    bwd = plans.plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms)
     modeled = [_from_plan(launch) for launch in {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]]
     if direction != "fwd":
         # LoRALinearFunction.backward returns dA.to(A.dtype) and dB.to(B.dtype): a cast launch
         # whenever the plan leaves the grad in another dtype (fp32 atomics or partial sums).
-        for name, plan in (("dA", bwd_da), ("dB", bwd_dy)):
-            grad = _final_operand(plan, name)
+        for name in ("dA", "dB"):
+            grad = _final_operand(bwd, name)
             if grad.dtype != dtype:
                 n = math.prod(grad.shape)
                 modeled.append(ModeledLaunch(f"to({point.dtype})", 0, n * grad.dtype.itemsize + n * dtype.itemsize,

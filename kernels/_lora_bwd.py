@@ -1,4 +1,5 @@
-"""Backward kernels: one pass over dY for (dS, dB); dX = dY W + dS A fused; dA = dS^T dropout(x)."""
+"""Backward kernels: one pass over dY for (dS, dB); dX = dY W + dS A fused; dA = dS^T dropout(x); and for one row
+block of tokens the whole backward (dX, dA, dB) in one launch."""
 import triton
 import triton.language as tl
 
@@ -187,3 +188,93 @@ def _lora_bwd_da_kernel(
         tl.atomic_add(da_ptrs, acc, mask=da_mask, sem="relaxed")
     else:
         tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=da_mask)
+
+
+@triton.jit(do_not_specialize=["seed_ptr"])
+def _lora_bwd_dx_da_db_kernel(
+    dy_ptr,  # (M, N), M <= BLOCK_M: one row block
+    x_ptr,  # (M, K)
+    w_ptr,  # (N, K)
+    a_ptr,  # (r, K)
+    b_ptr,  # (N, r)
+    s_ptr,  # (M, r), saved from forward
+    dx_ptr,  # (M, K) output: dY W + dropout'(dS A)
+    da_ptr,  # (r, K) output in x's dtype: dS^T dropout(x)
+    db_ptr,  # (N, r) output in dY's dtype: s dY^T S
+    seed_ptr,  # () int64 dropout seed; loaded only when APPLY_DROPOUT
+    M, N, K, r,
+    stride_dym, stride_dyn,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_ar, stride_ak,
+    stride_bn, stride_br,
+    stride_sm, stride_sr,
+    stride_dxm, stride_dxk,
+    stride_dar, stride_dak,
+    stride_dbn, stride_dbr,
+    scaling, drop_threshold, keep_scale,
+    R: tl.constexpr,  # r padded to a power of two >= 16
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_SIDE: tl.constexpr,  # columns of the dA and dB tiles (the M side of their dots: 64 for wgmma)
+    APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # The whole backward of one row block in one launch. Each program owns a BLOCK_K slice of dX and walks all
+    # of N; since one row block covers M, it can recompute the whole of dS = s dY B in the same loop (R / BLOCK_K
+    # of the loop's FLOPs) instead of waiting for another launch. The dA and dB tiles (BLOCK_SIDE columns of K
+    # and of N) are dealt to the programs round-robin; there are no cross-program reductions, so no atomics,
+    # no memsets and no casts, and the result does not depend on the order programs run in.
+    pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0)
+    dtype = dy_ptr.dtype.element_ty
+    offs_m = _span(0, BLOCK_M)
+    offs_r = _span(0, R)
+    offs_k = _span(pid * BLOCK_K, BLOCK_K)
+    seed = tl.load(seed_ptr) if APPLY_DROPOUT else 0
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    ds_acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    offs_n = _span(0, BLOCK_N)
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn  # (BLOCK_M, BLOCK_N)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # (BLOCK_N, BLOCK_K)
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br  # (BLOCK_N, R)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        dy = tl.load(dy_ptrs, mask=(offs_m[:, None] < M) & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & (offs_r[None, :] < r), other=0.0)
+        acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+        ds_acc = tl.dot(dy, b, ds_acc, input_precision=INPUT_PRECISION)
+        dy_ptrs += tl.cast(stride_dyn, tl.int64) * BLOCK_N
+        w_ptrs += tl.cast(stride_wn, tl.int64) * BLOCK_N
+        b_ptrs += tl.cast(stride_bn, tl.int64) * BLOCK_N
+    # dS in x's dtype, as the separate dS / dB launch stores it; zero outside (M, r): an inf of dY times a padded
+    # zero of B is NaN there, and the products below would spread it to every row.
+    in_ds = (offs_m[:, None] < M) & (offs_r[None, :] < r)
+    ds = tl.where(in_ds, ds_acc * scaling, 0.0).to(dtype)
+
+    a = _load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, r, K)  # (R, BLOCK_K)
+    lora = tl.dot(ds, a, input_precision=INPUT_PRECISION)
+    if APPLY_DROPOUT:
+        lora = _dropped(lora, seed, offs_m, offs_k, drop_threshold) * keep_scale
+    acc += lora
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+    offs_side = _span(0, BLOCK_SIDE)
+    for t in range(pid, tl.cdiv(K, BLOCK_SIDE), programs):  # dA^T tiles, (BLOCK_SIDE, R)
+        cols = offs_side + t * BLOCK_SIDE
+        x = _load_tile(x_ptr, offs_m, cols, stride_xm, stride_xk, M, K)  # (BLOCK_M, BLOCK_SIDE)
+        if APPLY_DROPOUT:
+            x = _dropped(x, seed, offs_m, cols, drop_threshold)
+        da = tl.dot(tl.trans(x), ds, input_precision=INPUT_PRECISION)
+        if APPLY_DROPOUT:
+            da = da * keep_scale
+        tl.store(da_ptr + offs_r[None, :] * stride_dar + cols[:, None] * stride_dak, da.to(da_ptr.dtype.element_ty),
+                 mask=(cols[:, None] < K) & (offs_r[None, :] < r))
+    s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r)  # (BLOCK_M, R)
+    for t in range(pid, tl.cdiv(N, BLOCK_SIDE), programs):  # dB tiles, (BLOCK_SIDE, R)
+        cols = offs_side + t * BLOCK_SIDE
+        dy = _load_tile(dy_ptr, offs_m, cols, stride_dym, stride_dyn, M, N)  # (BLOCK_M, BLOCK_SIDE)
+        db = tl.dot(tl.trans(dy), s, input_precision=INPUT_PRECISION) * scaling
+        tl.store(db_ptr + cols[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, db.to(db_ptr.dtype.element_ty),
+                 mask=(cols[:, None] < N) & (offs_r[None, :] < r))

@@ -13,9 +13,16 @@ MAX_RANK = 256
 PADDED_RANKS = (16, 32, 64, 128, 256)
 # At or below this many tokens the forward and dX GEMMs are bound by reading W (decode-like).
 FEW_TOKENS = 64
+# Programs a W-bound few-token grid should have: an H100 has 132 SMs (an A100 108).
+FILL_PROGRAMS = 128
 # Fusing the shrink into the forward GEMM re-reads A once per N tile: R / BLOCK_N of W's bytes.
 # With BLOCK_N = 64 and R <= 32 that is at most half of W's traffic, and A (<= 32 x K) stays in L2.
 FUSE_SHRINK_MAX_RANK = 32
+# The one-launch backward of a single row block (_lora_bwd_dx_da_db_kernel) re-reads B (N x R) in every program
+# to recompute dS: R / BLOCK_K of the program's W bytes from L2, which the roofline does not count. With
+# BLOCK_K = 32 that is at most 2x at R = 64, the same as the program's re-read of dY at 64 tokens, which the
+# separate dX launch makes too.
+ONE_BLOCK_BWD_MAX_RANK = 64
 
 
 @dataclass(frozen=True)
@@ -53,10 +60,10 @@ def _is_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def fwd_config(M: int, R: int, dtype: torch.dtype, dora: bool = False, dropout: bool = False
+def fwd_config(M: int, R: int, dtype: torch.dtype, dora: bool = False, dropout: bool = False, N: int = 4096
                ) -> tuple[TileConfig, bool]:
     """(config, fuse_shrink) for _lora_fwd_kernel; ``dora`` with ``dropout``: the loop keeps x W^T and x' W^T in
-    two accumulators."""
+    two accumulators; ``N`` (output features) narrows the few-token tiles of a narrow layer."""
     if dora and _is_fp32(dtype):
         # FMA: with DoRA's epilogue the 64-wide tiles below spilled 8-136 B on sm_90 (16 B fused at R = 16;
         # 136 B with two accumulators on 4 warps); 32 columns do not, on 8 warps with two accumulators (4
@@ -74,8 +81,11 @@ def fwd_config(M: int, R: int, dtype: torch.dtype, dora: bool = False, dropout: 
         # sm_90; 64 x 32 x 128 compiles to HGMMA with 0 spills on sm_80 / sm_90 (kernel_report).
         # One launch instead of two (shrink fused in) when the rank is small enough (see above).
         # 8 warps: with 4 the fused variant spilled on sm_80 (kernel_report); fp32 (FMA) needs K = 32.
-        return TileConfig(BLOCK_M=64, BLOCK_N=64 if _is_fp32(dtype) else 32, BLOCK_K=32 if _is_fp32(dtype) else 128,
-                          num_warps=8, num_stages=3), R <= FUSE_SHRINK_MAX_RANK
+        # Below FILL_PROGRAMS 32-column tiles, 16 columns (N = 1024: 64 programs instead of 32, modeled 14.3 ->
+        # 9.2 us at 1 token on an H100). DoRA keeps 32: its narrow tiles are not in the AOT report's set.
+        block_n = 32 if dora or -(-N // 32) >= FILL_PROGRAMS else 16
+        return TileConfig(BLOCK_M=64, BLOCK_N=64 if _is_fp32(dtype) else block_n,
+                          BLOCK_K=32 if _is_fp32(dtype) else 128, num_warps=8, num_stages=3), R <= FUSE_SHRINK_MAX_RANK
     if _is_fp32(dtype):
         # fp32 without tf32 runs on FMA: 128 x 128 x 32 spilled at every rank. With int64 pointer offsets
         # 64 x 64 x 32 on 8 warps spilled 8 B on sm_80, and 64 x 64 x 16 on 8 warps 8-32 B on sm_90 (ptxas
@@ -141,6 +151,27 @@ def bwd_dx_config(M: int, dtype: torch.dtype, two_products: bool = False) -> Til
         return TileConfig(BLOCK_M=64, BLOCK_K=32, BLOCK_N=128, num_warps=4, num_stages=3)
     # 4 stages: with int64 pointer offsets, 3 stages spilled 136-360 B on sm_90 at R <= 32 (kernel_report).
     return TileConfig(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def bwd_one_block_config(M: int, R: int, dtype: torch.dtype) -> TileConfig | None:
+    """_lora_bwd_dx_da_db_kernel's tiles, or None where the backward runs as separate dS / dB, dX and dA launches:
+    more tokens than one BLOCK_M row block, or a rank above ONE_BLOCK_BWD_MAX_RANK (32 in fp32)."""
+    if not 0 < M <= FEW_TOKENS or R > ONE_BLOCK_BWD_MAX_RANK:
+        return None
+    if _is_fp32(dtype):
+        # FMA holds a whole K slice of both operands of the 64 x 64 x R dA / dB dots in registers: at R = 64 it
+        # spilled 1480-1920 B on sm_80 (with 16- or 32-column N tiles); up to R = 32 it does not (kernel_report).
+        if R > 32:
+            return None
+        return TileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3)
+    # As the few-token dX launch: 32-column K slices give K / 32 programs (128 for K = 4096), every one reading
+    # its W slice once. 0 spills and HGMMA on sm_90; at R = 64 4 warps spilled 16-120 B on sm_80, 8 do not
+    # (kernel_report).
+    return TileConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8 if R >= 64 else 4, num_stages=3)
+
+
+# Columns of the one-launch backward's dA and dB tiles: the M side of their dots, 64 for wgmma.
+ONE_BLOCK_SIDE = 64
 
 
 def bwd_da_config(R: int, dtype: torch.dtype) -> TileConfig:

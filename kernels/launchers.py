@@ -19,13 +19,15 @@ from typing import NamedTuple
 
 import torch
 
+from . import configs
 from ._interpreter import install_bf16_fixes, interpreting
-from ._lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
+from ._lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_da_db_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
 from ._dora import _dora_magnitude_grad_kernel, _dora_weight_norm_kernel
 from ._lora_fwd import _lora_fwd_kernel, _lora_shrink_kernel
 from .dropout_args import drop_threshold, keep_scale, seed_on
 from .plans import (SUM_PARTS, ZERO_, ZEROS, Launch, find_launch, plan_dora_magnitude_grad, plan_dora_weight_norm,
-                    plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_fwd, plan_lora_shrink)
+                    plan_lora_bwd, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_fwd,
+                    plan_lora_shrink)
 
 # Programs per SM the interpreter pretends to have: small, so tests still see several dA splits.
 _INTERPRETER_SMS = 2
@@ -135,6 +137,15 @@ def _dy_ready(M, N, r, dtype, deterministic, precision, dora=False, bias=False, 
 @functools.lru_cache(maxsize=4096)
 def _dx_ready(M, N, K, r, dtype, dropout, precision, dora=False):
     return _ready(plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=dora), "_lora_bwd_dx_kernel", precision)
+
+
+@functools.lru_cache(maxsize=4096)
+def _one_block_ready(M, N, K, r, dtype, dropout, precision) -> _Ready | None:
+    """The one-launch backward (plan_lora_bwd with need_dx), or None where that plan is the separate launches."""
+    plan = plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=False, num_sms=1)
+    if find_launch(plan, "_lora_bwd_dx_da_db_kernel") is None:
+        return None
+    return _ready(plan, "_lora_bwd_dx_da_db_kernel", precision)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -271,12 +282,18 @@ def lora_bwd_da(ds, x, *, dropout_p: float = 0.0, seed=0, deterministic: bool | 
 
 def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: float = 0.0, seed=0,
              need_dx: bool = True, need_dA: bool = True):
-    """(dX or None, dA or None, dB): lora_bwd_dy, then lora_bwd_dx and lora_bwd_da as needed, under one
-    device guard with one look-up of the launch arguments each."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    """(dX or None, dA or None, dB) as plan_lora_bwd plans them: for one row block of tokens one launch
+    (lora_bwd_one_block), else lora_bwd_dy, then lora_bwd_dx and lora_bwd_da as needed, under one device guard
+    with one look-up of the launch arguments each."""
     precision = _input_precision(dy.dtype)
     M, N = dy.shape
     r, K = lora_A.shape
+    one_block = _one_block_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, precision) if need_dx else None
+    if one_block is not None:
+        with launch_guard(dy.device):
+            dx, da, db = _bwd_one_block(one_block, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
+        return dx, da if need_dA else None, db
+    deterministic = torch.are_deterministic_algorithms_enabled()
     with launch_guard(dy.device):
         seed = _seed_arg(seed, dropout_p, dy.device)
         ds, db = _bwd_dy(_dy_ready(M, N, r, dy.dtype, deterministic, precision), dy, lora_B, s, scaling)
@@ -284,6 +301,33 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: flo
                      dropout_p, seed) if need_dx else None
         da = _bwd_da(_da_ready_for(x, r, dropout_p, deterministic, precision), ds, x, dropout_p,
                      seed) if need_dA else None
+    return dx, da, db
+
+
+def lora_bwd_one_block(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: float = 0.0, seed=0):
+    """(dX, dA, dB) of at most one row block of tokens (configs.bwd_one_block_config) in one launch: dX = dY W +
+    dropout'(dS A), dA = dS^T dropout(x), dB = s dY^T S with dS = s dY B; dA and dB in the inputs' dtype."""
+    M, N = dy.shape
+    r, K = lora_A.shape
+    ready = _one_block_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, _input_precision(dy.dtype))
+    if ready is None:
+        raise ValueError(f"lora_bwd_one_block: {M} tokens at rank {r} in {dy.dtype} is not one row block of "
+                         f"configs.bwd_one_block_config (1..{configs.FEW_TOKENS} tokens, rank <= "
+                         f"{configs.ONE_BLOCK_BWD_MAX_RANK}, N and K > 0); use lora_bwd")
+    with launch_guard(dy.device):
+        return _bwd_one_block(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
+
+
+def _bwd_one_block(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
+    M, N = dy.shape
+    r, K = lora_A.shape
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    da = torch.empty((r, K), device=dy.device, dtype=x.dtype)
+    db = torch.empty((N, r), device=dy.device, dtype=dy.dtype)
+    _lora_bwd_dx_da_db_kernel[ready.launch.grid](
+        dy, x, weight, lora_A, lora_B, s, dx, da, db, _seed_arg(seed, dropout_p, dy.device), M, N, K, r,
+        *dy.stride(), *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *s.stride(), *dx.stride(),
+        *da.stride(), *db.stride(), float(scaling), *_dropout_scalars(dropout_p), **ready.kwargs)
     return dx, da, db
 
 

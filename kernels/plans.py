@@ -129,7 +129,7 @@ def plan_lora_fwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout
     epilogue, and with dropout the second base product x' W^T in the same loop and Z = z' written."""
     R = configs.padded_rank(r)
     two_products = dora and dropout
-    cfg, fuse = configs.fwd_config(M, R, dtype, dora, dropout)
+    cfg, fuse = configs.fwd_config(M, R, dtype, dora, dropout, N)
     if fuse_shrink is not None:
         fuse = fuse_shrink
     if M == 0 or N == 0:
@@ -236,6 +236,31 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
                       args=dict(m_blocks_per_split=per_split), reads=reads, writes=(out,), flops=flops)
 
     return _reduced_over_m(kernel, dA, splits, dtype, use_atomics)
+
+
+def plan_lora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, deterministic: bool,
+                  num_sms: int, need_dx: bool = True) -> list[Launch]:
+    """The backward's launches: for one row block of tokens (configs.bwd_one_block_config) the whole of it in one
+    _lora_bwd_dx_da_db_kernel launch, dA and dB stored in the inputs' dtype; otherwise, or without ``need_dx``
+    (that kernel always reads W for dX), plan_lora_bwd_dy, plan_lora_bwd_dx and plan_lora_bwd_da."""
+    R = configs.padded_rank(r)
+    cfg = configs.bwd_one_block_config(M, R, dtype)
+    if cfg is None or not need_dx or N == 0 or K == 0:
+        return (plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic)
+                + (plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout) if need_dx else [])
+                + plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms))
+    side = configs.ONE_BLOCK_SIDE
+    k_blocks = _cdiv(K, cfg.BLOCK_K)
+    Mp, Np, Kp = cfg.BLOCK_M, _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N, k_blocks * cfg.BLOCK_K
+    flops = (2 * Mp * Np * (Kp + R * k_blocks)  # dY W, and dY B recomputed by every program
+             + 2 * Mp * Kp * R  # dS A
+             + 2 * Mp * R * (_cdiv(K, side) + _cdiv(N, side)) * side)  # the dA and dB tiles
+    reads = (Operand("dY", (M, N), dtype), Operand("X", (M, K), dtype), Operand("W", (N, K), dtype),
+             Operand("A", (r, K), dtype), Operand("B", (N, r), dtype), Operand("S", (M, r), dtype))
+    writes = (Operand("dX", (M, K), dtype), Operand("dA", (r, K), dtype), Operand("dB", (N, r), dtype))
+    constexprs = dict(R=R, BLOCK_SIDE=side, APPLY_DROPOUT=dropout, **cfg.constexprs())
+    return [Launch("_lora_bwd_dx_da_db_kernel", (k_blocks,), cfg, constexprs, reads=reads, writes=writes,
+                   flops=flops)]
 
 
 def plan_dora_weight_norm(N: int, K: int, r: int, dtype: torch.dtype) -> list[Launch]:

@@ -83,6 +83,7 @@ KERNEL_MODULES = {
     "_lora_bwd_dy_kernel": "fused_lora.kernels._lora_bwd",
     "_lora_bwd_dx_kernel": "fused_lora.kernels._lora_bwd",
     "_lora_bwd_da_kernel": "fused_lora.kernels._lora_bwd",
+    "_lora_bwd_dx_da_db_kernel": "fused_lora.kernels._lora_bwd",
     "_dora_weight_norm_kernel": "fused_lora.kernels._dora",
     "_dora_magnitude_grad_kernel": "fused_lora.kernels._dora",
     "_lora_embedding_fwd_kernel": "fused_lora.kernels.lora_embedding",
@@ -97,6 +98,8 @@ LAUNCHER_MODULES = {name: ("fused_lora.kernels.lora_embedding" if module.endswit
 WORST_CASE_FLAGS = {"HAS_BIAS": True, "APPLY_DROPOUT": True, "USE_ATOMICS": True, "SCALE_GRAD_BY_FREQ": True}
 # Pointer arguments that are fp32 whatever the input dtype (dB / dA accumulators and partials).
 FP32_POINTERS = frozenset({"db_ptr", "da_ptr", "norm_ptr", "dm_parts_ptr"})
+# Kernels that store dA / dB in the inputs' dtype whatever the flags (no reduction across programs).
+GRADS_IN_INPUT_DTYPE = frozenset({"_lora_bwd_dx_da_db_kernel"})
 # The operand a dB / dA launch writes when it is the only part (plans._reduced_over_m): in the inputs' dtype.
 SINGLE_PART_GRADS = frozenset({"dB", "dA"})
 # The dropout seed: a 0-dim int64 tensor, declared do_not_specialize (no alignment hint).
@@ -154,10 +157,13 @@ def plan_launches(M: int, N: int, K: int, r: int, dtype, *, dropout: bool, bias:
 
     launches = [*plans.plan_lora_shrink(M, K, r, dtype, dropout=dropout),
                 *plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias),
+                *plans.plan_lora_fwd(M, N // 4, K, r, dtype, dropout=dropout, bias=bias),  # few-token tiles narrow
                 *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic),
                 *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout),
                 *plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic,
                                         num_sms=num_sms),
+                *plans.plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic,
+                                     num_sms=num_sms),
                 *_dora_plans(M, N, K, r, dtype, dropout=dropout, bias=bias, deterministic=deterministic),
                 *lora_embedding.plan_lora_embedding_fwd(M, K, N, r, dtype),
                 *lora_embedding.plan_lora_embedding_bwd(M, K, N, r, dtype, deterministic=deterministic,
@@ -296,7 +302,8 @@ def build_signature(kernel, dtype: str, constexprs: dict, align: str = "aligned"
         elif n.endswith("_ptr"):
             # Without atomics a job is the single-part launch (launch_config): its grad is stored in the
             # inputs' dtype.
-            fp32 = n in FP32_POINTERS and constexprs.get("USE_ATOMICS", True)
+            fp32 = (n in FP32_POINTERS and constexprs.get("USE_ATOMICS", True)
+                    and kernel.__name__ not in GRADS_IN_INPUT_DTYPE)
             signature[n] = "*" + ("fp32" if fp32 else _TRITON_DTYPE[dtype])
             if align != "none":
                 attrs[(i,)] = [list(a) for a in divisible]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from fused_lora.kernels import launchers
 
 KERNELS = ("_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel",
-           "_lora_bwd_da_kernel")
+           "_lora_bwd_da_kernel", "_lora_bwd_dx_da_db_kernel")
 
 
 @dataclass

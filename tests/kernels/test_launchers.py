@@ -93,6 +93,66 @@ def test_bwd_da(dtype, M, r, p, deterministic):
     _check("dA", da, *_refs(reference.lora_bwd_da, ds, x, dropout_p=p, seed=SEED), dtype)
 
 
+def _bwd_refs(dy, x, w, a, bb, s, scaling, p, dtype):
+    """(dX, dA, dB) of the three per-launcher formulas chained, at dtype (dS rounded to it, as the kernels store
+    it) and in fp64."""
+    out = []
+    for upcast in (False, True):
+        ds, db = reference.lora_bwd_dy(dy, bb, s, scaling, upcast=upcast)
+        ds = ds if upcast else ds.to(dtype)
+        out.append((reference.lora_bwd_dx(dy, w, ds, a, dropout_p=p, seed=SEED, upcast=upcast),
+                    reference.lora_bwd_da(ds, x, dropout_p=p, seed=SEED, upcast=upcast), db))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,r,N,K", [(1, 1, 150, 91), (37, 7, 75, 200), (64, 33, 131, 70), (5, 64, 66, 129)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bwd_one_block(dtype, M, r, N, K, p):
+    """The one-launch backward of one row block against the chained dS / dB, dX and dA formulas: dA and dB in the
+    inputs' dtype, and dA / dB tiles dealt round-robin (N = 131 and K = 200 have more 64-column tiles than
+    some grids have programs)."""
+    x, w, _, a, bb = make_inputs((M,), K, N, r, dtype)
+    g = torch.Generator().manual_seed(6)
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    s = torch.randn(M, r, generator=g).to(dtype)
+    if configs.bwd_one_block_config(M, configs.padded_rank(r), dtype) is None:
+        assert dtype == torch.float32 and r > 32
+        with pytest.raises(ValueError, match="not one row block"):
+            launchers.lora_bwd_one_block(dy, x, w, a, bb, s, 1.5)
+        return
+    dx, da, db = launchers.lora_bwd_one_block(dy, x, w, a, bb, s, 1.5, dropout_p=p, seed=SEED)
+    assert da.dtype == db.dtype == dtype
+    for name, got, low, ref in zip(("dX", "dA", "dB"), (dx, da, db), *_bwd_refs(dy, x, w, a, bb, s, 1.5, p, dtype)):
+        _check(name, got, low, ref, dtype)
+
+
+def test_bwd_one_block_keeps_inf_of_dy_in_its_rows():
+    """An inf of dY makes its row of dS inf / NaN; the padded rank columns and rows of dS stay 0 (as the separate
+    launches' masked store leaves them), so dX, dA and dB are NaN exactly where the reference is."""
+    M, N, K, r = 3, 70, 90, 5
+    x, w, _, a, bb = make_inputs((M,), K, N, r, torch.float32)
+    g = torch.Generator().manual_seed(6)
+    dy, s = torch.randn(M, N, generator=g), torch.randn(M, r, generator=g)
+    dy[1, 7] = float("inf")
+    got = launchers.lora_bwd_one_block(dy, x, w, a, bb, s, 1.5)
+    _, ref = _bwd_refs(dy, x, w, a, bb, s, 1.5, 0.0, torch.float32)
+    for name, g_, r_ in zip(("dX", "dA", "dB"), got, ref):
+        assert torch.equal(g_.isnan(), r_.isnan()) and torch.equal(g_.isinf(), r_.isinf()), name
+
+
+def test_bwd_plan_is_one_launch_for_one_row_block():
+    one = plans.plan_lora_bwd(64, 4096, 4096, 64, torch.bfloat16, dropout=True, deterministic=True, num_sms=132)
+    assert [(l.kernel, l.grid) for l in one] == [("_lora_bwd_dx_da_db_kernel", (128,))]
+    assert [op.dtype for op in one[0].writes] == [torch.bfloat16] * 3
+    for M, r, dtype, need_dx in ((65, 16, torch.bfloat16, True), (1, 128, torch.float16, True),
+                                 (1, 64, torch.float32, True), (1, 16, torch.bfloat16, False)):
+        planned = plans.plan_lora_bwd(M, 4096, 4096, r, dtype, dropout=False, deterministic=False, num_sms=132,
+                                      need_dx=need_dx)
+        assert "_lora_bwd_dx_da_db_kernel" not in [l.kernel for l in planned]
+        assert ("_lora_bwd_dx_kernel" in [l.kernel for l in planned]) == need_dx
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_single_block_grads_are_stored_in_the_parameter_dtype(dtype):
     """Few tokens: dB and dA come straight from their kernels in the parameters' dtype (no memset, no

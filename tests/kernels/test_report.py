@@ -175,7 +175,8 @@ def test_seed_is_not_specialised():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     keys = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(keys) == {"_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dx_kernel", "_lora_bwd_da_kernel"}
+    assert set(keys) == {"_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dx_kernel", "_lora_bwd_da_kernel",
+                         "_lora_bwd_dx_da_db_kernel"}
     for name, (aligned, unaligned) in keys.items():
         assert aligned == unaligned == ["*i64", None], (name, aligned, unaligned)
 
@@ -186,9 +187,10 @@ def test_matrix_covers_every_launch_choice():
         by.setdefault((j["arch"], j["dtype"]), set()).add((j["kernel"], j["config"].get("R")))
     assert set(by) == {(a, d) for a in kr.ARCHS for d in kr.DTYPES}
     rank_free = {"_dora_magnitude_grad_kernel"}  # loops over r at run time: one config for every rank
-    for combos in by.values():
-        assert combos == {(k, R) for k in set(kr.KERNELS) - rank_free for R in (16, 32, 64, 128, 256)} | \
-            {(k, None) for k in rank_free}
+    one_block = "_lora_bwd_dx_da_db_kernel"  # configs.bwd_one_block_config: R <= 64, in fp32 R <= 32
+    for (_, dtype), combos in by.items():
+        assert combos == {(k, R) for k in set(kr.KERNELS) - rank_free - {one_block} for R in (16, 32, 64, 128, 256)} \
+            | {(k, None) for k in rank_free} | {(one_block, R) for R in ((16, 32) if dtype == "fp32" else (16, 32, 64))}
     assert len(set(IDS)) == len(IDS)
 
 
@@ -208,6 +210,8 @@ def _random_plans(rng, dtype) -> list:
             *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout),
             *plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic,
                                     num_sms=rng.randint(1, 200)),
+            *plans.plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic,
+                                 num_sms=rng.randint(1, 200)),
             *plans.plan_dora_weight_norm(N, K, r, dtype),
             *plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias, dora=True),
             *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, dora=True, bias=bias, dropout=dropout),

@@ -8,7 +8,7 @@ import torch
 
 import fused_lora
 from fused_lora.dropout import dropout_keep_mask
-from fused_lora.kernels import launchers
+from fused_lora.kernels import configs, launchers
 from numerics import assert_within_torch_error, make_inputs, run_lora, skip_unless_backend_runs
 from spies import spy_on_kernels
 
@@ -143,7 +143,8 @@ def test_every_launch_runs_inside_a_guard_of_the_inputs_device(monkeypatch, M):
     x, w, b, a, bb = make_inputs((M,), 40, 37, 5, torch.float32)
     got = run_lora(fused_lora.lora_linear, (x, w, b, a, bb), 1.0, torch.ones(M, 37), dropout_p=0.2, seed=3)
     launched = [launch.seen for launch in launches]
-    assert len(launched) >= 4  # fwd (and the shrink unless fused), dy, dx, da
+    # fwd (and the shrink unless fused); dy, dx, da, or for one row block of tokens one backward launch
+    assert len(launched) >= (2 if M <= configs.FEW_TOKENS else 4)
     assert all(devices and devices[-1] == x.device for devices in launched), launched
     assert set(guard.entered) == {x.device} and not guard.active
     assert got["y"].device == x.device
