@@ -225,7 +225,7 @@ def fused_dora_launches(point: Point, direction: str, *, deterministic: bool | N
     """The launches fused_lora.dora_linear makes on CUDA (fused_lora.ops.dora_triton and kernels.launchers):
     forward = plan_dora_weight_norm + plan_lora_fwd(dora=True) (+ the shrink when not fused); backward =
     plan_lora_bwd_dy(dora=True) + plan_lora_bwd_dx(dora=True) + plan_lora_bwd_da + plan_dora_magnitude_grad,
-    plus the casts fused_lora.ops.dora._as_outputs launches for a dA or dB the plans leave in fp32. With dropout
+    plus a cast fused_lora.ops.dora._as_outputs would launch for a dA or dB a plan left in fp32 (none does). With dropout
     the forward and dX loops compute both base products (x W^T and x' W^T; dY W and (g - 1) dY W)."""
     from fused_lora.kernels import plans
 
@@ -237,9 +237,10 @@ def fused_dora_launches(point: Point, direction: str, *, deterministic: bool | N
     dtype = getattr(torch, point.dtype)
     M, N, K, r = point.tokens, point.out_features, point.in_features, point.r
     fwd = plans.plan_dora_weight_norm(N, K, r, dtype) + plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout,
-                                                                            bias=point.bias, dora=True)
+                                                                            bias=point.bias, dora=True,
+                                                                            num_sms=num_sms)
     dy = plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, dora=True, bias=point.bias,
-                                dropout=dropout)
+                                dropout=dropout, num_sms=num_sms)
     da = plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms)
     bwd = dy + plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=True) + da + \
         plans.plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout)

@@ -3,7 +3,7 @@
     python benchmarks/host_compare.py                                   # the fused_lora installed here
     cd /tmp && PYTHONPATH=/path/to/other/tree python /path/to/benchmarks/host_compare.py
 
-Unlike ``fused-lora-bench --host-only`` it uses nothing but the five kernel names of
+Unlike ``fused-lora-bench --host-only`` it uses nothing but the kernel names of
 the launchers' module (``fused_lora.kernels.launchers``; ``fused_lora.kernels.ops`` in older trees) and
 ``fused_lora.lora_linear``, so it also measures older checkouts (whose package tree has ``kernels/``
 copied to ``fused_lora/kernels``) in the same session as the current one.
@@ -23,8 +23,9 @@ try:
 except ImportError:  # trees before the launchers' module was named launchers.py
     from fused_lora.kernels import ops as launchers  # noqa: E402
 
+# Older trees have no _lora_bwd_dx_da_db_kernel: setting it there adds an attribute nothing reads.
 KERNELS = ("_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel",
-           "_lora_bwd_da_kernel")
+           "_lora_bwd_da_kernel", "_lora_bwd_dx_da_db_kernel")
 
 
 class _BareFunction(torch.autograd.Function):

@@ -1,19 +1,23 @@
 """A modeled (not measured) roofline of every provider, launch by launch, on an H100 SXM or H200 SXM preset.
 
 modeled time of a launch = max(flops / (peak x e), compulsory bytes / bandwidth) x wave factor
-                           + atomic bytes / ATOMIC_BYTES_PER_S + per-launch overhead,
+                           + atomic bytes / ATOMIC_BYTES_PER_S + tail bytes x SMs / bandwidth
+                           + per-launch overhead,
 summed over the launches, where
 - e = 1 for torch ops; for a Triton launch e = 1 in the ideal table and TRITON_GEMM_EFFICIENCY in the second one;
 - wave factor = 1 for a torch op (cuBLAS and torch's kernels size their grids to the GPU, e.g. split-K for
   few tokens); for a Triton launch of G programs, waves x slots / G, where slots = SMs x PROGRAMS_PER_SM and
   waves = ceil(G / slots): a grid below one wave gets G / slots of the peaks, 133 programs on 132 SMs take
   two waves, the second one nearly empty;
-- atomic bytes: the fp32 atomic adds a plan's USE_ATOMICS launch makes into dB or dA (0 otherwise).
+- atomic bytes: the fp32 atomic adds a plan's USE_ATOMICS launch makes into dB or dA (0 otherwise), and the
+  last program's read and re-zeroing of the accumulator;
+- tail bytes: what one program moves alone once the others are done (the final pass of a sum finished by the
+  last program to arrive), at one SM's share of the bandwidth.
 
 Launch lists are derived, not typed in:
 - fused: from the launchers' own plans (fused_lora.kernels.plans.plan_*): grids, tiles, passes, partial
-  buffers and memsets, as the launchers will launch them, plus the grad casts of
-  fused_lora.ops.linear (an fp32 dA or dB to the parameters' dtype).
+  buffers, atomics and tails, as the launchers will launch them, plus a grad cast of fused_lora.ops.linear
+  wherever a plan left dA or dB in another dtype than the parameters' (none does today).
 - eager, peft, addmm, gemm: by running them once on meta tensors under a TorchDispatchMode that
   records every aten op autograd and the module run (views and allocations excluded), with FLOPs
   from torch.utils.flop_counter's formulas and compulsory bytes from the op's tensors.
@@ -77,10 +81,6 @@ ATOMIC_BYTES_PER_S = 3.35e12
 # launch (their main loops are such tl.dot loops, without TMA, persistence or warp specialisation), not to
 # bandwidth, atomics or overhead (no published figure for those). The targets refer to the ideal table (1.0).
 TRITON_GEMM_EFFICIENCY = 0.82
-# The Triton launches whose USE_ATOMICS programs add into a grad: {kernel: (operand, grid axis of the
-# programs that each add one full copy of it)}. dS/dB: each of the m_blocks programs adds an (N, r)
-# partial; dA: each of the SPLIT_M slices adds an (r, K) partial (its K tiles partition dA).
-ATOMIC_REDUCTIONS = {"_lora_bwd_dy_kernel": ("dB", 0), "_lora_bwd_da_kernel": ("dA", 1)}
 # fused_lora's default: fp32 atomics (deterministic partials only under
 # torch.use_deterministic_algorithms(True)).
 DETERMINISTIC = False
@@ -100,12 +100,15 @@ def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
         "atomic_bytes_per_s": ATOMIC_BYTES_PER_S,
         "triton_gemm_efficiency": TRITON_GEMM_EFFICIENCY,
         "formula": "sum over launches of max(flops / (peak x e), bytes / bandwidth) x wave factor "
-                   "+ atomic bytes / atomic rate + launch overhead",
+                   "+ atomic bytes / atomic rate + tail bytes x SMs / bandwidth + launch overhead",
         "waves": f"Triton launches: ceil(programs / ({gpu.num_sms} SMs x {PROGRAMS_PER_SM})) waves, wave factor "
                  "waves x slots / programs (a grid of 4 programs gets 4/132 of the peaks; 133 take 2 waves); "
                  "torch ops: 1",
         "atomics": "fp32 atomic adds of a USE_ATOMICS launch: m_blocks x N x r x 4 bytes into dB, SPLIT_M x r x K "
-                   "x 4 into dA, at atomic_bytes_per_s, added after the launch's main time (not overlapped)",
+                   "x 4 into dA, plus 2 x 4 bytes per element for the last program's read and re-zeroing, at "
+                   "atomic_bytes_per_s, added after the launch's main time (not overlapped)",
+        "tails": "a sum finished by the last program to arrive: the bytes that one program moves after the rest "
+                 "of the launch (its columns' accumulator or partials, and the grad it stores), at hbm / SMs",
         "triton_efficiency": "e = 1 in the ideal table; triton_gemm_efficiency on the FLOP rate of Triton "
                              "launches in the second table (triton-lang/triton#3672, tutorial 03 on H100)",
         "host": "not in the modeled time: the measured host time per layer (host-overhead part) is printed "
@@ -132,6 +135,7 @@ class ModeledLaunch:
     detail: str = ""
     programs: int | None = None  # a Triton launch's grid size; None: a torch op, which fills the GPU
     atomic_bytes: int = 0  # fp32 atomic adds into L2 (dB / dA of a USE_ATOMICS launch)
+    tail_bytes: int = 0  # moved by one last-to-arrive program after the rest of the launch (its sums' final pass)
 
     @property
     def is_triton(self) -> bool:
@@ -161,8 +165,13 @@ class ModeledLaunch:
     def atomic_seconds(self) -> float:
         return self.atomic_bytes / ATOMIC_BYTES_PER_S
 
+    def tail_seconds(self, gpu: Gpu = DEFAULT_GPU) -> float:
+        """One program alone after the others: at one SM's share of the bandwidth (hbm / SMs)."""
+        return self.tail_bytes * gpu.num_sms / gpu.hbm_bytes_per_s
+
     def seconds(self, peak: float, gpu: Gpu = DEFAULT_GPU, triton_efficiency: float = 1.0) -> float:
-        return self.main_seconds(peak, gpu, triton_efficiency) + self.atomic_seconds() + LAUNCH_OVERHEAD_S
+        return (self.main_seconds(peak, gpu, triton_efficiency) + self.atomic_seconds() + self.tail_seconds(gpu)
+                + LAUNCH_OVERHEAD_S)
 
     def bound(self, peak: float, gpu: Gpu = DEFAULT_GPU) -> str:
         return "compute" if self.flops / peak >= self.bytes / gpu.hbm_bytes_per_s else "memory"
@@ -214,29 +223,18 @@ def modeled_dtype_supported(dtype: str) -> bool:
 # fused: from the launchers' plans
 # ---------------------------------------------------------------------------------------------
 
-def atomic_bytes(launch) -> int:
-    """Bytes of fp32 atomic adds a plan's launch makes: with USE_ATOMICS, every program along the reduced
-    grid axis adds one full copy of the grad (ATOMIC_REDUCTIONS), e.g. m_blocks x N x r x 4 into dB."""
-    if not launch.constexprs.get("USE_ATOMICS"):
-        return 0
-    if launch.kernel not in ATOMIC_REDUCTIONS:
-        raise ValueError(f"{launch.kernel} uses atomics, but the model does not know which operand it adds into "
-                         "(benchmarks.roofline.ATOMIC_REDUCTIONS)")
-    name, axis = ATOMIC_REDUCTIONS[launch.kernel]
-    (target,) = [op for op in launch.writes if op.name == name]
-    return launch.grid[axis] * target.nbytes
-
-
 def _from_plan(launch) -> ModeledLaunch:
     ops = ", ".join(f"{'w' if op in launch.writes else 'r'}:{op.name}{list(op.shape)}"
                     for op in launch.reads + launch.writes)
     grid = f" grid={launch.grid} {launch.config.BLOCK_M}x{launch.config.BLOCK_N}x{launch.config.BLOCK_K}" \
         if launch.is_triton else ""
-    atomics = atomic_bytes(launch) if launch.is_triton else 0
-    if atomics:
-        grid += f" atomics={atomics / 2**20:.3g} MiB"
+    if launch.atomic_bytes:
+        grid += f" atomics={launch.atomic_bytes / 2**20:.3g} MiB"
+    if launch.tail_bytes:
+        grid += f" tail={launch.tail_bytes / 2**10:.3g} KiB"
     return ModeledLaunch(launch.kernel, launch.flops, launch.hbm_bytes, f"{ops}{grid}",
-                         programs=math.prod(launch.grid) if launch.is_triton else None, atomic_bytes=atomics)
+                         programs=math.prod(launch.grid) if launch.is_triton else None,
+                         atomic_bytes=launch.atomic_bytes, tail_bytes=launch.tail_bytes)
 
 
 def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERMINISTIC,
@@ -247,7 +245,7 @@ def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERM
     dtype = getattr(torch, point.dtype)
     M, N, K, r = point.tokens, point.out_features, point.in_features, point.r
     dropout = point.dropout > 0.0
-    fwd = plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=point.bias)
+    fwd = plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=point.bias, num_sms=num_sms)
     bwd = plans.plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms)
     modeled = [_from_plan(launch) for launch in {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]]
     if direction != "fwd":

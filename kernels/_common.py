@@ -92,3 +92,42 @@ def _dora_scale(mag_ptr, norm_ptr, offs_n, stride_mag_n, N):
     m = tl.load(mag_ptr + offs_n * stride_mag_n, mask=offs_n < N, other=0.0).to(tl.float32)
     n = tl.load(norm_ptr + offs_n, mask=offs_n < N, other=0.0)
     return tl.where(n > 0, m / tl.where(n > 0, n, 1.0), 0.0)
+
+
+@triton.jit
+def _last_to_arrive(counter_ptr, parts):
+    """Counts this program in at ``counter_ptr`` (int32, zero at rest) once its stores and atomics are done; True
+    in the last of ``parts`` programs to arrive, which also sets the counter back to 0 for the next launch.
+
+    The barrier orders every thread's writes before the one acq_rel atomic (release: other programs that see the
+    count see those writes; acquire: the last program sees everyone's), the pattern of CUDA's threadFenceReduction
+    sample. Reads of other programs' data after it go through L2 (atomics or .cg loads), never a stale L1 line.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == parts - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+    return last
+
+
+@triton.jit
+def _sum_of_parts(zeros, work_ptrs, part_step, parts, mask, USE_ATOMICS: tl.constexpr):
+    """In the last program to arrive (_last_to_arrive), the sum of the fp32 tiles that ``parts`` programs left at
+    ``work_ptrs`` (``zeros`` gives the tile's shape).
+
+    USE_ATOMICS: ``work_ptrs`` is a zero-at-rest accumulator the parts added into; it is read by an atomic add of 0
+    (at L2, where the parts' atomics landed) and zeroed again. Otherwise part p stored its tile at
+    ``work_ptrs + p * part_step``, and the tiles are summed in the order p = 0, 1, ...: the same bits whichever
+    program arrives last.
+    """
+    if USE_ATOMICS:
+        # Not one atomic exchange: the interpreter has no fp32 xchg.
+        total = tl.atomic_add(work_ptrs, zeros, mask=mask, sem="relaxed", scope="gpu")
+        tl.store(work_ptrs, zeros, mask=mask)
+    else:
+        total = zeros
+        for p in range(0, parts):
+            total += tl.load(work_ptrs + p * part_step, mask=mask, other=0.0, cache_modifier=".cg")
+    return total

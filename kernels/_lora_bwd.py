@@ -3,7 +3,8 @@ block of tokens the whole backward (dX, dA, dB) in one launch."""
 import triton
 import triton.language as tl
 
-from ._common import _dora_scale, _dropped, _grouped_tile_ids, _load_tile, _rank_chunked_dot, _span
+from ._common import (_dora_scale, _dropped, _grouped_tile_ids, _last_to_arrive, _load_tile, _rank_chunked_dot, _span,
+                      _sum_of_parts)
 
 
 @triton.jit
@@ -12,8 +13,11 @@ def _lora_bwd_dy_kernel(
     b_ptr,  # (N, r)
     s_ptr,  # (M, r), saved from forward
     ds_ptr,  # (M, r) output: s * dY B, x's dtype
-    db_ptr,  # (N, r) fp32 when USE_ATOMICS; else (cdiv(M, BLOCK_M), N, r) fp32 partials, or (N, r) in
-             # dY's dtype (B's, under lora_linear) when there is one row block (no reduction left: the launcher skips sum and cast)
+    ds_parts_ptr,  # (n_splits, M, R) fp32 scratch, when SPLIT_N without USE_ATOMICS: each N split's share of s dY B
+    db_ptr,  # (N, r) output: s * dY^T S, in dY's dtype (B's, under lora_linear)
+    db_work_ptr,  # fp32 scratch: USE_ATOMICS a zero-at-rest accumulator, (N, r) for dB then (M, R) for dS; else
+                  # when REDUCE (m_blocks, N, r) per-row-block partials of dB
+    counters_ptr,  # int32, zero at rest: one dB counter per N split, then m_blocks dS row-block counters
     mag_ptr,  # (N,) DoRA magnitude m; this and the next four are read or written only when DORA
     norm_ptr,  # (N,) fp32 DoRA norm n
     y_ptr,  # (M, N) the forward's output, saved: y - b = g z
@@ -28,32 +32,40 @@ def _lora_bwd_dy_kernel(
     stride_bias_n,
     stride_mag_n,
     scaling,
+    n_per_split,  # columns per program along axis 1, a multiple of BLOCK_N
     R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_ATOMICS: tl.constexpr,
+    SPLIT_N: tl.constexpr,  # several programs share a row block's N: dS summed over them in the last to arrive
+    REDUCE: tl.constexpr,  # several row blocks: dB summed over them, tile by tile, in the last to arrive
+    USE_ATOMICS: tl.constexpr,  # both sums by fp32 atomics (else by partials in a fixed order: deterministic)
     DORA: tl.constexpr,  # dS and dB from dZ = g * dY (g = m / n per column), and the magnitude's partials
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # One program owns BLOCK_M rows of dY and walks all of N, so each dY element is read once,
-    # dS needs no cross-program reduction, and dB gets one partial per row block.
+    # Program (pid_m, pid_n) owns BLOCK_M rows of dY and n_per_split of its columns, so each dY element is read
+    # once. Both sums across programs end in the kernel: no memset before it and no sum or cast after it.
     pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    m_blocks = tl.num_programs(0)
+    n_start = pid_n * n_per_split
+    n_stop = tl.minimum(n_start + n_per_split, N)
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_r = _span(0, R)
     s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r)  # (BLOCK_M, R)
     ds_acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     # Pointer tiles advanced by an int64 step per N block (recomputing them from int64 offsets each
     # iteration kept the offset tiles live and spilled, kernel_report).
-    offs_n = _span(0, BLOCK_N)
+    offs_n = _span(n_start, BLOCK_N)
     dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn  # (BLOCK_M, BLOCK_N)
     b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br  # (BLOCK_N, R)
-    db_ptrs = db_ptr + pid_m * N * r * (1 - USE_ATOMICS) + offs_n[:, None] * r + offs_r[None, :]  # (BLOCK_N, R)
+    db_ptrs = db_ptr + offs_n[:, None] * r + offs_r[None, :]  # (BLOCK_N, R)
+    work_ptrs = db_work_ptr + pid_m * N * r * (1 - USE_ATOMICS) + offs_n[:, None] * r + offs_r[None, :]
     if DORA:
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn  # (BLOCK_M, BLOCK_N)
-    for n0 in range(0, N, BLOCK_N):
-        mask_n = offs_n < N - n0
+    for n0 in range(n_start, n_stop, BLOCK_N):
+        mask_n = offs_n < N - n0 + n_start
         dy = tl.load(dy_ptrs, mask=(offs_m[:, None] < M) & mask_n[None, :], other=0.0)
         if DORA:
-            cols = n0 + offs_n
+            cols = n0 + offs_n - n_start
             y = tl.load(y_ptrs, mask=(offs_m[:, None] < M) & mask_n[None, :], other=0.0).to(tl.float32)
             if HAS_BIAS:
                 y -= tl.load(bias_ptr + cols * stride_bias_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -64,15 +76,46 @@ def _lora_bwd_dy_kernel(
         ds_acc = tl.dot(dy, b, ds_acc, input_precision=INPUT_PRECISION)
         db = tl.dot(tl.trans(dy), s, input_precision=INPUT_PRECISION) * scaling  # (BLOCK_N, R)
         db_mask = mask_n[:, None] & (offs_r[None, :] < r)
-        if USE_ATOMICS:
-            tl.atomic_add(db_ptrs, db, mask=db_mask, sem="relaxed")
+        if REDUCE and USE_ATOMICS:
+            tl.atomic_add(work_ptrs, db, mask=db_mask, sem="relaxed", scope="gpu")
+        elif REDUCE:
+            tl.store(work_ptrs, db, mask=db_mask)
         else:
             tl.store(db_ptrs, db.to(db_ptr.dtype.element_ty), mask=db_mask)
         dy_ptrs += tl.cast(stride_dyn, tl.int64) * BLOCK_N
         b_ptrs += tl.cast(stride_bn, tl.int64) * BLOCK_N
         db_ptrs += tl.cast(r, tl.int64) * BLOCK_N
-    tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-             (ds_acc * scaling).to(ds_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < r))
+        work_ptrs += tl.cast(r, tl.int64) * BLOCK_N
+    ds_acc = ds_acc * scaling
+    in_ds = (offs_m[:, None] < M) & (offs_r[None, :] < r)
+    if SPLIT_N:
+        if USE_ATOMICS:  # the accumulator's (M, R) after dB's (N, r)
+            parts_ptrs = db_work_ptr + tl.cast(N, tl.int64) * r + offs_m[:, None] * R + offs_r[None, :]
+            tl.atomic_add(parts_ptrs, ds_acc, mask=in_ds, sem="relaxed", scope="gpu")
+        else:
+            parts_ptrs = ds_parts_ptr + offs_m[:, None] * R + offs_r[None, :]  # (BLOCK_M, R) of split 0
+            tl.store(parts_ptrs + pid_n * M * R, ds_acc, mask=in_ds)
+        if _last_to_arrive(counters_ptr + (pid_m + tl.num_programs(1)), tl.num_programs(1)):
+            ds_acc = _sum_of_parts(tl.zeros_like(ds_acc), parts_ptrs, tl.cast(M, tl.int64) * R, tl.num_programs(1),
+                                   in_ds, USE_ATOMICS)
+            tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                     ds_acc.to(ds_ptr.dtype.element_ty), mask=in_ds)
+    else:
+        tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                 ds_acc.to(ds_ptr.dtype.element_ty), mask=in_ds)
+    # One arrival per program (a per-tile one would stall each tile on an L2 round trip): the last row block to
+    # finish this N split sums and stores all of the split's dB tiles.
+    if REDUCE:
+        if _last_to_arrive(counters_ptr + pid_n, m_blocks):
+            offs_n = _span(n_start, BLOCK_N)
+            for n0 in range(n_start, n_stop, BLOCK_N):
+                db_mask = (offs_n[:, None] < N) & (offs_r[None, :] < r)
+                work_ptrs = db_work_ptr + offs_n[:, None] * r + offs_r[None, :]
+                db = _sum_of_parts(tl.zeros((BLOCK_N, R), dtype=tl.float32), work_ptrs, tl.cast(N, tl.int64) * r,
+                                   m_blocks, db_mask, USE_ATOMICS)
+                tl.store(db_ptr + offs_n[:, None] * r + offs_r[None, :], db.to(db_ptr.dtype.element_ty),
+                         mask=db_mask)
+                offs_n += BLOCK_N
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])
@@ -150,8 +193,10 @@ def _lora_bwd_dx_kernel(
 def _lora_bwd_da_kernel(
     ds_ptr,  # (M, r)
     x_ptr,  # (M, K)
-    da_ptr,  # (r, K) fp32 when USE_ATOMICS; else (SPLIT_M, r, K) fp32 partials, or (r, K) in x's dtype (A's, under lora_linear)
-             # when SPLIT_M == 1 (no reduction left: the launcher skips sum and cast)
+    da_ptr,  # (r, K) output in x's dtype (A's, under lora_linear)
+    da_work_ptr,  # fp32 scratch when REDUCE: USE_ATOMICS a zero-at-rest (r, K) accumulator, else (SPLIT_M, r, K)
+                  # per-slice partials
+    counters_ptr,  # int32, zero at rest: one per K tile, when REDUCE
     seed_ptr,  # () int64 dropout seed; loaded only when APPLY_DROPOUT
     M, K, r,
     stride_dsm, stride_dsr,
@@ -160,7 +205,9 @@ def _lora_bwd_da_kernel(
     m_blocks_per_split,
     R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_ATOMICS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    REDUCE: tl.constexpr,  # several slices of M: dA summed over them in the last to arrive per K tile
+    USE_ATOMICS: tl.constexpr,  # that sum by fp32 atomics (else by partials in a fixed order: deterministic)
+    APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # Computes dA^T = dropout(x)^T dS as (BLOCK_K, R) tiles: BLOCK_K >= 64 is the MMA's M
     # dimension, which wgmma needs; R itself can be 16.
@@ -182,12 +229,20 @@ def _lora_bwd_da_kernel(
         acc = tl.dot(tl.trans(x), ds, acc, input_precision=INPUT_PRECISION)
     if APPLY_DROPOUT:
         acc = acc * keep_scale
-    da_ptrs = da_ptr + pid_split * r * K * (1 - USE_ATOMICS) + offs_r[None, :] * K + offs_k[:, None]
+    da_offs = offs_r[None, :] * K + offs_k[:, None]  # (BLOCK_K, R) of the (r, K) grad
     da_mask = (offs_k[:, None] < K) & (offs_r[None, :] < r)
-    if USE_ATOMICS:
-        tl.atomic_add(da_ptrs, acc, mask=da_mask, sem="relaxed")
+    if REDUCE:
+        work_ptrs = da_work_ptr + da_offs
+        if USE_ATOMICS:
+            tl.atomic_add(work_ptrs, acc, mask=da_mask, sem="relaxed", scope="gpu")
+        else:
+            tl.store(work_ptrs + pid_split * r * K, acc, mask=da_mask)
+        if _last_to_arrive(counters_ptr + pid_k, tl.num_programs(1)):
+            acc = _sum_of_parts(tl.zeros_like(acc), work_ptrs, tl.cast(r, tl.int64) * K, tl.num_programs(1), da_mask,
+                                USE_ATOMICS)
+            tl.store(da_ptr + da_offs, acc.to(da_ptr.dtype.element_ty), mask=da_mask)
     else:
-        tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=da_mask)
+        tl.store(da_ptr + da_offs, acc.to(da_ptr.dtype.element_ty), mask=da_mask)
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])
@@ -216,6 +271,7 @@ def _lora_bwd_dx_da_db_kernel(
     R: tl.constexpr,  # r padded to a power of two >= 16
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_SIDE: tl.constexpr,  # columns of the dA and dB tiles (the M side of their dots: 64 for wgmma)
+    COMPUTE_DX: tl.constexpr,  # False: no W read and no dX (an input without grad); dS, dA, dB the same bits
     APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # The whole backward of one row block in one launch. Each program owns a BLOCK_K slice of dX and walks all
@@ -240,9 +296,10 @@ def _lora_bwd_dx_da_db_kernel(
     for n0 in range(0, N, BLOCK_N):
         mask_n = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=(offs_m[:, None] < M) & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
         b = tl.load(b_ptrs, mask=mask_n[:, None] & (offs_r[None, :] < r), other=0.0)
-        acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+        if COMPUTE_DX:
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
+            acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
         ds_acc = tl.dot(dy, b, ds_acc, input_precision=INPUT_PRECISION)
         dy_ptrs += tl.cast(stride_dyn, tl.int64) * BLOCK_N
         w_ptrs += tl.cast(stride_wn, tl.int64) * BLOCK_N
@@ -252,13 +309,14 @@ def _lora_bwd_dx_da_db_kernel(
     in_ds = (offs_m[:, None] < M) & (offs_r[None, :] < r)
     ds = tl.where(in_ds, ds_acc * scaling, 0.0).to(dtype)
 
-    a = _load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, r, K)  # (R, BLOCK_K)
-    lora = tl.dot(ds, a, input_precision=INPUT_PRECISION)
-    if APPLY_DROPOUT:
-        lora = _dropped(lora, seed, offs_m, offs_k, drop_threshold) * keep_scale
-    acc += lora
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    if COMPUTE_DX:
+        a = _load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, r, K)  # (R, BLOCK_K)
+        lora = tl.dot(ds, a, input_precision=INPUT_PRECISION)
+        if APPLY_DROPOUT:
+            lora = _dropped(lora, seed, offs_m, offs_k, drop_threshold) * keep_scale
+        acc += lora
+        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                 acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
     offs_side = _span(0, BLOCK_SIDE)
     for t in range(pid, tl.cdiv(K, BLOCK_SIDE), programs):  # dA^T tiles, (BLOCK_SIDE, R)

@@ -2,7 +2,8 @@
 import triton
 import triton.language as tl
 
-from ._common import _dora_scale, _dropped, _grouped_tile_ids, _load_tile, _rank_chunked_dot, _shrink_step, _span
+from ._common import (_dora_scale, _dropped, _grouped_tile_ids, _last_to_arrive, _load_tile, _rank_chunked_dot,
+                      _shrink_step, _span, _sum_of_parts)
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])
@@ -10,30 +11,48 @@ def _lora_shrink_kernel(
     x_ptr,  # (M, K)
     a_ptr,  # (r, K)
     s_ptr,  # (M, r) output, x's dtype
+    s_parts_ptr,  # (k_splits, M, R) fp32 scratch when SPLIT_K: each K split's share of dropout(x) A^T
+    counters_ptr,  # int32, zero at rest: one per row block, when SPLIT_K
     seed_ptr,  # () int64 dropout seed; loaded only when APPLY_DROPOUT
     M, K, r,
     stride_xm, stride_xk,
     stride_ar, stride_ak,
     stride_sm, stride_sr,
     drop_threshold, keep_scale,
+    k_per_split,  # columns of K per program along axis 1, a multiple of BLOCK_K
     R: tl.constexpr,  # r padded to a power of two >= 16
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # several programs share a row block's K: S summed over them in the last to arrive
     APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_r = _span(0, R)
     seed = tl.load(seed_ptr) if APPLY_DROPOUT else 0
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         offs_k = _span(k0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         acc = _shrink_step(acc, x, a_ptr, offs_m, offs_k, offs_r, stride_ar, stride_ak, K, r, seed, drop_threshold,
                            APPLY_DROPOUT, INPUT_PRECISION)
-    if APPLY_DROPOUT:
-        acc = acc * keep_scale
-    tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-             acc.to(s_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < r))
+    in_s = (offs_m[:, None] < M) & (offs_r[None, :] < r)
+    if SPLIT_K:
+        parts_ptrs = s_parts_ptr + offs_m[:, None] * R + offs_r[None, :]  # (BLOCK_M, R) of split 0
+        tl.store(parts_ptrs + pid_k * M * R, acc, mask=in_s)
+        if _last_to_arrive(counters_ptr + pid_m, tl.num_programs(1)):
+            acc = _sum_of_parts(tl.zeros_like(acc), parts_ptrs, tl.cast(M, tl.int64) * R, tl.num_programs(1), in_s,
+                                False)
+            if APPLY_DROPOUT:
+                acc = acc * keep_scale
+            tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, acc.to(s_ptr.dtype.element_ty),
+                     mask=in_s)
+    else:
+        if APPLY_DROPOUT:
+            acc = acc * keep_scale
+        tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, acc.to(s_ptr.dtype.element_ty),
+                 mask=in_s)
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])

@@ -5,6 +5,7 @@ ahead-of-time report enumerates the plans.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -13,10 +14,13 @@ MAX_RANK = 256
 PADDED_RANKS = (16, 32, 64, 128, 256)
 # At or below this many tokens the forward and dX GEMMs are bound by reading W (decode-like).
 FEW_TOKENS = 64
+# Up to this many tokens the forward and dX GEMMs take 64-row tiles (the grid of 128-row ones under-fills the SMs).
+MID_TOKENS = 2048
 # Programs a W-bound few-token grid should have: an H100 has 132 SMs (an A100 108).
 FILL_PROGRAMS = 128
-# Fusing the shrink into the forward GEMM re-reads A once per N tile: R / BLOCK_N of W's bytes.
-# With BLOCK_N = 64 and R <= 32 that is at most half of W's traffic, and A (<= 32 x K) stays in L2.
+# Fusing the shrink into the forward GEMM re-reads A once per N tile (R / BLOCK_N of W's bytes, from L2) and
+# recomputes S there (R / BLOCK_N more FLOPs): up to this rank where the GEMM is compute-bound (65-2048 tokens,
+# 128 columns: 1/4); few-token tiles allow up to 2 BLOCK_N (fwd_config).
 FUSE_SHRINK_MAX_RANK = 32
 # The one-launch backward of a single row block (_lora_bwd_dx_da_db_kernel) re-reads B (N x R) in every program
 # to recompute dS: R / BLOCK_K of the program's W bytes from L2, which the roofline does not count. With
@@ -84,13 +88,28 @@ def fwd_config(M: int, R: int, dtype: torch.dtype, dora: bool = False, dropout: 
         # Below FILL_PROGRAMS 32-column tiles, 16 columns (N = 1024: 64 programs instead of 32, modeled 14.3 ->
         # 9.2 us at 1 token on an H100). DoRA keeps 32: its narrow tiles are not in the AOT report's set.
         block_n = 32 if dora or -(-N // 32) >= FILL_PROGRAMS else 16
-        return TileConfig(BLOCK_M=64, BLOCK_N=64 if _is_fp32(dtype) else block_n,
-                          BLOCK_K=32 if _is_fp32(dtype) else 128, num_warps=8, num_stages=3), R <= FUSE_SHRINK_MAX_RANK
+        # 4 warps on 16 columns: 8 spilled 8 B on sm_90 at R = 64 (r % 16 != 0; kernel_report).
+        if _is_fp32(dtype):
+            return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3), R <= FUSE_SHRINK_MAX_RANK
+        # The shrink is fused while A's re-read per N tile, from L2, is at most twice W's bytes (R <= 2 BLOCK_N:
+        # R = 64 with 32 columns, as the one-launch backward's B); a separate shrink of one row block fills no GPU.
+        # DoRA's epilogue spilled 8 B fused at R = 64 on sm_80 (kernel_report): up to R = 32 there.
+        fuse = R <= min(2 * block_n, FUSE_SHRINK_MAX_RANK if dora else ONE_BLOCK_BWD_MAX_RANK)
+        return TileConfig(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, num_warps=4 if block_n == 16 else 8,
+                          num_stages=3), fuse
     if _is_fp32(dtype):
         # fp32 without tf32 runs on FMA: 128 x 128 x 32 spilled at every rank. With int64 pointer offsets
         # 64 x 64 x 32 on 8 warps spilled 8 B on sm_80, and 64 x 64 x 16 on 8 warps 8-32 B on sm_90 (ptxas
         # held those to 80 registers); on 4 warps it takes 160-168 and does not spill (kernel_report).
         return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3), False
+    if M <= MID_TOKENS and not dora:
+        # Between the regimes 128-row tiles leave the SMs idle (256 tokens at N = 4096: 64 programs); 64 rows give
+        # twice the programs (the smallest M tile of one warpgroup's wgmma). With a small rank the shrink is
+        # recomputed per N tile (R / BLOCK_N = 1/8 more FLOPs at R = 16) instead of a launch of its own, whose
+        # cdiv(M, 64) programs fill no GPU either (16 at 1024 tokens: modeled 25 us for an 8 MiB read).
+        # 8 warps: 4 spilled 80-176 B at R = 64 (r % 16 != 0) on sm_80 / sm_90 (kernel_report).
+        return TileConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), \
+            R <= FUSE_SHRINK_MAX_RANK
     # Many tokens: compute-bound GEMM. 128 x 128 x 64 with 8 warps and 3 stages compiles to
     # HGMMA with no spills on sm_90; 128 x 256 spilled there (kernel_report).
     return TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False
@@ -99,20 +118,22 @@ def fwd_config(M: int, R: int, dtype: torch.dtype, dora: bool = False, dropout: 
 def shrink_config(R: int, dtype: torch.dtype) -> TileConfig:
     # The (64, R) fp32 accumulator is 64 registers per thread at R = 128 on 4 warps; 8 warps above 64.
     # fp32 (FMA) holds a K slice of both operands in registers: BLOCK_K = 32 spilled at R = 256.
+    # fp32 with the K split: 4 warps spilled 16 B at R = 32 on sm_90, 8 do not (kernel_report).
     return TileConfig(BLOCK_M=64, BLOCK_K=16 if _is_fp32(dtype) else 64,
-                      num_warps=4 if R <= 64 else 8, num_stages=3)
+                      num_warps=8 if _is_fp32(dtype) or R > 64 else 4, num_stages=3)
 
 
 def bwd_dy_config(R: int, dtype: torch.dtype, dora: bool = False) -> TileConfig:
     """``dora``: the pass also reads the saved output (or Z) tile and writes the magnitude's partials."""
     # Two (BLOCK_M, R) fp32 accumulators live at once (dS and the dB partial): 8 warps above R = 64.
     if dora and _is_fp32(dtype):
-        # FMA with DoRA's y tile: the 32 x 32 tiles below spilled 336-424 B at R = 256; 32 x 16 spilled 8 B at
-        # R = 32 and 16 x 32 8 B at R = 64 (sm_90); these do not (kernel_report).
-        return TileConfig(BLOCK_M=32 if R == 64 else 16, BLOCK_N=16 if R == 64 else 32, num_warps=8, num_stages=1)
+        # FMA with DoRA's y tile: 32 x 32 tiles spilled 336-424 B at R = 256; with the in-kernel sums 16 x 32
+        # spilled 8-184 B (R = 32, 128, 256) and 32 x 16 16 B (R = 64) on sm_90; 16 x 16 does not (kernel_report).
+        return TileConfig(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
     if dora and R >= 128:
-        # 3 stages spilled 8 B on sm_80 at R = 256 with DoRA's y tile (kernel_report).
-        return TileConfig(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        # 3 stages spilled 8 B on sm_80 at R = 256 with DoRA's y tile; with the in-kernel sums 32 columns spilled
+        # 8-32 B at R = 256 (r % 16 != 0), 16 do not (kernel_report).
+        return TileConfig(BLOCK_M=64, BLOCK_N=16 if R == 256 else 32, num_warps=8, num_stages=2)
     if dora and R == 64:
         # 4 warps spilled 24 B on sm_90 at R = 64 (r % 16 != 0) with DoRA's y tile; 8 do not, but 8 spilled 8 B
         # at R = 16 on sm_80 (r % 16 != 0), where 4 do not (kernel_report).
@@ -120,17 +141,20 @@ def bwd_dy_config(R: int, dtype: torch.dtype, dora: bool = False) -> TileConfig:
     if _is_fp32(dtype):
         # FMA: the dB dot's K is BLOCK_M; 64 x 32 spilled from R = 64 on, 32 x 32 on 8 warps does not.
         # 1 stage: with int64 pointer offsets 3 stages spilled 8-16 B at R = 32-64 (r % 16 != 0), and 2
-        # stages 144 B on sm_80 at R = 128 in the single-part launch (dB stored without atomics; kernel_report).
-        return TileConfig(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+        # stages 144 B on sm_80 at R = 128 in the single-part launch (dB stored without atomics); with the in-kernel
+        # sums 32 x 32 spilled 8 B at R = 256 on sm_90, 32 x 16 does not (kernel_report).
+        return TileConfig(BLOCK_M=32, BLOCK_N=16 if R == 256 else 32, num_warps=8, num_stages=1)
     if R <= 64:
-        return TileConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        # With the in-kernel sums 4 warps spilled 8-448 B at R = 32 and 64 on sm_80 / sm_90; 8 do not (kernel_report).
+        return TileConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4 if R == 16 else 8, num_stages=3)
     # R >= 128: BLOCK_N = 64 spilled on sm_80 (16 B at R = 128 with r % 16 != 0; 136 B at R = 256) and
-    # on sm_90 at R = 256 with r % 16 != 0 (232 B); 32 does not. Cost on sm_90: the dB dot's M is
-    # BLOCK_N = 32 < 64, so it runs as mma.sync (HMMA) next to the dS dot's wgmma (kernel_report).
-    return TileConfig(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3)
+    # on sm_90 at R = 256 with r % 16 != 0 (232 B); 32 does not, but with the in-kernel sums spilled 24-56 B at
+    # R = 256, where 16 does not. Cost on sm_90: the dB dot's M is BLOCK_N < 64, so it runs as mma.sync (HMMA)
+    # next to the dS dot's wgmma (kernel_report).
+    return TileConfig(BLOCK_M=64, BLOCK_N=16 if R == 256 else 32, num_warps=8, num_stages=3)
 
 
-def bwd_dx_config(M: int, dtype: torch.dtype, two_products: bool = False) -> TileConfig:
+def bwd_dx_config(M: int, dtype: torch.dtype, two_products: bool = False, dora: bool = False) -> TileConfig:
     """``two_products``: DoRA with dropout, whose loop keeps dY W and (g - 1) dY W in two accumulators."""
     if two_products and M > FEW_TOKENS:
         if _is_fp32(dtype):
@@ -149,6 +173,10 @@ def bwd_dx_config(M: int, dtype: torch.dtype, two_products: bool = False) -> Til
         # Few tokens: bound by reading W; narrow K tiles spread W over K / 32 programs (128 for K = 4096,
         # against 64 with BLOCK_K = 64; 0 spills, HGMMA on sm_90: kernel_report).
         return TileConfig(BLOCK_M=64, BLOCK_K=32, BLOCK_N=128, num_warps=4, num_stages=3)
+    if M <= MID_TOKENS and not dora:
+        # As the forward's: 64-row tiles double the programs between the regimes (128 at 256 tokens, K = 4096).
+        # 4 warps spilled 8-888 B on sm_80 / sm_90 (kernel_report); 8 do not.
+        return TileConfig(BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=4)
     # 4 stages: with int64 pointer offsets, 3 stages spilled 136-360 B on sm_90 at R <= 32 (kernel_report).
     return TileConfig(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=4)
 
@@ -177,8 +205,34 @@ ONE_BLOCK_SIDE = 64
 def bwd_da_config(R: int, dtype: torch.dtype) -> TileConfig:
     # (64, R) fp32 accumulator per program, as in the shrink kernel. fp32 (FMA): 4 warps spilled
     # from R = 64 on (kernel_report), so always 8.
-    return TileConfig(BLOCK_M=32 if _is_fp32(dtype) else 64, BLOCK_K=64,
+    # fp32 at R = 256: with the in-kernel sum BLOCK_K = 64 spilled 104-112 B on sm_80; 32 does not.
+    return TileConfig(BLOCK_M=32 if _is_fp32(dtype) else 64, BLOCK_K=32 if _is_fp32(dtype) and R == 256 else 64,
                       num_warps=8 if _is_fp32(dtype) or R > 64 else 4, num_stages=3)
+
+
+def dy_split(m_blocks: int, n_tiles: int, num_sms: int, block_n: int = 64, M: int | None = None) -> tuple[int, int]:
+    """(splits over N, N tiles per split) for the dS / dB pass: at least one program per SM, and about
+    sqrt(2.5 N num_sms / M) splits. Splits cost an fp32 sum of dS over them (splits x M x R x 4 bytes of atomics at
+    about the HBM rate), while the last row block to arrive at a split then sums its dB alone (N / splits x R x 10
+    bytes at one SM's share of the bandwidth, HBM / num_sms); that many splits makes the two equal."""
+    M = m_blocks * 64 if M is None else M
+    N = n_tiles * block_n
+    balanced = math.ceil(math.sqrt(2.5 * N * num_sms / max(1, M)))
+    splits = min(n_tiles, max(-(-num_sms // m_blocks), balanced))
+    per_split = -(-n_tiles // max(1, splits))
+    return -(-n_tiles // per_split), per_split
+
+
+# The last K split to arrive at a row block sums every split's (BLOCK_M, R) fp32 share alone: at most 8 of them.
+SHRINK_MAX_SPLITS = 8
+
+
+def shrink_split(m_blocks: int, k_tiles: int, num_sms: int) -> tuple[int, int]:
+    """(splits over K, K tiles per split) for the shrink: up to one program per SM (a row block of few tokens alone
+    would read A and its x rows on one SM), at most SHRINK_MAX_SPLITS."""
+    splits = min(k_tiles, SHRINK_MAX_SPLITS, max(1, num_sms // m_blocks))
+    per_split = -(-k_tiles // splits)
+    return -(-k_tiles // per_split), per_split
 
 
 def da_split(M: int, K: int, block_m: int, block_k: int, num_sms: int) -> tuple[int, int]:

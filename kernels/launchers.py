@@ -25,7 +25,7 @@ from ._lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_da_db_kernel, _lora_bwd
 from ._dora import _dora_magnitude_grad_kernel, _dora_weight_norm_kernel
 from ._lora_fwd import _lora_fwd_kernel, _lora_shrink_kernel
 from .dropout_args import drop_threshold, keep_scale, seed_on
-from .plans import (SUM_PARTS, ZERO_, ZEROS, Launch, find_launch, plan_dora_magnitude_grad, plan_dora_weight_norm,
+from .plans import (ZERO_, ZEROS, Launch, find_launch, plan_dora_magnitude_grad, plan_dora_weight_norm,
                     plan_lora_bwd, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_fwd,
                     plan_lora_shrink)
 
@@ -93,8 +93,6 @@ def _run_torch_ops(ops: tuple[Launch, ...], buffers: dict, device) -> dict:
         elif op.kernel == ZERO_:
             for out in op.writes:
                 buffers[out.name].zero_()
-        elif op.kernel == SUM_PARTS:
-            buffers[op.writes[0].name] = buffers[op.reads[0].name].sum(0)
         else:
             raise AssertionError(f"the plan has a torch op no launcher runs: {op.kernel}")
     return buffers
@@ -108,8 +106,7 @@ def _result(buffers: dict, name: str, shape, device) -> torch.Tensor:
 
 
 def _written(ready: _Ready, buffers: dict, device) -> torch.Tensor:
-    """The buffer the Triton launch writes last (a dB / dA): the zeroed one a torch op made before it for
-    atomics, or a new one as the plan sizes it."""
+    """The buffer the Triton launch writes last (its dB / dA), new, as the plan sizes it."""
     out = ready.launch.writes[-1]
     buffer = buffers.get(out.name)
     if buffer is None:
@@ -117,9 +114,49 @@ def _written(ready: _Ready, buffers: dict, device) -> torch.Tensor:
     return buffer
 
 
+def _scratch(launch: Launch, name: str, device, default=None) -> torch.Tensor | None:
+    """A new (uninitialised) buffer for the plan's scratch operand ``name``; ``default`` when the plan has none."""
+    for op in launch.writes:
+        if op.name == name:
+            return torch.empty(op.shape, device=device, dtype=op.dtype)
+    return default
+
+
+class _Workspace(NamedTuple):
+    counters: torch.Tensor  # int32
+    accumulator: torch.Tensor  # fp32
+
+
+_workspaces: dict = {}
+
+
+def _workspace(device: torch.device, counters: int, accumulator: int) -> _Workspace:
+    """Zero-at-rest scratch for the kernels that finish a sum across programs in the last program to arrive
+    (kernels/_common.py: _last_to_arrive, _sum_of_parts): arrival counters and an fp32 atomic accumulator. The
+    kernels leave both at zero, so they are zeroed once, when made or grown, not per launch.
+
+    One per device and stream: launches on one stream run one after another, while two streams could run two
+    backward passes at once. Inside CUDA graph capture a missing or small one is made for the call and not
+    cached (its zeroing is captured with the graph, and replays leave it at zero too).
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    found = _workspaces.get(key)
+    if found is not None and found.counters.numel() >= counters and found.accumulator.numel() >= accumulator:
+        return found
+    if found is not None:
+        counters, accumulator = max(counters, found.counters.numel()), max(accumulator, found.accumulator.numel())
+    made = _Workspace(torch.zeros(max(counters, 1), device=device, dtype=torch.int32),
+                      torch.zeros(max(accumulator, 1), device=device, dtype=torch.float32))
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _workspaces[key] = made
+    return made
+
+
 @functools.lru_cache(maxsize=4096)
-def _shrink_ready(M, K, r, dtype, dropout, precision):
-    return _ready(plan_lora_shrink(M, K, r, dtype, dropout=dropout), "_lora_shrink_kernel", precision)
+def _shrink_ready(M, K, r, dtype, dropout, precision, num_sms):
+    return _ready(plan_lora_shrink(M, K, r, dtype, dropout=dropout, num_sms=num_sms), "_lora_shrink_kernel",
+                  precision)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -129,9 +166,9 @@ def _fwd_ready(M, N, K, r, dtype, dropout, bias, fuse_shrink, precision, dora=Fa
 
 
 @functools.lru_cache(maxsize=4096)
-def _dy_ready(M, N, r, dtype, deterministic, precision, dora=False, bias=False, dropout=False):
-    return _ready(plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, dora=dora, bias=bias, dropout=dropout),
-                  "_lora_bwd_dy_kernel", precision)
+def _dy_ready(M, N, r, dtype, deterministic, precision, num_sms, dora=False, bias=False, dropout=False):
+    return _ready(plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, dora=dora, bias=bias, dropout=dropout,
+                                   num_sms=num_sms), "_lora_bwd_dy_kernel", precision)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -140,9 +177,9 @@ def _dx_ready(M, N, K, r, dtype, dropout, precision, dora=False):
 
 
 @functools.lru_cache(maxsize=4096)
-def _one_block_ready(M, N, K, r, dtype, dropout, precision) -> _Ready | None:
-    """The one-launch backward (plan_lora_bwd with need_dx), or None where that plan is the separate launches."""
-    plan = plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=False, num_sms=1)
+def _one_block_ready(M, N, K, r, dtype, dropout, precision, need_dx=True) -> _Ready | None:
+    """The one-launch backward (plan_lora_bwd), or None where that plan is the separate launches."""
+    plan = plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=False, num_sms=1, need_dx=need_dx)
     if find_launch(plan, "_lora_bwd_dx_da_db_kernel") is None:
         return None
     return _ready(plan, "_lora_bwd_dx_da_db_kernel", precision)
@@ -191,13 +228,16 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, *, dropout_p: float = 0.0
     M, K = x.shape
     r = lora_A.shape[0]
     s = torch.empty((M, r), device=x.device, dtype=x.dtype)
-    ready = _shrink_ready(M, K, r, x.dtype, dropout_p > 0.0, _input_precision(x.dtype))
+    ready = _shrink_ready(M, K, r, x.dtype, dropout_p > 0.0, _input_precision(x.dtype), _num_sms(x.device))
     if ready.launch is None:  # empty sizes: the plan's memset, if any
         return _run_torch_ops(ready.before, {"S": s}, x.device)["S"]
     with launch_guard(x.device):
-        _lora_shrink_kernel[ready.launch.grid](
-            x, lora_A, s, _seed_arg(seed, dropout_p, x.device), M, K, r,
-            *x.stride(), *lora_A.stride(), *s.stride(), *_dropout_scalars(dropout_p), **ready.kwargs)
+        launch = ready.launch
+        counters, accumulator = _workspace(x.device, launch.grid[0], 0)
+        _lora_shrink_kernel[launch.grid](
+            x, lora_A, s, _scratch(launch, "S_partials", x.device, accumulator), counters,
+            _seed_arg(seed, dropout_p, x.device),
+            M, K, r, *x.stride(), *lora_A.stride(), *s.stride(), *_dropout_scalars(dropout_p), **ready.kwargs)
     return s
 
 
@@ -253,11 +293,12 @@ def _dora_ptrs(magnitude, norm, placeholder):
 
 
 def lora_bwd_dy(dy, lora_B, s, scaling: float, *, deterministic: bool | None = None):
-    """(dS, dB) from one pass over dY: dS = s dY B (x's dtype), dB = s dY^T S (fp32, or dY's dtype when
-    one row block covers M: callers cast to B's dtype)."""
+    """(dS, dB) from one pass over dY: dS = s dY B (x's dtype), dB = s dY^T S (dY's dtype), both summed across
+    programs in the kernel."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    ready = _dy_ready(*dy.shape, lora_B.shape[1], dy.dtype, deterministic, _input_precision(dy.dtype))
+    ready = _dy_ready(*dy.shape, lora_B.shape[1], dy.dtype, deterministic, _input_precision(dy.dtype),
+                      _num_sms(dy.device))
     with launch_guard(dy.device):
         return _bwd_dy(ready, dy, lora_B, s, scaling)
 
@@ -271,8 +312,7 @@ def lora_bwd_dx(dy, weight, ds, lora_A, *, dropout_p: float = 0.0, seed=0):
 
 
 def lora_bwd_da(ds, x, *, dropout_p: float = 0.0, seed=0, deterministic: bool | None = None):
-    """dA = dS^T dropout(x), (r, K) in fp32 (in x's dtype when SPLIT_M == 1: callers cast to A's dtype),
-    reduced over M in SPLIT_M slices."""
+    """dA = dS^T dropout(x), (r, K) in x's dtype, summed over M's SPLIT_M slices in the kernel."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     with launch_guard(x.device):
@@ -283,20 +323,21 @@ def lora_bwd_da(ds, x, *, dropout_p: float = 0.0, seed=0, deterministic: bool | 
 def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: float = 0.0, seed=0,
              need_dx: bool = True, need_dA: bool = True):
     """(dX or None, dA or None, dB) as plan_lora_bwd plans them: for one row block of tokens one launch
-    (lora_bwd_one_block), else lora_bwd_dy, then lora_bwd_dx and lora_bwd_da as needed, under one device guard
-    with one look-up of the launch arguments each."""
+    (lora_bwd_one_block; without ``need_dx`` it skips dX and the read of W), else lora_bwd_dy, then lora_bwd_dx and
+    lora_bwd_da as needed, under one device guard with one look-up of the launch arguments each."""
     precision = _input_precision(dy.dtype)
     M, N = dy.shape
     r, K = lora_A.shape
-    one_block = _one_block_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, precision) if need_dx else None
+    one_block = _one_block_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, precision, need_dx)
     if one_block is not None:
         with launch_guard(dy.device):
             dx, da, db = _bwd_one_block(one_block, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
-        return dx, da if need_dA else None, db
+        return dx if need_dx else None, da if need_dA else None, db
     deterministic = torch.are_deterministic_algorithms_enabled()
     with launch_guard(dy.device):
         seed = _seed_arg(seed, dropout_p, dy.device)
-        ds, db = _bwd_dy(_dy_ready(M, N, r, dy.dtype, deterministic, precision), dy, lora_B, s, scaling)
+        ds, db = _bwd_dy(_dy_ready(M, N, r, dy.dtype, deterministic, precision, _num_sms(dy.device)), dy, lora_B, s,
+                         scaling)
         dx = _bwd_dx(_dx_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, precision), dy, weight, ds, lora_A,
                      dropout_p, seed) if need_dx else None
         da = _bwd_da(_da_ready_for(x, r, dropout_p, deterministic, precision), ds, x, dropout_p,
@@ -321,7 +362,8 @@ def lora_bwd_one_block(dy, x, weight, lora_A, lora_B, s, scaling: float, *, drop
 def _bwd_one_block(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
     M, N = dy.shape
     r, K = lora_A.shape
-    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    # Without COMPUTE_DX dy stands in for the dX pointer the kernel does not touch.
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype) if ready.launch.constexprs["COMPUTE_DX"] else dy
     da = torch.empty((r, K), device=dy.device, dtype=x.dtype)
     db = torch.empty((N, r), device=dy.device, dtype=dy.dtype)
     _lora_bwd_dx_da_db_kernel[ready.launch.grid](
@@ -345,16 +387,21 @@ def _bwd_dy(ready, dy, lora_B, s, scaling, dora=None):
                              dy.device)
     dm_parts = None
     if ready.launch is not None:
-        ds = buffers["dS"]
+        launch, ds = ready.launch, buffers["dS"]
+        m_blocks, splits = launch.grid
+        counters, accumulator = _workspace(dy.device, splits + m_blocks, N * r + M * launch.constexprs["R"])
+        db_work = accumulator if launch.constexprs["USE_ATOMICS"] else _scratch(launch, "dB_partials", dy.device)
         if dora is not None:
             magnitude, norm, y, bias = dora
-            dm_parts = torch.empty(ready.launch.writes[1].shape, device=dy.device, dtype=torch.float32)
+            dm_parts = _scratch(launch, "dm_parts", dy.device)
             dora_args = (magnitude, norm, y, y if bias is None else bias, dm_parts)
             dora_strides = (*y.stride(), 0 if bias is None else bias.stride(0), magnitude.stride(0))
         else:
             dora_args, dora_strides = (ds,) * 5, (0, 0, 0, 0)
-        _lora_bwd_dy_kernel[ready.launch.grid](
-            dy, lora_B, s, ds, _written(ready, buffers, dy.device), *dora_args, M, N, r, *dy.stride(),
+        _lora_bwd_dy_kernel[launch.grid](
+            dy, lora_B, s, ds, _scratch(launch, "dS_partials", dy.device, accumulator),
+            _written(ready, buffers, dy.device),
+            accumulator if db_work is None else db_work, counters, *dora_args, M, N, r, *dy.stride(),
             *lora_B.stride(), *s.stride(), *ds.stride(), *dora_strides, float(scaling), **ready.kwargs)
         _run_torch_ops(ready.after, buffers, dy.device)
     if dora is not None:
@@ -380,9 +427,13 @@ def _bwd_da(ready, ds, x, dropout_p, seed):
     r = ds.shape[1]
     buffers = _run_torch_ops(ready.before, {}, x.device)
     if ready.launch is not None:
-        _lora_bwd_da_kernel[ready.launch.grid](
-            ds, x, _written(ready, buffers, x.device), _seed_arg(seed, dropout_p, x.device), M, K, r,
-            *ds.stride(), *x.stride(), *_dropout_scalars(dropout_p), **ready.kwargs)
+        launch = ready.launch
+        counters, accumulator = _workspace(x.device, launch.grid[0], r * K)
+        da_work = accumulator if launch.constexprs["USE_ATOMICS"] else _scratch(launch, "dA_partials", x.device)
+        _lora_bwd_da_kernel[launch.grid](
+            ds, x, _written(ready, buffers, x.device), accumulator if da_work is None else da_work, counters,
+            _seed_arg(seed, dropout_p, x.device), M, K, r, *ds.stride(), *x.stride(), *_dropout_scalars(dropout_p),
+            **ready.kwargs)
         _run_torch_ops(ready.after, buffers, x.device)
     return _result(buffers, "dA", (r, K), x.device)
 
@@ -417,7 +468,8 @@ def dora_bwd(dy, x, weight, bias, lora_A, lora_B, magnitude, norm, s, saved, sca
     bias = None if dropout else bias  # Z = z' needs no bias removed
     with launch_guard(dy.device):
         seed = _seed_arg(seed, dropout_p, dy.device)
-        dy_ready = _dy_ready(M, N, r, dy.dtype, deterministic, precision, True, bias is not None, dropout)
+        dy_ready = _dy_ready(M, N, r, dy.dtype, deterministic, precision, _num_sms(dy.device), True, bias is not None,
+                             dropout)
         ds, db, dm_parts = _bwd_dy(dy_ready, dy, lora_B, s, scaling, dora=(magnitude, norm, saved, bias))
         dx = _bwd_dx(_dx_ready(M, N, K, r, dy.dtype, dropout, precision, True), dy, weight, ds, lora_A, dropout_p,
                      seed, magnitude, norm) if need_dx else None

@@ -1,8 +1,9 @@
 """Launch plans of the LoRA kernels: pure functions of sizes, dtype and flags.
 
 Each ``plan_*`` function returns the launches one launcher of fused_lora.kernels.launchers makes: the
-kernel's grid, tile config and constexprs, and the torch ops around it (memsets for atomics,
-reductions of per-tile partials). The launchers launch exactly these plans, and
+kernel's grid, tile config and constexprs, its scratch (partials, atomics, the work after the last program
+arrives), and torch ops only where sizes leave a kernel nothing to do (a zeroed grad). The launchers launch exactly
+these plans, and
 ``fused_lora.benchmarks`` models the same launches from the same functions, so its roofline follows
 every config change. No tensors, no CUDA, and no triton: importing this imports torch and
 ``.configs`` only (the benchmark's modeled table runs where triton is not installed).
@@ -32,8 +33,7 @@ class Operand:
 @dataclass(frozen=True)
 class Launch:
     """One GPU launch: a Triton kernel (``kernel`` is its function name), or a torch op the launcher
-    runs on its own buffers (``kernel`` is one of TORCH_OPS: a memset, a fresh zeroed buffer, or the sum of
-    per-part partials over their first dimension).
+    runs on its own buffers (``kernel`` is one of TORCH_OPS: a memset or a fresh zeroed buffer, for empty sizes).
 
     ``flops`` counts the dots as the kernel executes them: whole tiles (edge tiles are masked, not
     skipped) and the padded rank R, since tl.dot runs on the padded operands.
@@ -46,6 +46,8 @@ class Launch:
     reads: tuple[Operand, ...] = ()
     writes: tuple[Operand, ...] = ()
     flops: int = 0
+    atomic_bytes: int = 0  # fp32 atomic adds into a zero-at-rest accumulator (resolved in L2)
+    tail_bytes: int = 0  # bytes one last-to-arrive program moves after the other programs are done
 
     def __post_init__(self):
         if self.config is not None:
@@ -70,8 +72,7 @@ class Launch:
 # The torch ops a plan may contain, named after the call the launcher makes.
 ZEROS = "torch.zeros"  # writes: a new zeroed buffer (atomics add into it)
 ZERO_ = "torch.Tensor.zero_"  # writes: the launcher's buffer, zeroed in place (an empty reduction)
-SUM_PARTS = "torch.sum(dim=0)"  # reads: (parts, ...) partials; writes: their sum over the parts
-TORCH_OPS = (ZEROS, ZERO_, SUM_PARTS)
+TORCH_OPS = (ZEROS, ZERO_)
 
 _MAX_GRID_X = 2**31 - 1
 _MAX_GRID_YZ = 65535
@@ -94,22 +95,10 @@ def _block_constexprs(cfg: configs.TileConfig) -> dict:
     return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M or 1)
 
 
-def _reduced_over_m(kernel, total: Operand, parts: int, dtype: torch.dtype, use_atomics: bool) -> list[Launch]:
-    """The launches that leave ``total`` (a grad summed over M) complete, given ``kernel(out)``, the launch
-    whose ``parts`` programs along M each write a share of it into ``out``.
-
-    One part: nothing to reduce, stored once in ``dtype``. Atomics: fp32 adds into a zeroed ``total``.
-    Otherwise: fp32 partials (``<name>_partials``, one per part) and a sum.
-    """
-    if parts == 1:
-        return [kernel(Operand(total.name, total.shape, dtype))]
-    if use_atomics:
-        return _torch_op(ZEROS, writes=[total]) + [kernel(total)]
-    partials = Operand(f"{total.name}_partials", (parts, *total.shape), torch.float32)
-    return [kernel(partials)] + _torch_op(SUM_PARTS, reads=[partials], writes=[total])
-
-
-def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool) -> list[Launch]:
+def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, num_sms: int = 132
+                     ) -> list[Launch]:
+    """S = dropout(x) A^T on a (row blocks, K splits) grid; with several K splits, each stores its fp32 share and the
+    last to arrive at a row block sums them in a fixed order and stores S (configs.shrink_split)."""
     S = Operand("S", (M, r), dtype)
     if M == 0:
         return []
@@ -117,14 +106,22 @@ def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
         return _torch_op(ZERO_, writes=[S])
     R = configs.padded_rank(r)
     cfg = configs.shrink_config(R, dtype)
-    grid_m = _cdiv(M, cfg.BLOCK_M)
-    flops = 2 * grid_m * cfg.BLOCK_M * R * _cdiv(K, cfg.BLOCK_K) * cfg.BLOCK_K
-    return [Launch("_lora_shrink_kernel", (grid_m,), cfg, dict(R=R, APPLY_DROPOUT=dropout, **cfg.constexprs()),
-                   reads=(Operand("X", (M, K), dtype), Operand("A", (r, K), dtype)), writes=(S,), flops=flops)]
+    grid_m, k_tiles = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
+    splits, per_split = configs.shrink_split(grid_m, k_tiles, num_sms)
+    flops = 2 * grid_m * cfg.BLOCK_M * R * k_tiles * cfg.BLOCK_K
+    reads, writes, tail = [Operand("X", (M, K), dtype), Operand("A", (r, K), dtype)], [S], 0
+    if splits > 1:
+        parts = Operand("S_partials", (splits, M, R), torch.float32)
+        reads, writes = reads + [parts], [parts] + writes
+        tail = min(M, cfg.BLOCK_M) * (R * 4 * splits + r * dtype.itemsize)  # a row block's partials, and its S
+    constexprs = dict(R=R, SPLIT_K=splits > 1, APPLY_DROPOUT=dropout, **cfg.constexprs())
+    return [Launch("_lora_shrink_kernel", (grid_m, splits), cfg, constexprs,
+                   args=dict(k_per_split=per_split * cfg.BLOCK_K), reads=tuple(reads), writes=tuple(writes),
+                   flops=flops, tail_bytes=tail)]
 
 
 def plan_lora_fwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, bias: bool,
-                  fuse_shrink: bool | None = None, dora: bool = False) -> list[Launch]:
+                  fuse_shrink: bool | None = None, dora: bool = False, num_sms: int = 132) -> list[Launch]:
     """The shrink launch (unless fused) and the forward GEMM launch; ``dora``: DoRA's column scale m / n in the
     epilogue, and with dropout the second base product x' W^T in the same loop and Z = z' written."""
     R = configs.padded_rank(r)
@@ -134,7 +131,7 @@ def plan_lora_fwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout
         fuse = fuse_shrink
     if M == 0 or N == 0:
         fuse = False
-    launches = [] if fuse else plan_lora_shrink(M, K, r, dtype, dropout=dropout)
+    launches = [] if fuse else plan_lora_shrink(M, K, r, dtype, dropout=dropout, num_sms=num_sms)
     if M == 0 or N == 0:
         return launches
     grid_m, grid_n = _cdiv(M, cfg.BLOCK_M), _cdiv(N, cfg.BLOCK_N)
@@ -162,37 +159,58 @@ def _dora_scale_operands(N: int, dtype: torch.dtype) -> list[Operand]:
 
 
 def plan_lora_bwd_dy(M: int, N: int, r: int, dtype: torch.dtype, *, deterministic: bool, dora: bool = False,
-                     bias: bool = False, dropout: bool = False) -> list[Launch]:
-    """dS and dB from one pass over dY; dB via fp32 atomics, or per-row-block partials and a sum.
+                     bias: bool = False, dropout: bool = False, num_sms: int = 132) -> list[Launch]:
+    """dS and dB from one pass over dY on a (row blocks, N splits) grid, both finished in the kernel: dS summed over
+    the N splits, dB over the row blocks (fp32 atomics into a zero-at-rest accumulator, or with ``deterministic``
+    per-row-block partials summed in a fixed order), each by the last program to arrive; dS in x's dtype, dB in
+    dY's. No memset, sum or cast is launched.
 
-    When one row block covers M there is nothing to reduce: the kernel stores dB once, in dY's dtype,
-    so no memset, sum or cast is launched (3 of the 7 backward launches at decode sizes).
     ``dora``: from dZ = g dY, reading the saved output y (and b with ``bias``), or with ``dropout`` the saved
     Z = z', for the magnitude's per-row-block partials (dm_parts, fp32), which plan_dora_magnitude_grad reduces.
     """
     bias = bias and not dropout  # from Z there is no bias to subtract
     dS = Operand("dS", (M, r), dtype)
-    dB = Operand("dB", (N, r), torch.float32)
+    dB = Operand("dB", (N, r), dtype)
     if M == 0 or N == 0:
         return _torch_op(ZERO_, writes=[dS]) + _torch_op(ZEROS, writes=[dB])
     R = configs.padded_rank(r)
     cfg = configs.bwd_dy_config(R, dtype, dora)
-    m_blocks = _cdiv(M, cfg.BLOCK_M)
-    flops = 4 * m_blocks * cfg.BLOCK_M * _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N * R  # dY B and dY^T S
-    reads = (Operand("dY", (M, N), dtype), Operand("B", (N, r), dtype), Operand("S", (M, r), dtype))
-    dora_writes = ()
+    m_blocks, n_tiles = _cdiv(M, cfg.BLOCK_M), _cdiv(N, cfg.BLOCK_N)
+    splits, per_split = configs.dy_split(m_blocks, n_tiles, num_sms, cfg.BLOCK_N, M)
+    flops = 4 * m_blocks * cfg.BLOCK_M * n_tiles * cfg.BLOCK_N * R  # dY B and dY^T S
+    reads = [Operand("dY", (M, N), dtype), Operand("B", (N, r), dtype), Operand("S", (M, r), dtype)]
+    writes = [dS]
     if dora:
-        reads += (Operand("Z" if dropout else "Y", (M, N), dtype), *_dora_scale_operands(N, dtype))
-        reads += (Operand("bias", (N,), dtype),) if bias else ()
-        dora_writes = (Operand("dm_parts", (m_blocks, N), torch.float32),)
-    use_atomics = m_blocks > 1 and not deterministic
-    constexprs = dict(R=R, USE_ATOMICS=use_atomics, DORA=dora, HAS_BIAS=dora and bias, **cfg.constexprs())
-
-    def kernel(out: Operand) -> Launch:
-        return Launch("_lora_bwd_dy_kernel", (m_blocks,), cfg, constexprs, reads=reads,
-                      writes=(dS, *dora_writes, out), flops=flops)
-
-    return _reduced_over_m(kernel, dB, m_blocks, dtype, use_atomics)
+        reads += [Operand("Z" if dropout else "Y", (M, N), dtype), *_dora_scale_operands(N, dtype)]
+        reads += [Operand("bias", (N,), dtype)] if bias else []
+        writes += [Operand("dm_parts", (m_blocks, N), torch.float32)]
+    reduce, split_n = m_blocks > 1, splits > 1
+    use_atomics = (reduce or split_n) and not deterministic
+    rows = min(M, cfg.BLOCK_M)
+    split_cols = min(N, per_split * cfg.BLOCK_N)
+    atomic = tail = 0
+    # The last program to arrive finishes a sum: a row block's dS (over the N splits), an N split's dB (over the
+    # row blocks). From atomics it reads and re-zeroes the accumulator's tile; from partials it reads all of them.
+    if split_n and use_atomics:
+        atomic += splits * M * R * 4 + 2 * M * R * 4
+        tail += rows * R * (4 + 4) + rows * r * dtype.itemsize
+    elif split_n:
+        parts = Operand("dS_partials", (splits, M, R), torch.float32)
+        reads, writes = reads + [parts], writes + [parts]
+        tail += rows * (R * 4 * splits + r * dtype.itemsize)
+    if reduce and use_atomics:
+        atomic += m_blocks * N * r * 4 + 2 * N * r * 4
+        tail += split_cols * r * (4 + 4 + dtype.itemsize)
+    elif reduce:
+        parts = Operand("dB_partials", (m_blocks, N, r), torch.float32)
+        reads, writes = reads + [parts], writes + [parts]
+        tail += split_cols * r * (4 * m_blocks + dtype.itemsize)
+    writes += [dB]
+    constexprs = dict(R=R, SPLIT_N=split_n, REDUCE=reduce, USE_ATOMICS=use_atomics, DORA=dora,
+                      HAS_BIAS=dora and bias, **cfg.constexprs())
+    return [Launch("_lora_bwd_dy_kernel", (m_blocks, splits), cfg, constexprs,
+                   args=dict(n_per_split=per_split * cfg.BLOCK_N), reads=tuple(reads), writes=tuple(writes),
+                   flops=flops, atomic_bytes=atomic, tail_bytes=tail)]
 
 
 def plan_lora_bwd_dx(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool,
@@ -203,7 +221,7 @@ def plan_lora_bwd_dx(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, drop
         return []
     R = configs.padded_rank(r)
     two_products = dora and dropout
-    cfg = configs.bwd_dx_config(M, dtype, two_products)
+    cfg = configs.bwd_dx_config(M, dtype, two_products, dora)
     grid_m, grid_k = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
     Mp, Kp, Np = grid_m * cfg.BLOCK_M, grid_k * cfg.BLOCK_K, _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N
     flops = 2 * Mp * Kp * (R + Np * (2 if two_products else 1))  # dS A seeds the accumulator, then dY W
@@ -217,48 +235,57 @@ def plan_lora_bwd_dx(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, drop
 
 def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, deterministic: bool,
                      num_sms: int) -> list[Launch]:
-    """dA over SPLIT_M slices of M: fp32 atomics into a zeroed dA, or partials and a sum; with one
-    slice, dA is stored once in x's dtype (no memset, sum or cast)."""
-    dA = Operand("dA", (r, K), torch.float32)
+    """dA over SPLIT_M slices of M, finished in the kernel (in x's dtype): the last slice to arrive at each K tile
+    sums them, from fp32 atomics into a zero-at-rest accumulator or, with ``deterministic``, from per-slice
+    partials in a fixed order. No memset, sum or cast is launched."""
+    dA = Operand("dA", (r, K), dtype)
     if M == 0 or K == 0:
         return _torch_op(ZEROS, writes=[dA])
     R = configs.padded_rank(r)
     cfg = configs.bwd_da_config(R, dtype)
     splits, per_split = configs.da_split(M, K, cfg.BLOCK_M, cfg.BLOCK_K, num_sms)
-    use_atomics = splits > 1 and not deterministic
+    reduce = splits > 1
+    use_atomics = reduce and not deterministic
     k_blocks, m_blocks = _cdiv(K, cfg.BLOCK_K), _cdiv(M, cfg.BLOCK_M)
     flops = 2 * k_blocks * cfg.BLOCK_K * m_blocks * cfg.BLOCK_M * R
-    reads = (Operand("dS", (M, r), dtype), Operand("X", (M, K), dtype))
-    constexprs = dict(R=R, USE_ATOMICS=use_atomics, APPLY_DROPOUT=dropout, **cfg.constexprs())
-
-    def kernel(out: Operand) -> Launch:
-        return Launch("_lora_bwd_da_kernel", (k_blocks, splits), cfg, constexprs,
-                      args=dict(m_blocks_per_split=per_split), reads=reads, writes=(out,), flops=flops)
-
-    return _reduced_over_m(kernel, dA, splits, dtype, use_atomics)
+    reads, writes = [Operand("dS", (M, r), dtype), Operand("X", (M, K), dtype)], [dA]
+    atomic = tail = 0
+    if use_atomics:
+        atomic = splits * r * K * 4 + 2 * r * K * 4
+        tail = cfg.BLOCK_K * r * (4 + 4 + dtype.itemsize)
+    elif reduce:
+        parts = Operand("dA_partials", (splits, r, K), torch.float32)
+        reads, writes = reads + [parts], [parts] + writes
+        tail = cfg.BLOCK_K * r * (4 * splits + dtype.itemsize)
+    constexprs = dict(R=R, REDUCE=reduce, USE_ATOMICS=use_atomics, APPLY_DROPOUT=dropout, **cfg.constexprs())
+    return [Launch("_lora_bwd_da_kernel", (k_blocks, splits), cfg, constexprs, args=dict(m_blocks_per_split=per_split),
+                   reads=tuple(reads), writes=tuple(writes), flops=flops, atomic_bytes=atomic, tail_bytes=tail)]
 
 
 def plan_lora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, deterministic: bool,
                   num_sms: int, need_dx: bool = True) -> list[Launch]:
     """The backward's launches: for one row block of tokens (configs.bwd_one_block_config) the whole of it in one
-    _lora_bwd_dx_da_db_kernel launch, dA and dB stored in the inputs' dtype; otherwise, or without ``need_dx``
-    (that kernel always reads W for dX), plan_lora_bwd_dy, plan_lora_bwd_dx and plan_lora_bwd_da."""
+    _lora_bwd_dx_da_db_kernel launch, dA and dB stored in the inputs' dtype (without ``need_dx``, COMPUTE_DX off:
+    no W read, and dA / dB the same bits as with it); otherwise plan_lora_bwd_dy, plan_lora_bwd_dx (with
+    ``need_dx``) and plan_lora_bwd_da."""
     R = configs.padded_rank(r)
     cfg = configs.bwd_one_block_config(M, R, dtype)
-    if cfg is None or not need_dx or N == 0 or K == 0:
-        return (plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic)
+    if cfg is None or N == 0 or K == 0:
+        return (plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, num_sms=num_sms)
                 + (plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout) if need_dx else [])
                 + plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms))
     side = configs.ONE_BLOCK_SIDE
     k_blocks = _cdiv(K, cfg.BLOCK_K)
     Mp, Np, Kp = cfg.BLOCK_M, _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N, k_blocks * cfg.BLOCK_K
-    flops = (2 * Mp * Np * (Kp + R * k_blocks)  # dY W, and dY B recomputed by every program
-             + 2 * Mp * Kp * R  # dS A
+    flops = (2 * Mp * Np * R * k_blocks  # dY B, recomputed by every program
+             + (2 * Mp * Np * Kp + 2 * Mp * Kp * R if need_dx else 0)  # dY W and dS A
              + 2 * Mp * R * (_cdiv(K, side) + _cdiv(N, side)) * side)  # the dA and dB tiles
-    reads = (Operand("dY", (M, N), dtype), Operand("X", (M, K), dtype), Operand("W", (N, K), dtype),
-             Operand("A", (r, K), dtype), Operand("B", (N, r), dtype), Operand("S", (M, r), dtype))
-    writes = (Operand("dX", (M, K), dtype), Operand("dA", (r, K), dtype), Operand("dB", (N, r), dtype))
-    constexprs = dict(R=R, BLOCK_SIDE=side, APPLY_DROPOUT=dropout, **cfg.constexprs())
+    reads = (Operand("dY", (M, N), dtype), Operand("X", (M, K), dtype),
+             *((Operand("W", (N, K), dtype), Operand("A", (r, K), dtype)) if need_dx else ()),
+             Operand("B", (N, r), dtype), Operand("S", (M, r), dtype))
+    writes = ((Operand("dX", (M, K), dtype),) if need_dx else ()) + (Operand("dA", (r, K), dtype),
+                                                                     Operand("dB", (N, r), dtype))
+    constexprs = dict(R=R, BLOCK_SIDE=side, COMPUTE_DX=need_dx, APPLY_DROPOUT=dropout, **cfg.constexprs())
     return [Launch("_lora_bwd_dx_da_db_kernel", (k_blocks,), cfg, constexprs, reads=reads, writes=writes,
                    flops=flops)]
 

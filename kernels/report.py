@@ -95,13 +95,14 @@ LAUNCHER_MODULES = {name: ("fused_lora.kernels.lora_embedding" if module.endswit
                            else "fused_lora.kernels.launchers") for name, module in KERNEL_MODULES.items()}
 
 # Register worst case of the flags the launchers choose at run time.
-WORST_CASE_FLAGS = {"HAS_BIAS": True, "APPLY_DROPOUT": True, "USE_ATOMICS": True, "SCALE_GRAD_BY_FREQ": True}
-# Pointer arguments that are fp32 whatever the input dtype (dB / dA accumulators and partials).
-FP32_POINTERS = frozenset({"db_ptr", "da_ptr", "norm_ptr", "dm_parts_ptr"})
-# Kernels that store dA / dB in the inputs' dtype whatever the flags (no reduction across programs).
-GRADS_IN_INPUT_DTYPE = frozenset({"_lora_bwd_dx_da_db_kernel"})
-# The operand a dB / dA launch writes when it is the only part (plans._reduced_over_m): in the inputs' dtype.
-SINGLE_PART_GRADS = frozenset({"dB", "dA"})
+# SPLIT_N, SPLIT_K and REDUCE: the sums across programs finished in the kernel (a stored result alone is the lesser
+# code); COMPUTE_DX: the one-launch backward with dX (without it, the same kernel less W's loop).
+WORST_CASE_FLAGS = {"HAS_BIAS": True, "APPLY_DROPOUT": True, "USE_ATOMICS": True, "SCALE_GRAD_BY_FREQ": True,
+                    "SPLIT_N": True, "SPLIT_K": True, "REDUCE": True, "COMPUTE_DX": True}
+# Pointer arguments that are fp32 whatever the input dtype (accumulators, partials, the DoRA norm).
+FP32_POINTERS = frozenset({"norm_ptr", "dm_parts_ptr", "ds_parts_ptr", "db_work_ptr", "da_work_ptr", "s_parts_ptr"})
+# The int32 arrival counters of the sums finished by the last program to arrive.
+I32_POINTERS = frozenset({"counters_ptr"})
 # The dropout seed: a 0-dim int64 tensor, declared do_not_specialize (no alignment hint).
 I64_POINTERS = frozenset({"seed_ptr"})
 # Token ids and their sort (embedding kernels): int64 tensors allocated by torch (16-byte aligned).
@@ -158,7 +159,7 @@ def plan_launches(M: int, N: int, K: int, r: int, dtype, *, dropout: bool, bias:
     launches = [*plans.plan_lora_shrink(M, K, r, dtype, dropout=dropout),
                 *plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias),
                 *plans.plan_lora_fwd(M, N // 4, K, r, dtype, dropout=dropout, bias=bias),  # few-token tiles narrow
-                *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic),
+                *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, num_sms=num_sms),
                 *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout),
                 *plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic,
                                         num_sms=num_sms),
@@ -190,7 +191,7 @@ def _representative_launches(dtype) -> Iterator:
     from fused_lora.kernels import configs
 
     for R in configs.PADDED_RANKS:
-        for M in (1, configs.FEW_TOKENS + 1):
+        for M in (1, configs.FEW_TOKENS + 1, configs.MID_TOKENS + 1):
             for dropout, bias, deterministic in itertools.product((False, True), repeat=3):
                 yield from plan_launches(M, _PLAN_N, _PLAN_K, R, dtype, dropout=dropout, bias=bias,
                                          deterministic=deterministic, num_sms=_PLAN_SMS)
@@ -200,21 +201,13 @@ def launch_config(launch) -> dict:
     """The job config of a planned Triton launch: its constexprs at the register worst case of the
     flags (WORST_CASE_FLAGS), and its launch options.
 
-    A dB / dA launch that is the only part of its reduction stores the grad once, in the inputs' dtype,
-    without atomics: it keeps USE_ATOMICS False, and that tells build_signature its grad pointer's dtype.
     A DoRA launch keeps its APPLY_DROPOUT: with DORA on, dropout selects another loop (two base products) and
     another tile config, so each value is its own launch.
     """
     worst = {k: v for k, v in WORST_CASE_FLAGS.items() if k in launch.constexprs}
-    if _stores_single_part(launch):
-        worst.pop("USE_ATOMICS")
     if launch.constexprs.get("DORA"):
         worst.pop("APPLY_DROPOUT", None)
     return {**launch.constexprs, **worst, **launch.config.launch_options()}
-
-
-def _stores_single_part(launch) -> bool:
-    return "USE_ATOMICS" in launch.constexprs and launch.writes[-1].name in SINGLE_PART_GRADS
 
 
 def launch_jobs(archs: Iterable[int] = ARCHS, dtypes: Iterable[str] = DTYPES,
@@ -299,12 +292,12 @@ def build_signature(kernel, dtype: str, constexprs: dict, align: str = "aligned"
             signature[n] = "*i64"
             if align != "none":
                 attrs[(i,)] = [list(a) for a in divisible]
+        elif n in I32_POINTERS:
+            signature[n] = "*i32"
+            if align != "none":
+                attrs[(i,)] = [list(a) for a in divisible]
         elif n.endswith("_ptr"):
-            # Without atomics a job is the single-part launch (launch_config): its grad is stored in the
-            # inputs' dtype.
-            fp32 = (n in FP32_POINTERS and constexprs.get("USE_ATOMICS", True)
-                    and kernel.__name__ not in GRADS_IN_INPUT_DTYPE)
-            signature[n] = "*" + ("fp32" if fp32 else _TRITON_DTYPE[dtype])
+            signature[n] = "*" + ("fp32" if n in FP32_POINTERS else _TRITON_DTYPE[dtype])
             if align != "none":
                 attrs[(i,)] = [list(a) for a in divisible]
         elif n in FLOAT_SCALARS:

@@ -24,13 +24,16 @@ def _launch(plan, kernel):
 # --- fp32 atomics -------------------------------------------------------------------------------
 
 def test_db_atomic_bytes_are_m_blocks_times_n_times_r_fp32():
+    """Each row block adds its (N, r) fp32 share; the last to arrive per N split reads and re-zeroes it."""
     M, N, r = 8192, 4096, 16
     launch = _launch(plans.plan_lora_bwd_dy(M, N, r, torch.bfloat16, deterministic=False), "_lora_bwd_dy_kernel")
-    assert launch.constexprs["USE_ATOMICS"]
+    assert launch.constexprs["USE_ATOMICS"] and launch.constexprs["REDUCE"]
     m_blocks = -(-M // configs.bwd_dy_config(configs.padded_rank(r), torch.bfloat16).BLOCK_M)
-    assert launch.grid == (m_blocks,)
-    assert roofline.atomic_bytes(launch) == m_blocks * N * r * 4
-    assert roofline._from_plan(launch).atomic_bytes == m_blocks * N * r * 4
+    splits, R = launch.grid[1], launch.constexprs["R"]
+    assert launch.grid[0] == m_blocks and splits > 1 and launch.constexprs["SPLIT_N"]
+    # dB over the row blocks, dS over the N splits; each read and re-zeroed once by the last program
+    assert launch.atomic_bytes == (m_blocks * N * r * 4 + 2 * N * r * 4) + (splits * M * R * 4 + 2 * M * R * 4)
+    assert roofline._from_plan(launch).atomic_bytes == launch.atomic_bytes
 
 
 def test_da_atomic_bytes_are_splits_times_r_times_k_fp32():
@@ -39,13 +42,13 @@ def test_da_atomic_bytes_are_splits_times_r_times_k_fp32():
                                             num_sms=roofline.NUM_SMS), "_lora_bwd_da_kernel")
     splits = launch.grid[1]
     assert launch.constexprs["USE_ATOMICS"] and splits > 1
-    assert roofline.atomic_bytes(launch) == splits * r * K * 4
+    assert launch.atomic_bytes == splits * r * K * 4 + 2 * r * K * 4
 
 
 def test_a_plan_with_atomics_models_slower_than_the_same_without():
     launch = _launch(plans.plan_lora_bwd_dy(8192, 4096, 16, torch.bfloat16, deterministic=False),
                      "_lora_bwd_dy_kernel")
-    without = replace(launch, constexprs={**launch.constexprs, "USE_ATOMICS": False})
+    without = replace(launch, atomic_bytes=0)
     peak = roofline.PEAK_FLOPS["bfloat16"]
     with_atomics, plain = roofline._from_plan(launch), roofline._from_plan(without)
     assert plain.atomic_bytes == 0
@@ -62,11 +65,24 @@ def test_deterministic_and_single_part_plans_have_no_atomics():
     assert sum(launch.atomic_bytes for launch in roofline.fused_launches(BIG, "bwd")) > 0
 
 
-def test_an_unknown_kernel_with_atomics_is_an_error():
-    launch = plans.Launch("_new_kernel", (4,), configs.TileConfig(BLOCK_M=64), {"USE_ATOMICS": True},
-                          writes=(plans.Operand("dB", (8, 4), torch.float32),))
-    with pytest.raises(ValueError, match="ATOMIC_REDUCTIONS"):
-        roofline.atomic_bytes(launch)
+def test_deterministic_partials_are_written_and_read_back():
+    M, N, r = 8192, 4096, 16
+    atomics, partials = (_launch(plans.plan_lora_bwd_dy(M, N, r, torch.bfloat16, deterministic=d),
+                                 "_lora_bwd_dy_kernel") for d in (False, True))
+    db_parts, ds_parts = partials.grid[0] * N * r * 4, partials.grid[1] * M * partials.constexprs["R"] * 4
+    # stored by every part, read back by the last
+    assert partials.hbm_bytes == atomics.hbm_bytes + 2 * db_parts + 2 * ds_parts
+    assert not partials.constexprs["USE_ATOMICS"] and partials.tail_bytes > atomics.tail_bytes
+
+
+def test_the_last_programs_tail_is_modeled_at_one_sms_share_of_the_bandwidth():
+    launch = roofline._from_plan(_launch(plans.plan_lora_bwd_dy(8192, 4096, 16, torch.bfloat16, deterministic=False),
+                                         "_lora_bwd_dy_kernel"))
+    assert launch.tail_bytes > 0
+    assert launch.tail_seconds() == pytest.approx(launch.tail_bytes / (roofline.HBM_BYTES_PER_S / roofline.NUM_SMS))
+    peak = roofline.PEAK_FLOPS["bfloat16"]
+    assert launch.seconds(peak) == pytest.approx(launch.main_seconds(peak) + launch.atomic_seconds()
+                                                 + launch.tail_seconds() + roofline.LAUNCH_OVERHEAD_S)
 
 
 # --- wave quantisation --------------------------------------------------------------------------

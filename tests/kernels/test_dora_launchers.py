@@ -48,8 +48,8 @@ def test_fwd_and_bwd(dtype, M, r, fuse, bias, p):
     for name, g, lo, rf in zip(("dB", "dm"), got[2:], lows[2:], refs[2:]):
         assert_within_torch_error(name, g.to(dtype), lo.to(dtype), rf, dtype)
     # dX and dA from the dS pass's own dS, which the kernels share: those launches alone against torch.
-    dy_ready = launchers._dy_ready(M, 45, r, dtype, False, launchers._input_precision(dtype), True, bias and p == 0,
-                                   p > 0)
+    dy_ready = launchers._dy_ready(M, 45, r, dtype, False, launchers._input_precision(dtype), launchers._INTERPRETER_SMS,
+                                   True, bias and p == 0, p > 0)
     ds = launchers._bwd_dy(dy_ready, dy, bb, s, 0.9, dora=(m, n, saved, b if p == 0 else None))[0]
     g, g64 = reference.dora_scale(m.float(), n).to(dtype), reference.dora_scale(m.double(), n.double())
     assert_within_torch_error("dS", ds, 0.9 * (dy * g) @ bb, 0.9 * (dy.double() * g64) @ bb.double(), dtype)
@@ -84,9 +84,10 @@ def test_launches_equal_the_plans(monkeypatch, M, r, bias, p, deterministic):
         torch.use_deterministic_algorithms(False)
     dt = torch.float16
     planned = [l for l in plans.plan_dora_weight_norm(24, 40, r, dt)
-               + plans.plan_lora_fwd(M, 24, 40, r, dt, dropout=p > 0, bias=bias, dora=True)
+               + plans.plan_lora_fwd(M, 24, 40, r, dt, dropout=p > 0, bias=bias, dora=True,
+                                     num_sms=launchers._INTERPRETER_SMS)
                + plans.plan_lora_bwd_dy(M, 24, r, dt, deterministic=deterministic, dora=True, bias=bias,
-                                        dropout=p > 0)
+                                        dropout=p > 0, num_sms=launchers._INTERPRETER_SMS)
                + plans.plan_lora_bwd_dx(M, 24, 40, r, dt, dropout=p > 0, dora=True)
                + plans.plan_lora_bwd_da(M, 40, r, dt, dropout=p > 0, deterministic=deterministic,
                                         num_sms=launchers._INTERPRETER_SMS)

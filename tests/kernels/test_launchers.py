@@ -48,16 +48,22 @@ def test_fwd(dtype, M, r, fuse, p):
 
 def test_fwd_chooses_regime():
     assert configs.fwd_config(1, 16, torch.bfloat16)[1] is True
-    assert configs.fwd_config(1, 64, torch.bfloat16)[1] is False
-    assert configs.fwd_config(configs.FEW_TOKENS + 1, 16, torch.bfloat16)[1] is False
+    assert configs.fwd_config(1, 64, torch.bfloat16)[1] is True
+    assert configs.fwd_config(1, 128, torch.bfloat16)[1] is False
+    assert configs.fwd_config(1, 64, torch.float32)[1] is False
+    assert configs.fwd_config(configs.FEW_TOKENS + 1, 16, torch.bfloat16)[1] is True  # 64-row tiles, R <= 32
+    assert configs.fwd_config(configs.FEW_TOKENS + 1, 64, torch.bfloat16)[1] is False
+    assert configs.fwd_config(configs.MID_TOKENS + 1, 16, torch.bfloat16)[1] is False
+    assert configs.fwd_config(configs.MID_TOKENS, 16, torch.float32)[1] is False
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("M", [133, 20])  # several row blocks (atomics / partials), and one (direct store)
-def test_bwd_dy(dtype, r, deterministic, M):
-    N = 75
+# Several row blocks (dB summed over them: atomics / partials) and one (stored directly); N = 1100 has more than
+# more N tiles than one SM per row block needs, so N is split too (dS summed over the splits) at the interpreter's 2 SMs.
+@pytest.mark.parametrize("M,N", [(133, 75), (20, 75), (133, 1100), (20, 1100)])
+def test_bwd_dy(dtype, r, deterministic, M, N):
     _, _, _, _, bb = make_inputs((M,), 8, N, r, dtype)
     g = torch.Generator().manual_seed(5)
     dy = torch.randn(M, N, generator=g).to(dtype)
@@ -66,6 +72,41 @@ def test_bwd_dy(dtype, r, deterministic, M):
     (ds_low, db_low), (ds_ref, db_ref) = _refs(reference.lora_bwd_dy, dy, bb, s, 1.5)
     _check("dS", ds, ds_low, ds_ref, dtype)
     _check("dB", db, db_low, db_ref, dtype)
+
+
+def test_sums_finished_in_the_kernels_leave_their_workspace_at_zero():
+    """The atomic accumulator and the arrival counters are zeroed once, when made, so every launch must leave them
+    at zero: the next one adds into them. Mutating the re-zeroing (the last program's store of zeros, or the counter
+    reset) makes this fail."""
+    g = torch.Generator().manual_seed(11)
+    for deterministic in (False, True):
+        for M, N, K, r in ((133, 1100, 70, 7), (300, 75, 200, 16), (20, 1100, 70, 3)):
+            dy, s = torch.randn(M, N, generator=g), torch.randn(M, r, generator=g)
+            x, _, _, _, bb = make_inputs((M,), K, N, r, torch.float32)
+            ds, _ = launchers.lora_bwd_dy(dy, bb, s, 1.0, deterministic=deterministic)
+            launchers.lora_bwd_da(ds, x, deterministic=deterministic)
+            for workspace in launchers._workspaces.values():
+                assert not workspace.counters.any() and not workspace.accumulator.any()
+    assert launchers._workspaces, "no launch used a workspace"
+
+
+def test_sums_finished_in_the_kernels_are_right_in_both_modes_and_repeatable_when_deterministic():
+    """Atomics (default) and ordered partials (deterministic), with N split and several row blocks and M slices: both
+    within the bound, and the deterministic ones the same bits on a second run."""
+    M, N, K, r = 133, 1100, 200, 5
+    x, _, _, _, bb = make_inputs((M,), K, N, r, torch.float32)
+    g = torch.Generator().manual_seed(12)
+    dy, s = torch.randn(M, N, generator=g), torch.randn(M, r, generator=g)
+    (ds_low, db_low), (ds_ref, db_ref) = _refs(reference.lora_bwd_dy, dy, bb, s, 1.0)
+    runs = []
+    for deterministic in (False, True, True):
+        ds, db = launchers.lora_bwd_dy(dy, bb, s, 1.0, deterministic=deterministic)
+        da = launchers.lora_bwd_da(ds, x, deterministic=deterministic)
+        _check("dS", ds, ds_low, ds_ref, torch.float32)
+        _check("dB", db, db_low, db_ref, torch.float32)
+        _check("dA", da, *_refs(reference.lora_bwd_da, ds, x), torch.float32)
+        runs.append((ds, db, da))
+    assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[2]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -146,11 +187,29 @@ def test_bwd_plan_is_one_launch_for_one_row_block():
     assert [(l.kernel, l.grid) for l in one] == [("_lora_bwd_dx_da_db_kernel", (128,))]
     assert [op.dtype for op in one[0].writes] == [torch.bfloat16] * 3
     for M, r, dtype, need_dx in ((65, 16, torch.bfloat16, True), (1, 128, torch.float16, True),
-                                 (1, 64, torch.float32, True), (1, 16, torch.bfloat16, False)):
+                                 (1, 64, torch.float32, True), (65, 16, torch.bfloat16, False)):
         planned = plans.plan_lora_bwd(M, 4096, 4096, r, dtype, dropout=False, deterministic=False, num_sms=132,
                                       need_dx=need_dx)
         assert "_lora_bwd_dx_da_db_kernel" not in [l.kernel for l in planned]
         assert ("_lora_bwd_dx_kernel" in [l.kernel for l in planned]) == need_dx
+    without_dx, = plans.plan_lora_bwd(1, 4096, 4096, 16, torch.bfloat16, dropout=False, deterministic=False,
+                                      num_sms=132, need_dx=False)
+    assert without_dx.constexprs["COMPUTE_DX"] is False and "W" not in [op.name for op in without_dx.reads]
+    assert without_dx.flops < one[0].flops
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_one_block_without_dx_gives_the_same_grads(dtype):
+    """An input that needs no grad (need_dx=False) skips dX and W, and dA / dB are the same bits: gradient
+    checkpointing, which makes a block's input require grad, changes no LoRA grad."""
+    M, N, K, r = 9, 150, 91, 7
+    x, w, _, a, bb = make_inputs((M,), K, N, r, dtype)
+    g = torch.Generator().manual_seed(6)
+    dy, s = torch.randn(M, N, generator=g).to(dtype), torch.randn(M, r, generator=g).to(dtype)
+    dx, da, db = launchers.lora_bwd(dy, x, w, a, bb, s, 1.5, dropout_p=0.2, seed=SEED)
+    none, da2, db2 = launchers.lora_bwd(dy, x, w, a, bb, s, 1.5, dropout_p=0.2, seed=SEED, need_dx=False)
+    assert dx is not None and none is None
+    assert torch.equal(da, da2) and torch.equal(db, db2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

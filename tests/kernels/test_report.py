@@ -319,18 +319,18 @@ class _FakeKernel:
 
 
 def test_build_signature():
-    k = _FakeKernel(["x_ptr", "db_ptr", "seed_ptr", "M", "r", "stride_xm", "stride_xk", "stride_bias_n",
+    k = _FakeKernel(["x_ptr", "db_work_ptr", "seed_ptr", "M", "r", "stride_xm", "stride_xk", "stride_bias_n",
                      "stride_sm", "stride_sr", "drop_threshold", "scaling"], ["R", "BLOCK_M"])
     sig, cx, attrs = kr.build_signature(k, "bf16", {"R": 16, "BLOCK_M": 64}, "aligned")
-    assert sig == {"x_ptr": "*bf16", "db_ptr": "*fp32", "seed_ptr": "*i64", "M": "i32", "r": "i32",
+    assert sig == {"x_ptr": "*bf16", "db_work_ptr": "*fp32", "seed_ptr": "*i64", "M": "i32", "r": "i32",
                    "stride_xm": "i32", "stride_xk": "constexpr", "stride_bias_n": "constexpr", "stride_sm": "i32",
                    "stride_sr": "constexpr", "drop_threshold": "i32", "scaling": "fp32", "R": "constexpr",
                    "BLOCK_M": "constexpr"}
     assert cx == {"R": 16, "BLOCK_M": 64, "stride_xk": 1, "stride_bias_n": 1, "stride_sr": 1}
     hinted = {k.arg_names[i[0]] for i in attrs}
-    assert hinted == {"x_ptr", "db_ptr", "M", "r", "stride_xm", "stride_sm"}
+    assert hinted == {"x_ptr", "db_work_ptr", "M", "r", "stride_xm", "stride_sm"}
     _, _, attrs = kr.build_signature(k, "bf16", {"R": 16, "BLOCK_M": 64}, "rank")
-    assert {k.arg_names[i[0]] for i in attrs} == {"x_ptr", "db_ptr", "M", "stride_xm"}
+    assert {k.arg_names[i[0]] for i in attrs} == {"x_ptr", "db_work_ptr", "M", "stride_xm"}
     _, _, attrs = kr.build_signature(k, "bf16", {"R": 16, "BLOCK_M": 64}, "none")
     assert attrs == {}
     with pytest.raises(ValueError, match="BLOCK_M"):
