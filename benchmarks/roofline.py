@@ -104,7 +104,8 @@ def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
         "waves": f"Triton launches: ceil(programs / ({gpu.num_sms} SMs x {PROGRAMS_PER_SM})) waves, wave factor "
                  "waves x slots / programs (a grid of 4 programs gets 4/132 of the peaks; 133 take 2 waves); "
                  "torch ops: 1",
-        "atomics": "fp32 atomic adds of a USE_ATOMICS launch: m_blocks x N x r x 4 bytes into dB, SPLIT_M x r x K "
+        "atomics": "fp32 atomic adds of a USE_ATOMICS launch (plans' atomic_bytes): m_blocks x N x r x 4 bytes into "
+                   "dB, splits x M x R x 4 into dS, SPLIT_M x r x K "
                    "x 4 into dA, plus 2 x 4 bytes per element for the last program's read and re-zeroing, at "
                    "atomic_bytes_per_s, added after the launch's main time (not overlapped)",
         "tails": "a sum finished by the last program to arrive: the bytes that one program moves after the rest "
@@ -134,7 +135,7 @@ class ModeledLaunch:
     bytes: int
     detail: str = ""
     programs: int | None = None  # a Triton launch's grid size; None: a torch op, which fills the GPU
-    atomic_bytes: int = 0  # fp32 atomic adds into L2 (dB / dA of a USE_ATOMICS launch)
+    atomic_bytes: int = 0  # fp32 atomic adds into L2 (the plan's atomic_bytes of a USE_ATOMICS launch)
     tail_bytes: int = 0  # moved by one last-to-arrive program after the rest of the launch (its sums' final pass)
 
     @property
@@ -250,7 +251,7 @@ def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERM
     modeled = [_from_plan(launch) for launch in {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]]
     if direction != "fwd":
         # LoRALinearFunction.backward returns dA.to(A.dtype) and dB.to(B.dtype): a cast launch
-        # whenever the plan leaves the grad in another dtype (fp32 atomics or partial sums).
+        # whenever the plan leaves the grad in another dtype (none does since the sums end in the kernels).
         for name in ("dA", "dB"):
             grad = _final_operand(bwd, name)
             if grad.dtype != dtype:

@@ -330,8 +330,8 @@ def lora_embedding_bwd(dy, ids, lora_B, s, scaling: float, num_embeddings: int, 
                        scale_grad_by_freq: bool = False, need_dA: bool = True, need_dB: bool = True):
     """(dA or None, dB or None) in B's dtype: dS and dB from one pass over dY, then dA from dS.
 
-    dB follows torch.are_deterministic_algorithms_enabled() as the Linear family's does (fp32 atomics
-    over row blocks, or per-block partials and a sum); dA is always deterministic.
+    dB follows torch.are_deterministic_algorithms_enabled() as the Linear family's does (fp32 atomics over row
+    blocks, or per-block partials summed in a fixed order, both finished in the kernel); dA is always deterministic.
     """
     from . import launchers  # imports triton
 
