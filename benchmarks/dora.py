@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import weakref
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -245,15 +244,7 @@ def fused_dora_launches(point: Point, direction: str, *, deterministic: bool | N
     bwd = dy + plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=True) + da + \
         plans.plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout)
     launches = [roofline._from_plan(launch) for launch in {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]]
-    if direction != "fwd":
-        for name, plan in (("dA", da), ("dB", dy)):
-            grad = roofline._final_operand(plan, name)
-            if grad.dtype != dtype:
-                n = math.prod(grad.shape)
-                launches.append(roofline.ModeledLaunch(
-                    f"to({point.dtype})", 0, n * grad.dtype.itemsize + n * dtype.itemsize,
-                    f"r:{name}_{roofline._short(grad.dtype)}{list(grad.shape)}, w:{name}{list(grad.shape)}"))
-    return launches
+    return launches + (roofline.grad_casts(bwd, dtype) if direction != "fwd" else [])
 
 
 def traced_launches(provider: str, point: Point) -> dict[str, list]:

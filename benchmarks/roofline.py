@@ -249,17 +249,20 @@ def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERM
     fwd = plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=point.bias, num_sms=num_sms)
     bwd = plans.plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms)
     modeled = [_from_plan(launch) for launch in {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]]
-    if direction != "fwd":
-        # LoRALinearFunction.backward returns dA.to(A.dtype) and dB.to(B.dtype): a cast launch
-        # whenever the plan leaves the grad in another dtype (none does since the sums end in the kernels).
-        for name in ("dA", "dB"):
-            grad = _final_operand(bwd, name)
-            if grad.dtype != dtype:
-                n = math.prod(grad.shape)
-                modeled.append(ModeledLaunch(f"to({point.dtype})", 0, n * grad.dtype.itemsize + n * dtype.itemsize,
-                                             f"r:{name}_{_short(grad.dtype)}{list(grad.shape)}, "
-                                             f"w:{name}{list(grad.shape)}"))
-    return modeled
+    return modeled + (grad_casts(bwd, dtype) if direction != "fwd" else [])
+
+
+def grad_casts(bwd, dtype: torch.dtype) -> list[ModeledLaunch]:
+    """The cast launches after a backward plan: the ops return dA.to(A.dtype) and dB.to(B.dtype), a launch wherever
+    the plan leaves the grad in another dtype (none does since the sums end in the kernels)."""
+    casts = []
+    for name in ("dA", "dB"):
+        grad = _final_operand(bwd, name)
+        if grad.dtype != dtype:
+            n = math.prod(grad.shape)
+            casts.append(ModeledLaunch(f"to({_short(dtype)})", 0, n * grad.dtype.itemsize + n * dtype.itemsize,
+                                       f"r:{name}_{_short(grad.dtype)}{list(grad.shape)}, w:{name}{list(grad.shape)}"))
+    return casts
 
 
 def _short(dtype: torch.dtype) -> str:

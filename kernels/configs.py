@@ -210,13 +210,12 @@ def bwd_da_config(R: int, dtype: torch.dtype) -> TileConfig:
                       num_warps=8 if _is_fp32(dtype) or R > 64 else 4, num_stages=3)
 
 
-def dy_split(m_blocks: int, n_tiles: int, num_sms: int, block_n: int = 64, M: int | None = None) -> tuple[int, int]:
+def dy_split(m_blocks: int, n_tiles: int, num_sms: int, block_n: int, M: int) -> tuple[int, int]:
     """(splits over N, N tiles per split) for the dS / dB pass: at least one program per SM, and with several row
     blocks about sqrt(2.5 N num_sms / M) splits. Splits cost an fp32 sum of dS over them (splits x M x R x 4 bytes
     of atomics at about the HBM rate), while the last row block to arrive at a split then sums its dB alone
     (N / splits x R x 10 bytes at one SM's share of the bandwidth, HBM / num_sms); that many splits makes the two
     equal. One row block stores dB directly: no such tail."""
-    M = m_blocks * 64 if M is None else M
     N = n_tiles * block_n
     balanced = math.ceil(math.sqrt(2.5 * N * num_sms / max(1, M))) if m_blocks > 1 else 1
     splits = min(n_tiles, max(-(-num_sms // m_blocks), balanced))

@@ -180,6 +180,11 @@ def rel_err(value, ref) -> float:
     return (value - ref).abs().max().item() / scale if scale else (value - ref).abs().max().item()
 
 
+def worst_rel_err(got: dict, ref: dict, keys) -> float:
+    """The largest rel_err over ``keys`` of two {name: tensor} dicts (the parity tables' worst grad)."""
+    return max(rel_err(got[k], ref[k]) for k in keys)
+
+
 @dataclass
 class Parity:
     name: str

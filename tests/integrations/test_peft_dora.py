@@ -23,7 +23,8 @@ from fused_lora.dropout import draw_seed
 from numerics import assert_losses_within_torch_error, assert_results_within_torch_error, lora_backend, \
     run as run_module, \
     torch_and_fp64
-from peft_parity import adamw_losses, count_calls, inputs, lora_linear_layers, peft_model, run, tiny_llama
+from peft_parity import (adamw_losses, count_calls, inputs, lora_linear_layers, peft_model, rel_err, run, tiny_llama,
+                         worst_rel_err)
 
 DORA = dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
 LOGITS = lambda model, ids: model(input_ids=ids).logits
@@ -198,8 +199,7 @@ def test_load_refuses_dora_mismatches(tmp_path):
 
 
 def main():
-    rel = lambda a, b: ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-    worst = lambda got, ref, keys: max(rel(got[k], ref[k]) for k in keys)
+    rel, worst = rel_err, worst_rel_err
     print("| dtype | logits ours / PEFT vs fp64 | LoRA grads ours / PEFT vs fp64 (worst) | magnitude grads ours / PEFT "
           "vs fp64 (worst) |")
     print("|---|---|---|---|")
