@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fused_lora.kernels import cost
+
 from .sweep import DIRECTIONS, Point
 
 
@@ -45,7 +47,8 @@ class Gpu:
 
 # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: 1,979 TFLOPS bf16/fp16 with sparsity, i.e. 989
 # dense; 3.35 TB/s HBM3; 132 SMs (the dA split depends on it).
-H100 = Gpu("h100", "H100 SXM", {"bfloat16": 989e12, "float16": 989e12}, 3.35e12, 132,
+H100 = Gpu("h100", "H100 SXM", {"bfloat16": cost.H100_PEAK_FLOPS, "float16": cost.H100_PEAK_FLOPS},
+           cost.H100_HBM_BYTES_PER_S, cost.H100_NUM_SMS,
            "NVIDIA H100 datasheet (SXM): 989 TFLOPS dense bf16/fp16, 3.35 TB/s HBM3, 132 SMs")
 # NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column: 4.8 TB/s HBM3e and the same 1,979 TFLOPS
 # (sparse) bf16/fp16 as the H100 SXM; the same GH100 die with 132 SMs. Only the bandwidth differs.
@@ -58,22 +61,12 @@ DEFAULT_GPU = H100
 PEAK_FLOPS = H100.peak_flops
 HBM_BYTES_PER_S = H100.hbm_bytes_per_s
 NUM_SMS = H100.num_sms
-# Assumed, not measured (no GPU here): the gap one eager launch adds on the GPU timeline, a few
-# microseconds for back-to-back PyTorch / Triton launches without CUDA graphs. GPU-side only: the host's
-# Python time per layer is measured by the host-overhead part (benchmarks.host) and printed beside it.
-LAUNCH_OVERHEAD_S = 4e-6
-# Assumed: one resident program per SM for every Triton launch. The model has no per-config occupancy
-# (registers and shared memory per program are known only after compilation, see kernel_report); with
-# two resident programs a sub-wave grid would be charged twice as much, a multi-wave one about the same.
-PROGRAMS_PER_SM = 1
-# Assumed, not measured: fp32 atomic adds resolve in L2 at the rate of HBM loads of the H100 (3.35 TB/s
-# of added data), on both presets (the H200 has the same GH100 L2; atomics do not go to HBM). Source for
-# the rate: NVIDIA Nsight Visual Studio Edition 4.7 User Guide, "Memory Statistics - Atomics": since
-# compute capability 3.x "many atomics can be performed ... nearly as quickly as memory loads". The same
-# page: read-modify-writes to one location "are all serialized". The dS/dB programs sweep N in lockstep,
-# so all of them add into the same dB tile at once; hence the atomic time is added after the launch's main
-# time rather than hidden under it (no overlap credited).
-ATOMIC_BYTES_PER_S = 3.35e12
+# The per-launch assumptions and the formula are fused_lora.kernels.cost's, which the plans weigh alternatives with:
+# LAUNCH_OVERHEAD_S (4 us, GPU-side only: the host's time is measured by benchmarks.host and printed beside it),
+# PROGRAMS_PER_SM (1) and ATOMIC_BYTES_PER_S (3.35 TB/s, added after the main time); their sources are there.
+LAUNCH_OVERHEAD_S = cost.LAUNCH_OVERHEAD_S
+PROGRAMS_PER_SM = cost.PROGRAMS_PER_SM
+ATOMIC_BYTES_PER_S = cost.ATOMIC_BYTES_PER_S
 # Triton's plain tl.dot main loop against cuBLAS on an H100: triton-lang/triton issue #3672 (2024-04-16),
 # python/tutorials/03-matrix-multiplication.py in fp16 on an H100, Triton / cuBLAS TFLOP/s at its six
 # largest sizes, M = N = K = 2432..3072: 321.3/518.5, 375.4/533.4, 433.4/433.4, 500.7/616.5, 471.4/573.9,
@@ -144,15 +137,11 @@ class ModeledLaunch:
 
     def waves(self, gpu: Gpu = DEFAULT_GPU) -> int | None:
         """ceil(programs / (SMs x PROGRAMS_PER_SM)); None for a torch op."""
-        if self.programs is None:
-            return None
-        return max(1, -(-self.programs // (gpu.num_sms * PROGRAMS_PER_SM)))
+        return None if self.programs is None else cost.waves(self.programs, gpu.num_sms)
 
     def wave_factor(self, gpu: Gpu = DEFAULT_GPU) -> float:
         """Time over the time of the same work spread evenly over the GPU: waves x slots / programs."""
-        if self.programs is None:
-            return 1.0
-        return self.waves(gpu) * gpu.num_sms * PROGRAMS_PER_SM / max(1, self.programs)
+        return cost.wave_factor(self.programs, gpu.num_sms)
 
     @property
     def occupancy(self) -> float:
@@ -161,18 +150,20 @@ class ModeledLaunch:
 
     def main_seconds(self, peak: float, gpu: Gpu = DEFAULT_GPU, triton_efficiency: float = 1.0) -> float:
         rate = peak * (triton_efficiency if self.is_triton else 1.0)
-        return max(self.flops / rate, self.bytes / gpu.hbm_bytes_per_s) * self.wave_factor(gpu)
+        return cost.main_seconds(self.flops, self.bytes, self.programs, peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s,
+                                 num_sms=gpu.num_sms)
 
     def atomic_seconds(self) -> float:
-        return self.atomic_bytes / ATOMIC_BYTES_PER_S
+        return cost.atomic_seconds(self.atomic_bytes)
 
     def tail_seconds(self, gpu: Gpu = DEFAULT_GPU) -> float:
         """One program alone after the others: at one SM's share of the bandwidth (hbm / SMs)."""
-        return self.tail_bytes * gpu.num_sms / gpu.hbm_bytes_per_s
+        return cost.tail_seconds(self.tail_bytes, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
 
     def seconds(self, peak: float, gpu: Gpu = DEFAULT_GPU, triton_efficiency: float = 1.0) -> float:
-        return (self.main_seconds(peak, gpu, triton_efficiency) + self.atomic_seconds() + self.tail_seconds(gpu)
-                + LAUNCH_OVERHEAD_S)
+        rate = peak * (triton_efficiency if self.is_triton else 1.0)
+        return cost.launch_seconds(self.flops, self.bytes, self.programs, self.atomic_bytes, self.tail_bytes,
+                                   peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
 
     def bound(self, peak: float, gpu: Gpu = DEFAULT_GPU) -> str:
         return "compute" if self.flops / peak >= self.bytes / gpu.hbm_bytes_per_s else "memory"

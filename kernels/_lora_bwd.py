@@ -1,5 +1,5 @@
-"""Backward kernels: one pass over dY for (dS, dB); dX = dY W + dS A fused; dA = dS^T dropout(x); and for one row
-block of tokens the whole backward (dX, dA, dB) in one launch."""
+"""Backward kernels: one pass over dY for (dS, dB); dX = dY W + dS A fused; dA = dS^T dropout(x); and the whole
+backward (dX, dA, dB) in one launch, dS recomputed per K slice."""
 import triton
 import triton.language as tl
 
@@ -247,7 +247,7 @@ def _lora_bwd_da_kernel(
 
 @triton.jit(do_not_specialize=["seed_ptr"])
 def _lora_bwd_dx_da_db_kernel(
-    dy_ptr,  # (M, N), M <= BLOCK_M: one row block
+    dy_ptr,  # (M, N)
     x_ptr,  # (M, K)
     w_ptr,  # (N, K)
     a_ptr,  # (r, K)
@@ -256,6 +256,8 @@ def _lora_bwd_dx_da_db_kernel(
     dx_ptr,  # (M, K) output: dY W + dropout'(dS A)
     da_ptr,  # (r, K) output in x's dtype: dS^T dropout(x)
     db_ptr,  # (N, r) output in dY's dtype: s dY^T S
+    work_ptr,  # fp32, zero at rest, when REDUCE: the (r, K) dA accumulator, then the (N, r) dB accumulator
+    counters_ptr,  # int32, zero at rest, when REDUCE: one per K slice
     seed_ptr,  # () int64 dropout seed; loaded only when APPLY_DROPOUT
     M, N, K, r,
     stride_dym, stride_dyn,
@@ -269,22 +271,24 @@ def _lora_bwd_dx_da_db_kernel(
     stride_dbn, stride_dbr,
     scaling, drop_threshold, keep_scale,
     R: tl.constexpr,  # r padded to a power of two >= 16
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_SIDE: tl.constexpr,  # columns of the dA and dB tiles (the M side of their dots: 64 for wgmma)
     COMPUTE_DX: tl.constexpr,  # False: no W read and no dX (an input without grad); dS, dA, dB the same bits
+    REDUCE: tl.constexpr,  # several row blocks: dA and dB summed over them by fp32 atomics, in the last to arrive
     APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # The whole backward of one row block in one launch. Each program owns a BLOCK_K slice of dX and walks all
-    # of N; since one row block covers M, it can recompute the whole of dS = s dY B in the same loop (R / BLOCK_K
-    # of the loop's FLOPs) instead of waiting for another launch. The dA and dB tiles (BLOCK_SIDE columns of K
-    # and of N) are dealt to the programs round-robin; there are no cross-program reductions, so no atomics,
-    # no memsets and no casts, and the result does not depend on the order programs run in.
-    pid = tl.program_id(0).to(tl.int64)
-    programs = tl.num_programs(0)
+    # The whole backward in one launch. Program (pid_m, pid_k) owns a (BLOCK_M, BLOCK_K) tile of dX and walks all
+    # of N, so it can recompute its row block's whole dS = s dY B in the same loop (R / BLOCK_K of the loop's
+    # FLOPs) instead of waiting for another launch. The dA and dB tiles (BLOCK_SIDE columns of K and of N) are
+    # dealt round-robin to the K slices; with one row block each is stored directly (no atomics: the result does
+    # not depend on the order programs run in); with several every row block adds its share into an fp32
+    # accumulator, and the last row block to arrive at a K slice sums, stores and re-zeroes that slice's tiles.
+    pid_m, pid_k = _grouped_tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    k_slices = tl.cdiv(K, BLOCK_K)
     dtype = dy_ptr.dtype.element_ty
-    offs_m = _span(0, BLOCK_M)
+    offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_r = _span(0, R)
-    offs_k = _span(pid * BLOCK_K, BLOCK_K)
+    offs_k = _span(pid_k * BLOCK_K, BLOCK_K)
     seed = tl.load(seed_ptr) if APPLY_DROPOUT else 0
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -319,7 +323,8 @@ def _lora_bwd_dx_da_db_kernel(
                  acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
     offs_side = _span(0, BLOCK_SIDE)
-    for t in range(pid, tl.cdiv(K, BLOCK_SIDE), programs):  # dA^T tiles, (BLOCK_SIDE, R)
+    db_work_ptr = work_ptr + tl.cast(r, tl.int64) * K
+    for t in range(pid_k, tl.cdiv(K, BLOCK_SIDE), k_slices):  # dA^T tiles, (BLOCK_SIDE, R)
         cols = offs_side + t * BLOCK_SIDE
         x = _load_tile(x_ptr, offs_m, cols, stride_xm, stride_xk, M, K)  # (BLOCK_M, BLOCK_SIDE)
         if APPLY_DROPOUT:
@@ -327,12 +332,39 @@ def _lora_bwd_dx_da_db_kernel(
         da = tl.dot(tl.trans(x), ds, input_precision=INPUT_PRECISION)
         if APPLY_DROPOUT:
             da = da * keep_scale
-        tl.store(da_ptr + offs_r[None, :] * stride_dar + cols[:, None] * stride_dak, da.to(da_ptr.dtype.element_ty),
-                 mask=(cols[:, None] < K) & (offs_r[None, :] < r))
+        da_mask = (cols[:, None] < K) & (offs_r[None, :] < r)
+        if REDUCE:
+            tl.atomic_add(work_ptr + offs_r[None, :] * K + cols[:, None], da, mask=da_mask, sem="relaxed",
+                          scope="gpu")
+        else:
+            tl.store(da_ptr + offs_r[None, :] * stride_dar + cols[:, None] * stride_dak,
+                     da.to(da_ptr.dtype.element_ty), mask=da_mask)
     s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r)  # (BLOCK_M, R)
-    for t in range(pid, tl.cdiv(N, BLOCK_SIDE), programs):  # dB tiles, (BLOCK_SIDE, R)
+    for t in range(pid_k, tl.cdiv(N, BLOCK_SIDE), k_slices):  # dB tiles, (BLOCK_SIDE, R)
         cols = offs_side + t * BLOCK_SIDE
         dy = _load_tile(dy_ptr, offs_m, cols, stride_dym, stride_dyn, M, N)  # (BLOCK_M, BLOCK_SIDE)
         db = tl.dot(tl.trans(dy), s, input_precision=INPUT_PRECISION) * scaling
-        tl.store(db_ptr + cols[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, db.to(db_ptr.dtype.element_ty),
-                 mask=(cols[:, None] < N) & (offs_r[None, :] < r))
+        db_mask = (cols[:, None] < N) & (offs_r[None, :] < r)
+        if REDUCE:
+            tl.atomic_add(db_work_ptr + cols[:, None] * r + offs_r[None, :], db, mask=db_mask, sem="relaxed",
+                          scope="gpu")
+        else:
+            tl.store(db_ptr + cols[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                     db.to(db_ptr.dtype.element_ty), mask=db_mask)
+    # One arrival per program (a per-tile one would stall each tile on an L2 round trip): the last row block to
+    # finish this K slice sums and stores all of the slice's dA and dB tiles.
+    if REDUCE:
+        if _last_to_arrive(counters_ptr + pid_k, tl.cdiv(M, BLOCK_M)):
+            zeros = tl.zeros((BLOCK_SIDE, R), dtype=tl.float32)
+            for t in range(pid_k, tl.cdiv(K, BLOCK_SIDE), k_slices):
+                cols = offs_side + t * BLOCK_SIDE
+                da_mask = (cols[:, None] < K) & (offs_r[None, :] < r)
+                da = _sum_of_parts(zeros, work_ptr + offs_r[None, :] * K + cols[:, None], 0, 1, da_mask, True)
+                tl.store(da_ptr + offs_r[None, :] * stride_dar + cols[:, None] * stride_dak,
+                         da.to(da_ptr.dtype.element_ty), mask=da_mask)
+            for t in range(pid_k, tl.cdiv(N, BLOCK_SIDE), k_slices):
+                cols = offs_side + t * BLOCK_SIDE
+                db_mask = (cols[:, None] < N) & (offs_r[None, :] < r)
+                db = _sum_of_parts(zeros, db_work_ptr + cols[:, None] * r + offs_r[None, :], 0, 1, db_mask, True)
+                tl.store(db_ptr + cols[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                         db.to(db_ptr.dtype.element_ty), mask=db_mask)

@@ -26,7 +26,7 @@ FUSE_SHRINK_MAX_RANK = 32
 # to recompute dS: R / BLOCK_K of the program's W bytes from L2, which the roofline does not count. With
 # BLOCK_K = 32 that is at most 2x at R = 64, the same as the program's re-read of dY at 64 tokens, which the
 # separate dX launch makes too.
-ONE_BLOCK_BWD_MAX_RANK = 64
+ONE_LAUNCH_BWD_MAX_RANK = 64
 
 
 @dataclass(frozen=True)
@@ -64,20 +64,22 @@ def _is_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def fwd_config(M: int, R: int, dtype: torch.dtype, dora: bool = False, dropout: bool = False, N: int = 4096
-               ) -> tuple[TileConfig, bool]:
-    """(config, fuse_shrink) for _lora_fwd_kernel; ``dora`` with ``dropout``: the loop keeps x W^T and x' W^T in
-    two accumulators; ``N`` (output features) narrows the few-token tiles of a narrow layer."""
+def fwd_choices(M: int, N: int, R: int, dtype: torch.dtype, dora: bool = False, dropout: bool = False
+                ) -> tuple[tuple[TileConfig, bool], ...]:
+    """The (config, fuse_shrink) pairs _lora_fwd_kernel may launch with: one, or at 65-2048 tokens with the shrink
+    fused and not, which plans.plan_lora_fwd weighs by their modeled time (kernels/cost.py). ``dora`` with
+    ``dropout``: the loop keeps x W^T and x' W^T in two accumulators; ``N`` (output features) narrows the tiles of
+    a narrow layer."""
     if dora and _is_fp32(dtype):
         # FMA: with DoRA's epilogue the 64-wide tiles below spilled 8-136 B on sm_90 (16 B fused at R = 16;
         # 136 B with two accumulators on 4 warps); 32 columns do not, on 8 warps with two accumulators (4
         # spilled 8 B at R = 64; kernel_report).
         few = M <= FEW_TOKENS
-        return TileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32 if few else 16, GROUP_M=0 if few else 8,
-                          num_warps=8 if few or dropout else 4, num_stages=3), few and R <= FUSE_SHRINK_MAX_RANK
+        return (TileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32 if few else 16, GROUP_M=0 if few else 8,
+                           num_warps=8 if few or dropout else 4, num_stages=3), few and R <= FUSE_SHRINK_MAX_RANK),
     if dora and dropout and M > FEW_TOKENS:
         # Two 128 x 128 fp32 accumulators are 128 registers per thread on 8 warps; 128 x 64 halves them.
-        return TileConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False
+        return (TileConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False),
     if M <= FEW_TOKENS:
         # Few tokens: time is the read of W, so the grid must cover the SMs: BLOCK_N = 32 gives N / 32
         # programs (128 for N = 4096; 64 tiles left 52% of an H100's 132 SMs idle, modeled 25.0 -> 14.5 us
@@ -90,29 +92,60 @@ def fwd_config(M: int, R: int, dtype: torch.dtype, dora: bool = False, dropout: 
         block_n = 32 if dora or -(-N // 32) >= FILL_PROGRAMS else 16
         # 4 warps on 16 columns: 8 spilled 8 B on sm_90 at R = 64 (r % 16 != 0; kernel_report).
         if _is_fp32(dtype):
-            return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3), R <= FUSE_SHRINK_MAX_RANK
+            return (TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+                    R <= FUSE_SHRINK_MAX_RANK),
         # The shrink is fused while A's re-read per N tile, from L2, is at most twice W's bytes (R <= 2 BLOCK_N:
         # R = 64 with 32 columns, as the one-launch backward's B); a separate shrink of one row block fills no GPU.
         # DoRA's epilogue spilled 8 B fused at R = 64 on sm_80 (kernel_report): up to R = 32 there.
-        fuse = R <= min(2 * block_n, FUSE_SHRINK_MAX_RANK if dora else ONE_BLOCK_BWD_MAX_RANK)
-        return TileConfig(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, num_warps=4 if block_n == 16 else 8,
-                          num_stages=3), fuse
+        max_fused = FUSE_SHRINK_MAX_RANK if dora else ONE_LAUNCH_BWD_MAX_RANK
+        fuse = R <= min(2 * block_n, max_fused)
+        choice = TileConfig(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, num_warps=4 if block_n == 16 else 8,
+                            num_stages=3), fuse
+        if fuse or block_n == 32 or R > max_fused:
+            return choice,
+        # A rank too large for 16 columns fuses at 32 (half the programs); the plan weighs that against a shrink
+        # launch of one row block.
+        return choice, (TileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, num_warps=8, num_stages=3), True)
     if _is_fp32(dtype):
         # fp32 without tf32 runs on FMA: 128 x 128 x 32 spilled at every rank. With int64 pointer offsets
         # 64 x 64 x 32 on 8 warps spilled 8 B on sm_80, and 64 x 64 x 16 on 8 warps 8-32 B on sm_90 (ptxas
         # held those to 80 registers); on 4 warps it takes 160-168 and does not spill (kernel_report).
-        return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3), False
+        return (TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3), False),
     if M <= MID_TOKENS and not dora:
         # Between the regimes 128-row tiles leave the SMs idle (256 tokens at N = 4096: 64 programs); 64 rows give
-        # twice the programs (the smallest M tile of one warpgroup's wgmma). With a small rank the shrink is
-        # recomputed per N tile (R / BLOCK_N = 1/8 more FLOPs at R = 16) instead of a launch of its own, whose
-        # cdiv(M, 64) programs fill no GPU either (16 at 1024 tokens: modeled 25 us for an 8 MiB read).
+        # twice the programs (the smallest M tile of one warpgroup's wgmma), and narrower columns more still
+        # (mid_fwd_block_n). Fusing the shrink recomputes S per N tile (R / BLOCK_N more FLOPs); a separate shrink
+        # launch of cdiv(M, 64) row blocks fills no GPU either, so the plan weighs both. A rank too large to fuse at
+        # those columns (mid_fwd_max_fused_rank) fuses at narrower ones (R = 64: 64 columns).
         # 8 warps: 4 spilled 80-176 B at R = 64 (r % 16 != 0) on sm_80 / sm_90 (kernel_report).
-        return TileConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), \
-            R <= FUSE_SHRINK_MAX_RANK
+        block_n = mid_fwd_block_n(M, N)
+        unfused = TileConfig(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False
+        narrower = block_n
+        while narrower > 32 and R > mid_fwd_max_fused_rank(narrower):
+            narrower //= 2
+        if R > mid_fwd_max_fused_rank(narrower):
+            return unfused,
+        return unfused, (TileConfig(BLOCK_M=64, BLOCK_N=narrower, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+                         True)
     # Many tokens: compute-bound GEMM. 128 x 128 x 64 with 8 warps and 3 stages compiles to
     # HGMMA with no spills on sm_90; 128 x 256 spilled there (kernel_report).
-    return TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False
+    return (TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False),
+
+
+def mid_fwd_block_n(M: int, N: int) -> int:
+    """Columns of the 65-2048-token forward tiles: 128, halved down to 32 while the grid of 64-row tiles has fewer
+    than FILL_PROGRAMS programs (4096 -> 1024 at 256 tokens: 32 programs of 128 columns, 128 of 32)."""
+    block_n = 128
+    while block_n > 32 and -(-M // 64) * -(-N // block_n) < FILL_PROGRAMS:
+        block_n //= 2
+    return block_n
+
+
+def mid_fwd_max_fused_rank(block_n: int) -> int:
+    """The largest padded rank the 65-2048-token forward may fuse the shrink into at ``block_n`` columns: 32 at 128
+    columns, where R = 64 spilled 32-56 B on sm_80 (kernel_report); as the
+    few-token tiles, 2 x BLOCK_N up to 64, for narrower ones."""
+    return FUSE_SHRINK_MAX_RANK if block_n == 128 else min(2 * block_n, ONE_LAUNCH_BWD_MAX_RANK)
 
 
 def shrink_config(R: int, dtype: torch.dtype) -> TileConfig:
@@ -181,17 +214,36 @@ def bwd_dx_config(M: int, dtype: torch.dtype, two_products: bool = False, dora: 
     return TileConfig(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
-def bwd_one_block_config(M: int, R: int, dtype: torch.dtype) -> TileConfig | None:
-    """_lora_bwd_dx_da_db_kernel's tiles, or None where the backward runs as separate dS / dB, dX and dA launches:
-    more tokens than one BLOCK_M row block, or a rank above ONE_BLOCK_BWD_MAX_RANK (32 in fp32)."""
-    if not 0 < M <= FEW_TOKENS or R > ONE_BLOCK_BWD_MAX_RANK:
+def bwd_one_launch_config(M: int, K: int, R: int, dtype: torch.dtype, deterministic: bool) -> TileConfig | None:
+    """_lora_bwd_dx_da_db_kernel's tiles, or None where the backward can only run as separate dS / dB, dX and dA
+    launches: a rank above ONE_LAUNCH_BWD_MAX_RANK (32 in fp32), or above FEW_TOKENS (one row block) fp32,
+    ``deterministic`` or more than MID_TOKENS. Above FEW_TOKENS plans.plan_lora_bwd weighs it against those."""
+    if not 0 < M <= MID_TOKENS or R > ONE_LAUNCH_BWD_MAX_RANK:
         return None
     if _is_fp32(dtype):
         # FMA holds a whole K slice of both operands of the 64 x 64 x R dA / dB dots in registers: at R = 64 it
         # spilled 1480-1920 B on sm_80 (with 16- or 32-column N tiles); up to R = 32 it does not (kernel_report).
-        if R > 32:
+        if R > 32 or M > FEW_TOKENS:
             return None
         return TileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3)
+    if M > FEW_TOKENS:
+        # Several row blocks: dA and dB are sums over them, by fp32 atomics (the deterministic mode keeps the
+        # separate launches' fixed-order sums). 128-column K slices as the middle-token dX tiles (bwd_dx_config),
+        # halved down to 32 while the grid has fewer than FILL_PROGRAMS programs; each of a row block's K slices
+        # recomputes its dS = dY B (R / BLOCK_K more FLOPs). 32-column slices take the few-token tiles below.
+        # sm_80 (kernel_report, every BLOCK_N 32 / 64 x 4 / 8 warps x 2-4 stages tried): 128-column slices spilled
+        # 24-224 B at R = 64 in every variant, and up to R = 32 all but 32-column N tiles on 8 warps with 3-4
+        # stages; 64-column slices spilled 8-80 B somewhere in R = 16-64 except 64-column N tiles on 4 warps with 2
+        # stages.
+        if deterministic:
+            return None
+        block_k = 128 if R <= 32 else 64
+        while block_k > 32 and -(-M // 64) * -(-K // block_k) < FILL_PROGRAMS:
+            block_k //= 2
+        if block_k == 128:
+            return TileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+        if block_k == 64:
+            return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2)
     # As the few-token dX launch: 32-column K slices give K / 32 programs (128 for K = 4096), every one reading
     # its W slice once. 0 spills and HGMMA on sm_90; at R = 64 4 warps spilled 16-120 B on sm_80, 8 do not
     # (kernel_report).
@@ -199,7 +251,7 @@ def bwd_one_block_config(M: int, R: int, dtype: torch.dtype) -> TileConfig | Non
 
 
 # Columns of the one-launch backward's dA and dB tiles: the M side of their dots, 64 for wgmma.
-ONE_BLOCK_SIDE = 64
+ONE_LAUNCH_SIDE = 64
 
 
 def bwd_da_config(R: int, dtype: torch.dtype) -> TileConfig:

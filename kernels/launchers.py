@@ -177,9 +177,11 @@ def _dx_ready(M, N, K, r, dtype, dropout, precision, dora=False):
 
 
 @functools.lru_cache(maxsize=4096)
-def _one_block_ready(M, N, K, r, dtype, dropout, precision, need_dx=True) -> _Ready | None:
+def _one_launch_ready(M, N, K, r, dtype, dropout, deterministic, precision, num_sms, need_dx=True,
+                      one_launch=None) -> _Ready | None:
     """The one-launch backward (plan_lora_bwd), or None where that plan is the separate launches."""
-    plan = plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=False, num_sms=1, need_dx=need_dx)
+    plan = plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms,
+                         need_dx=need_dx, one_launch=one_launch)
     if find_launch(plan, "_lora_bwd_dx_da_db_kernel") is None:
         return None
     return _ready(plan, "_lora_bwd_dx_da_db_kernel", precision)
@@ -322,18 +324,19 @@ def lora_bwd_da(ds, x, *, dropout_p: float = 0.0, seed=0, deterministic: bool | 
 
 def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: float = 0.0, seed=0,
              need_dx: bool = True, need_dA: bool = True):
-    """(dX or None, dA or None, dB) as plan_lora_bwd plans them: for one row block of tokens one launch
-    (lora_bwd_one_block; without ``need_dx`` it skips dX and the read of W), else lora_bwd_dy, then lora_bwd_dx and
-    lora_bwd_da as needed, under one device guard with one look-up of the launch arguments each."""
+    """(dX or None, dA or None, dB) as plan_lora_bwd plans them: one launch where it pays (lora_bwd_one_launch;
+    without ``need_dx`` it skips dX and the read of W), else lora_bwd_dy, then lora_bwd_dx and lora_bwd_da as
+    needed, under one device guard with one look-up of the launch arguments each."""
     precision = _input_precision(dy.dtype)
     M, N = dy.shape
     r, K = lora_A.shape
-    one_block = _one_block_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, precision, need_dx)
-    if one_block is not None:
-        with launch_guard(dy.device):
-            dx, da, db = _bwd_one_block(one_block, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
-        return dx if need_dx else None, da if need_dA else None, db
     deterministic = torch.are_deterministic_algorithms_enabled()
+    one_launch = _one_launch_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, deterministic, precision,
+                                   _num_sms(dy.device), need_dx)
+    if one_launch is not None:
+        with launch_guard(dy.device):
+            dx, da, db = _bwd_one_launch(one_launch, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
+        return dx if need_dx else None, da if need_dA else None, db
     with launch_guard(dy.device):
         seed = _seed_arg(seed, dropout_p, dy.device)
         ds, db = _bwd_dy(_dy_ready(M, N, r, dy.dtype, deterministic, precision, _num_sms(dy.device)), dy, lora_B, s,
@@ -345,31 +348,39 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: flo
     return dx, da, db
 
 
-def lora_bwd_one_block(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: float = 0.0, seed=0):
-    """(dX, dA, dB) of at most one row block of tokens (configs.bwd_one_block_config) in one launch: dX = dY W +
-    dropout'(dS A), dA = dS^T dropout(x), dB = s dY^T S with dS = s dY B; dA and dB in the inputs' dtype."""
+def lora_bwd_one_launch(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: float = 0.0, seed=0):
+    """(dX, dA, dB) in one launch wherever configs.bwd_one_launch_config gives tiles (whether or not plan_lora_bwd
+    would choose it): dX = dY W + dropout'(dS A),
+    dA = dS^T dropout(x), dB = s dY^T S with dS = s dY B; dA and dB in the inputs' dtype."""
     M, N = dy.shape
     r, K = lora_A.shape
-    ready = _one_block_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, _input_precision(dy.dtype))
+    ready = _one_launch_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, torch.are_deterministic_algorithms_enabled(),
+                              _input_precision(dy.dtype), _num_sms(dy.device), one_launch=True)
     if ready is None:
-        raise ValueError(f"lora_bwd_one_block: {M} tokens at rank {r} in {dy.dtype} is not one row block of "
-                         f"configs.bwd_one_block_config (1..{configs.FEW_TOKENS} tokens, rank <= "
-                         f"{configs.ONE_BLOCK_BWD_MAX_RANK}, N and K > 0); use lora_bwd")
+        raise ValueError(f"lora_bwd_one_launch: {M} tokens at rank {r} in {dy.dtype} have no one-launch tiles "
+                         f"(configs.bwd_one_launch_config: 1..{configs.MID_TOKENS} tokens, rank <= "
+                         f"{configs.ONE_LAUNCH_BWD_MAX_RANK}, above {configs.FEW_TOKENS} tokens not in fp32 nor "
+                         f"deterministic mode, N and K > 0); use lora_bwd")
     with launch_guard(dy.device):
-        return _bwd_one_block(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
+        return _bwd_one_launch(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
 
 
-def _bwd_one_block(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
+def _bwd_one_launch(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
     M, N = dy.shape
     r, K = lora_A.shape
+    launch = ready.launch
     # Without COMPUTE_DX dy stands in for the dX pointer the kernel does not touch.
-    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype) if ready.launch.constexprs["COMPUTE_DX"] else dy
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype) if launch.constexprs["COMPUTE_DX"] else dy
     da = torch.empty((r, K), device=dy.device, dtype=x.dtype)
     db = torch.empty((N, r), device=dy.device, dtype=dy.dtype)
-    _lora_bwd_dx_da_db_kernel[ready.launch.grid](
-        dy, x, weight, lora_A, lora_B, s, dx, da, db, _seed_arg(seed, dropout_p, dy.device), M, N, K, r,
-        *dy.stride(), *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *s.stride(), *dx.stride(),
-        *da.stride(), *db.stride(), float(scaling), *_dropout_scalars(dropout_p), **ready.kwargs)
+    if launch.constexprs["REDUCE"]:
+        counters, accumulator = _workspace(dy.device, -(-K // launch.config.BLOCK_K), r * K + N * r)
+    else:  # not touched
+        counters, accumulator = da, da
+    _lora_bwd_dx_da_db_kernel[launch.grid](
+        dy, x, weight, lora_A, lora_B, s, dx, da, db, accumulator, counters, _seed_arg(seed, dropout_p, dy.device),
+        M, N, K, r, *dy.stride(), *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *s.stride(),
+        *dx.stride(), *da.stride(), *db.stride(), float(scaling), *_dropout_scalars(dropout_p), **ready.kwargs)
     return dx, da, db
 
 

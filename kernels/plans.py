@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import configs
+from . import configs, cost
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,21 @@ def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
 def plan_lora_fwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, bias: bool,
                   fuse_shrink: bool | None = None, dora: bool = False, num_sms: int = 132) -> list[Launch]:
     """The shrink launch (unless fused) and the forward GEMM launch; ``dora``: DoRA's column scale m / n in the
-    epilogue, and with dropout the second base product x' W^T in the same loop and Z = z' written."""
+    epilogue, and with dropout the second base product x' W^T in the same loop and Z = z' written. Where
+    configs.fwd_choices gives both, the shrink fused or not by the lower modeled time (kernels/cost.py) at
+    ``num_sms``; ``fuse_shrink`` forces one."""
+    choices = configs.fwd_choices(M, N, configs.padded_rank(r), dtype, dora, dropout)
+    if fuse_shrink is not None:
+        picked = [choice for choice in choices if choice[1] == fuse_shrink]
+        choices = picked[:1] or [(choices[0][0], fuse_shrink)]
+    planned = [_fwd_plan(M, N, K, r, dtype, cfg, fuse, dropout=dropout, bias=bias, dora=dora, num_sms=num_sms)
+               for cfg, fuse in choices]
+    return min(planned, key=lambda plan: cost.plan_seconds(plan, num_sms))
+
+
+def _fwd_plan(M, N, K, r, dtype, cfg, fuse, *, dropout, bias, dora, num_sms) -> list[Launch]:
     R = configs.padded_rank(r)
     two_products = dora and dropout
-    cfg, fuse = configs.fwd_config(M, R, dtype, dora, dropout, N)
-    if fuse_shrink is not None:
-        fuse = fuse_shrink
     if M == 0 or N == 0:
         fuse = False
     launches = [] if fuse else plan_lora_shrink(M, K, r, dtype, dropout=dropout, num_sms=num_sms)
@@ -263,31 +272,54 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
 
 
 def plan_lora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, deterministic: bool,
-                  num_sms: int, need_dx: bool = True) -> list[Launch]:
-    """The backward's launches: for one row block of tokens (configs.bwd_one_block_config) the whole of it in one
-    _lora_bwd_dx_da_db_kernel launch, dA and dB stored in the inputs' dtype (without ``need_dx``, COMPUTE_DX off:
-    no W read, and dA / dB the same bits as with it); otherwise plan_lora_bwd_dy, plan_lora_bwd_dx (with
-    ``need_dx``) and plan_lora_bwd_da."""
-    R = configs.padded_rank(r)
-    cfg = configs.bwd_one_block_config(M, R, dtype)
-    if cfg is None or N == 0 or K == 0:
+                  num_sms: int, need_dx: bool = True, one_launch: bool | None = None) -> list[Launch]:
+    """The backward's launches: the whole of it in one _lora_bwd_dx_da_db_kernel launch (dA and dB stored in the
+    inputs' dtype; with several row blocks summed over them by fp32 atomics, finished by the last program to
+    arrive), or plan_lora_bwd_dy, plan_lora_bwd_dx (with ``need_dx``) and plan_lora_bwd_da. One launch wherever
+    configs.bwd_one_launch_config gives tiles: always for one row block, above it where its modeled time
+    (kernels/cost.py, at ``num_sms``, both with dX) is the lower. Without ``need_dx`` COMPUTE_DX is off (no W read),
+    and dA / dB are the same as with it: the choice is made with dX either way. ``one_launch`` forces the choice
+    where the tiles allow it."""
+    def separate(need_dx: bool) -> list[Launch]:
         return (plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, num_sms=num_sms)
                 + (plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout) if need_dx else [])
                 + plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms))
-    side = configs.ONE_BLOCK_SIDE
-    k_blocks = _cdiv(K, cfg.BLOCK_K)
-    Mp, Np, Kp = cfg.BLOCK_M, _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N, k_blocks * cfg.BLOCK_K
-    flops = (2 * Mp * Np * R * k_blocks  # dY B, recomputed by every program
+
+    cfg = configs.bwd_one_launch_config(M, K, configs.padded_rank(r), dtype, deterministic)
+    if cfg is None or N == 0 or K == 0 or one_launch is False:
+        return separate(need_dx)
+    if one_launch is None and M > configs.FEW_TOKENS:
+        with_dx = _one_launch_plan(M, N, K, r, dtype, cfg, dropout=dropout, need_dx=True)
+        if cost.plan_seconds(with_dx, num_sms) > cost.plan_seconds(separate(True), num_sms):
+            return separate(need_dx)
+    return _one_launch_plan(M, N, K, r, dtype, cfg, dropout=dropout, need_dx=need_dx)
+
+
+def _one_launch_plan(M, N, K, r, dtype, cfg, *, dropout, need_dx) -> list[Launch]:
+    R = configs.padded_rank(r)
+    side = configs.ONE_LAUNCH_SIDE
+    m_blocks, k_blocks = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
+    Mp, Np, Kp = m_blocks * cfg.BLOCK_M, _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N, k_blocks * cfg.BLOCK_K
+    da_tiles, db_tiles = _cdiv(K, side), _cdiv(N, side)
+    flops = (2 * Mp * Np * R * k_blocks  # dY B, recomputed by every program of a row block
              + (2 * Mp * Np * Kp + 2 * Mp * Kp * R if need_dx else 0)  # dY W and dS A
-             + 2 * Mp * R * (_cdiv(K, side) + _cdiv(N, side)) * side)  # the dA and dB tiles
+             + 2 * Mp * R * (da_tiles + db_tiles) * side)  # the dA and dB tiles
     reads = (Operand("dY", (M, N), dtype), Operand("X", (M, K), dtype),
              *((Operand("W", (N, K), dtype), Operand("A", (r, K), dtype)) if need_dx else ()),
              Operand("B", (N, r), dtype), Operand("S", (M, r), dtype))
     writes = ((Operand("dX", (M, K), dtype),) if need_dx else ()) + (Operand("dA", (r, K), dtype),
                                                                      Operand("dB", (N, r), dtype))
-    constexprs = dict(R=R, BLOCK_SIDE=side, COMPUTE_DX=need_dx, APPLY_DROPOUT=dropout, **cfg.constexprs())
-    return [Launch("_lora_bwd_dx_da_db_kernel", (k_blocks,), cfg, constexprs, reads=reads, writes=writes,
-                   flops=flops)]
+    reduce = m_blocks > 1
+    atomic = tail = 0
+    if reduce:
+        # Every row block adds its dA and dB shares; the last of a K slice's programs (one per row block) to arrive
+        # reads, re-zeroes and stores that slice's dA and dB tiles.
+        atomic = (m_blocks + 2) * (r * K + N * r) * 4
+        tail = (_cdiv(da_tiles, k_blocks) + _cdiv(db_tiles, k_blocks)) * side * R * (4 + 4 + dtype.itemsize)
+    constexprs = dict(R=R, BLOCK_SIDE=side, COMPUTE_DX=need_dx, REDUCE=reduce, APPLY_DROPOUT=dropout,
+                      **_block_constexprs(cfg))
+    return [Launch("_lora_bwd_dx_da_db_kernel", (m_blocks * k_blocks,), cfg, constexprs, reads=reads,
+                   writes=writes, flops=flops, atomic_bytes=atomic, tail_bytes=tail)]
 
 
 def plan_dora_weight_norm(N: int, K: int, r: int, dtype: torch.dtype) -> list[Launch]:

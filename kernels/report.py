@@ -143,9 +143,9 @@ def expected_mma(arch: int, dtype: str, fp32_precision: str = "ieee", kernel: st
     return "wgmma" if arch >= 90 else "mma"
 
 
-# The sizes the plans are enumerated at. M = 1 and FEW_TOKENS + 1 are the two token regimes of the
-# forward and dX configs, and one row block of dB / dA (stored once) against several (atomics or partials).
-# N = K = 4096 gives every grid several programs, and dA several splits over M at 132 SMs (an H100).
+# The sizes the plans are enumerated at (REPRESENTATIVE_TOKENS below: every token regime of the configs, and one row
+# block of dB / dA, stored once, against several, by atomics or partials). N = K = 4096 gives every grid several
+# programs, and dA several splits over M at 132 SMs (an H100).
 _PLAN_N = _PLAN_K = 4096
 _PLAN_SMS = 132
 
@@ -159,6 +159,8 @@ def plan_launches(M: int, N: int, K: int, r: int, dtype, *, dropout: bool, bias:
     launches = [*plans.plan_lora_shrink(M, K, r, dtype, dropout=dropout),
                 *plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias),
                 *plans.plan_lora_fwd(M, N // 4, K, r, dtype, dropout=dropout, bias=bias),  # few-token tiles narrow
+                *_weighed_plans(M, N, K, r, dtype, dropout=dropout, bias=bias, deterministic=deterministic,
+                                num_sms=num_sms),
                 *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, num_sms=num_sms),
                 *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout),
                 *plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic,
@@ -170,6 +172,19 @@ def plan_launches(M: int, N: int, K: int, r: int, dtype, *, dropout: bool, bias:
                 *lora_embedding.plan_lora_embedding_bwd(M, K, N, r, dtype, deterministic=deterministic,
                                                         scale_grad_by_freq=dropout)]
     return [launch for launch in launches if launch.is_triton]
+
+
+def _weighed_plans(M, N, K, r, dtype, *, dropout, bias, deterministic, num_sms) -> list:
+    """Both sides of each choice a plan weighs by its modeled time (which depends on sizes beyond these): the forward
+    with and without the shrink fused (configs.fwd_choices; at N and at N / 4, whose tiles narrow), and the
+    one-launch backward wherever it has tiles."""
+    from fused_lora.kernels import configs, plans
+
+    fwd = [launch for n in (N, N // 4) for _, fuse in configs.fwd_choices(M, n, configs.padded_rank(r), dtype)
+           for launch in plans.plan_lora_fwd(M, n, K, r, dtype, dropout=dropout, bias=bias, fuse_shrink=fuse)]
+    bwd = plans.plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms,
+                              one_launch=True)
+    return fwd + bwd
 
 
 def _dora_plans(M, N, K, r, dtype, *, dropout, bias, deterministic) -> list:
@@ -186,12 +201,17 @@ def _dora_plans(M, N, K, r, dtype, *, dropout, bias, deterministic) -> list:
             *plans.plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout)]
 
 
+# 1: one row block (few-token tiles); 65: two (64- and 32-column forward tiles at N and N / 4, 64-column K slices of
+# the one-launch backward); 256: 128-column forward tiles, 128-column K slices; 2049: the many-token tiles.
+REPRESENTATIVE_TOKENS = (1, 65, 256, 2049)
+
+
 def _representative_launches(dtype) -> Iterator:
     """Every Triton launch the plans make at sizes that reach each choice of the launchers."""
     from fused_lora.kernels import configs
 
     for R in configs.PADDED_RANKS:
-        for M in (1, configs.FEW_TOKENS + 1, configs.MID_TOKENS + 1):
+        for M in REPRESENTATIVE_TOKENS:
             for dropout, bias, deterministic in itertools.product((False, True), repeat=3):
                 yield from plan_launches(M, _PLAN_N, _PLAN_K, R, dtype, dropout=dropout, bias=bias,
                                          deterministic=deterministic, num_sms=_PLAN_SMS)

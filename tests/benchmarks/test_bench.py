@@ -212,23 +212,22 @@ def _fused_kernel_launches(point, **kw):
 def test_fused_model_follows_the_token_regime(monkeypatch):
     point = Point(4096, 4096, 64, 16, 0.0, "bfloat16")
     assert _fused_kernel_launches(point) == ["_lora_fwd_kernel", "_lora_bwd_dx_da_db_kernel"]  # few tokens
-    monkeypatch.setattr(configs, "FEW_TOKENS", 32)  # 64 tokens are now the middle regime: three backward launches
-    assert _fused_kernel_launches(point) == ["_lora_fwd_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel",
-                                             "_lora_bwd_da_kernel"]
-    monkeypatch.setattr(configs, "FUSE_SHRINK_MAX_RANK", 8)
-    assert _fused_kernel_launches(point)[:2] == ["_lora_shrink_kernel", "_lora_fwd_kernel"]
+    monkeypatch.setattr(configs, "FEW_TOKENS", 32)
+    monkeypatch.setattr(configs, "MID_TOKENS", 32)  # 64 tokens are now many: a separate shrink, three backward launches
+    assert _fused_kernel_launches(point) == ["_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dy_kernel",
+                                             "_lora_bwd_dx_kernel", "_lora_bwd_da_kernel"]
 
 
 def test_fused_model_follows_the_tile_config(monkeypatch):
     point = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")
     before = {l.name: l for l in roofline.fused_launches(point, "fwd")}["_lora_fwd_kernel"]
-    original = configs.fwd_config
+    original = configs.fwd_choices
 
-    def wider(M, R, dtype, *args, **kwargs):
-        cfg, fuse = original(M, R, dtype, *args, **kwargs)
-        return configs.TileConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=256, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M), fuse
+    def wider(*args, **kwargs):
+        return tuple((configs.TileConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=256, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M),
+                      fuse) for cfg, fuse in original(*args, **kwargs))
 
-    monkeypatch.setattr(configs, "fwd_config", wider)
+    monkeypatch.setattr(configs, "fwd_choices", wider)
     after = {l.name: l for l in roofline.fused_launches(point, "fwd")}["_lora_fwd_kernel"]
     assert "grid=(2048,)" in before.detail and "grid=(1024,)" in after.detail
 

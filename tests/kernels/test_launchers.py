@@ -46,15 +46,47 @@ def test_fwd(dtype, M, r, fuse, p):
     _check("y given S", y, y_low, y_ref, dtype)
 
 
+def _fused(M, r, dtype=torch.bfloat16, N=4096, K=4096):
+    launch = plans.find_launch(plans.plan_lora_fwd(M, N, K, r, dtype, dropout=False, bias=False), "_lora_fwd_kernel")
+    return launch.constexprs["FUSE_SHRINK"]
+
+
 def test_fwd_chooses_regime():
-    assert configs.fwd_config(1, 16, torch.bfloat16)[1] is True
-    assert configs.fwd_config(1, 64, torch.bfloat16)[1] is True
-    assert configs.fwd_config(1, 128, torch.bfloat16)[1] is False
-    assert configs.fwd_config(1, 64, torch.float32)[1] is False
-    assert configs.fwd_config(configs.FEW_TOKENS + 1, 16, torch.bfloat16)[1] is True  # 64-row tiles, R <= 32
-    assert configs.fwd_config(configs.FEW_TOKENS + 1, 64, torch.bfloat16)[1] is False
-    assert configs.fwd_config(configs.MID_TOKENS + 1, 16, torch.bfloat16)[1] is False
-    assert configs.fwd_config(configs.MID_TOKENS, 16, torch.float32)[1] is False
+    assert _fused(1, 16) and _fused(1, 64) and not _fused(1, 128) and not _fused(1, 64, torch.float32)
+    # 65-2048 tokens: fused or not by the lower modeled time (kernels/cost.py).
+    assert _fused(configs.FEW_TOKENS + 1, 16) and _fused(1024, 16) and not _fused(1024, 64)
+    assert not _fused(2048, 16, N=14336)  # 112 N tiles would recompute S 112 times
+    assert not _fused(configs.MID_TOKENS + 1, 16) and not _fused(configs.MID_TOKENS, 16, torch.float32)
+
+
+def test_weighed_plans_take_the_lower_modeled_time():
+    """Where the forward may fuse the shrink or not, and the backward be one launch or three, the plan is the
+    alternative of the lower kernels/cost.py time (the formula the benchmark's roofline prints)."""
+    from fused_lora.kernels import cost
+    for M, N, r in ((256, 4096, 16), (1024, 4096, 64), (2048, 14336, 16), (256, 1024, 64), (130, 4096, 32)):
+        fwd = [plans.plan_lora_fwd(M, N, 4096, r, torch.bfloat16, dropout=True, bias=True, fuse_shrink=f)
+               for f in (False, True)]
+        chosen = plans.plan_lora_fwd(M, N, 4096, r, torch.bfloat16, dropout=True, bias=True)
+        if configs.padded_rank(r) <= configs.mid_fwd_max_fused_rank(32):
+            assert cost.plan_seconds(chosen) == min(cost.plan_seconds(p) for p in fwd)
+        bwd = [plans.plan_lora_bwd(M, N, 4096, r, torch.bfloat16, dropout=True, deterministic=False, num_sms=132,
+                                   one_launch=o) for o in (False, True)]
+        chosen = plans.plan_lora_bwd(M, N, 4096, r, torch.bfloat16, dropout=True, deterministic=False, num_sms=132)
+        assert cost.plan_seconds(chosen) == min(cost.plan_seconds(p) for p in bwd)
+        assert len(bwd[1]) == 1 and len(bwd[0]) == 3
+
+
+def test_middle_token_tiles_fill_the_gpu():
+    """65-2048 tokens: 128-column forward tiles, narrower (down to 32) while the grid has fewer than FILL_PROGRAMS
+    programs (4096 -> 1024 at 256 tokens: 32 programs of 128 columns, 128 of 32); the one-launch backward's K
+    slices likewise."""
+    assert configs.mid_fwd_block_n(256, 4096) == 128
+    assert configs.mid_fwd_block_n(256, 1024) == 32
+    assert configs.mid_fwd_block_n(128, 4096) == 64
+    assert configs.bwd_one_launch_config(256, 4096, 16, torch.bfloat16, deterministic=False).BLOCK_K == 128
+    assert configs.bwd_one_launch_config(128, 4096, 16, torch.bfloat16, deterministic=False).BLOCK_K == 64
+    assert configs.bwd_one_launch_config(65, 2048, 16, torch.bfloat16, deterministic=False).BLOCK_K == 32
+    assert configs.bwd_one_launch_config(256, 4096, 16, torch.bfloat16, deterministic=True) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -146,52 +178,88 @@ def _bwd_refs(dy, x, w, a, bb, s, scaling, p, dtype):
     return out
 
 
+# One row block: (1..64 tokens); several: 130 and 150 tokens, with more 64-column dA / dB tiles than K slices (K = 70:
+# 3 slices of 32, N = 300: 5 dB tiles) and fewer (K = 200: 7 slices, 4 dA tiles).
+ONE_LAUNCH_CASES = [(1, 1, 150, 91), (37, 7, 75, 200), (64, 33, 131, 70), (5, 64, 66, 129), (130, 7, 75, 200),
+                    (150, 33, 300, 70), (129, 1, 70, 66), (100, 64, 90, 100)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M,r,N,K", [(1, 1, 150, 91), (37, 7, 75, 200), (64, 33, 131, 70), (5, 64, 66, 129)])
+@pytest.mark.parametrize("M,r,N,K", ONE_LAUNCH_CASES)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_bwd_one_block(dtype, M, r, N, K, p):
-    """The one-launch backward of one row block against the chained dS / dB, dX and dA formulas: dA and dB in the
-    inputs' dtype, and dA / dB tiles dealt round-robin (N = 131 and K = 200 have more 64-column tiles than
-    some grids have programs)."""
+def test_bwd_one_launch(dtype, M, r, N, K, p):
+    """The one-launch backward against the chained dS / dB, dX and dA formulas: dA and dB in the inputs' dtype, dA /
+    dB tiles dealt round-robin, and with several row blocks summed over them by the last to arrive."""
     x, w, _, a, bb = make_inputs((M,), K, N, r, dtype)
     g = torch.Generator().manual_seed(6)
     dy = torch.randn(M, N, generator=g).to(dtype)
     s = torch.randn(M, r, generator=g).to(dtype)
-    if configs.bwd_one_block_config(M, configs.padded_rank(r), dtype) is None:
-        assert dtype == torch.float32 and r > 32
-        with pytest.raises(ValueError, match="not one row block"):
-            launchers.lora_bwd_one_block(dy, x, w, a, bb, s, 1.5)
+    if configs.bwd_one_launch_config(M, K, configs.padded_rank(r), dtype, deterministic=False) is None:
+        assert dtype == torch.float32 and (r > 32 or M > configs.FEW_TOKENS)
+        with pytest.raises(ValueError, match="no one-launch tiles"):
+            launchers.lora_bwd_one_launch(dy, x, w, a, bb, s, 1.5)
         return
-    dx, da, db = launchers.lora_bwd_one_block(dy, x, w, a, bb, s, 1.5, dropout_p=p, seed=SEED)
+    dx, da, db = launchers.lora_bwd_one_launch(dy, x, w, a, bb, s, 1.5, dropout_p=p, seed=SEED)
     assert da.dtype == db.dtype == dtype
     for name, got, low, ref in zip(("dX", "dA", "dB"), (dx, da, db), *_bwd_refs(dy, x, w, a, bb, s, 1.5, p, dtype)):
         _check(name, got, low, ref, dtype)
+    for workspace in launchers._workspaces.values():
+        assert not workspace.counters.any() and not workspace.accumulator.any()
 
 
-def test_bwd_one_block_keeps_inf_of_dy_in_its_rows():
+def test_bwd_one_launch_with_wide_k_slices(monkeypatch):
+    """The 128- and 64-column K slices the one-launch backward takes at 65-2048 tokens on a real GPU (small sizes
+    here, as if FILL_PROGRAMS were 1 and 10)."""
+    M, N, K, r = 150, 70, 300, 5
+    x, w, _, a, bb = make_inputs((M,), K, N, r, torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    dy, s = torch.randn(M, N, generator=g).to(torch.bfloat16), torch.randn(M, r, generator=g).to(torch.bfloat16)
+    refs = _bwd_refs(dy, x, w, a, bb, s, 1.5, 0.2, torch.bfloat16)
+    for fill, block_k in ((1, 128), (10, 64)):
+        monkeypatch.setattr(configs, "FILL_PROGRAMS", fill)
+        launchers._one_launch_ready.cache_clear()
+        ready = launchers._one_launch_ready(M, N, K, r, torch.bfloat16, True, False, "tf32", 132, one_launch=True)
+        assert ready.launch.config.BLOCK_K == block_k
+        got = launchers.lora_bwd_one_launch(dy, x, w, a, bb, s, 1.5, dropout_p=0.2, seed=SEED)
+        for name, got_, low, ref in zip(("dX", "dA", "dB"), got, *refs):
+            _check(name, got_, low, ref, torch.bfloat16)
+    launchers._one_launch_ready.cache_clear()
+
+
+@pytest.mark.parametrize("M", [3, 70])
+def test_bwd_one_launch_keeps_inf_of_dy_in_its_rows(M):
     """An inf of dY makes its row of dS inf / NaN; the padded rank columns and rows of dS stay 0 (as the separate
     launches' masked store leaves them), so dX, dA and dB are NaN exactly where the reference is."""
-    M, N, K, r = 3, 70, 90, 5
-    x, w, _, a, bb = make_inputs((M,), K, N, r, torch.float32)
+    N, K, r = 70, 90, 5
+    x, w, _, a, bb = make_inputs((M,), K, N, r, torch.bfloat16)
     g = torch.Generator().manual_seed(6)
-    dy, s = torch.randn(M, N, generator=g), torch.randn(M, r, generator=g)
+    dy, s = torch.randn(M, N, generator=g).to(torch.bfloat16), torch.randn(M, r, generator=g).to(torch.bfloat16)
     dy[1, 7] = float("inf")
-    got = launchers.lora_bwd_one_block(dy, x, w, a, bb, s, 1.5)
-    _, ref = _bwd_refs(dy, x, w, a, bb, s, 1.5, 0.0, torch.float32)
+    got = launchers.lora_bwd_one_launch(dy, x, w, a, bb, s, 1.5)
+    _, ref = _bwd_refs(dy, x, w, a, bb, s, 1.5, 0.0, torch.bfloat16)
     for name, g_, r_ in zip(("dX", "dA", "dB"), got, ref):
         assert torch.equal(g_.isnan(), r_.isnan()) and torch.equal(g_.isinf(), r_.isinf()), name
+    for workspace in launchers._workspaces.values():  # the NaN sums were re-zeroed too
+        assert not workspace.counters.any() and not workspace.accumulator.any()
 
 
-def test_bwd_plan_is_one_launch_for_one_row_block():
+def test_bwd_plan_is_one_launch_where_it_pays():
     one = plans.plan_lora_bwd(64, 4096, 4096, 64, torch.bfloat16, dropout=True, deterministic=True, num_sms=132)
     assert [(l.kernel, l.grid) for l in one] == [("_lora_bwd_dx_da_db_kernel", (128,))]
     assert [op.dtype for op in one[0].writes] == [torch.bfloat16] * 3
-    for M, r, dtype, need_dx in ((65, 16, torch.bfloat16, True), (1, 128, torch.float16, True),
-                                 (1, 64, torch.float32, True), (65, 16, torch.bfloat16, False)):
-        planned = plans.plan_lora_bwd(M, 4096, 4096, r, dtype, dropout=False, deterministic=False, num_sms=132,
-                                      need_dx=need_dx)
-        assert "_lora_bwd_dx_da_db_kernel" not in [l.kernel for l in planned]
-        assert ("_lora_bwd_dx_kernel" in [l.kernel for l in planned]) == need_dx
+    assert one[0].atomic_bytes == 0 and one[0].constexprs["REDUCE"] is False
+    several, = plans.plan_lora_bwd(1024, 4096, 4096, 16, torch.bfloat16, dropout=True, deterministic=False,
+                                   num_sms=132)
+    assert several.grid == (16 * 32,) and several.constexprs["REDUCE"] is True and several.atomic_bytes > 0
+    assert [op.dtype for op in several.writes] == [torch.bfloat16] * 3
+    for M, r, dtype, deterministic in ((1, 128, torch.float16, False), (1, 64, torch.float32, False),
+                                       (65, 16, torch.float32, False), (65, 16, torch.bfloat16, True),
+                                       (1024, 64, torch.bfloat16, False), (2049, 16, torch.bfloat16, False)):
+        for need_dx in (True, False):
+            planned = plans.plan_lora_bwd(M, 4096, 4096, r, dtype, dropout=False, deterministic=deterministic,
+                                          num_sms=132, need_dx=need_dx)
+            assert "_lora_bwd_dx_da_db_kernel" not in [l.kernel for l in planned]
+            assert ("_lora_bwd_dx_kernel" in [l.kernel for l in planned]) == need_dx
     without_dx, = plans.plan_lora_bwd(1, 4096, 4096, 16, torch.bfloat16, dropout=False, deterministic=False,
                                       num_sms=132, need_dx=False)
     assert without_dx.constexprs["COMPUTE_DX"] is False and "W" not in [op.name for op in without_dx.reads]
@@ -199,10 +267,12 @@ def test_bwd_plan_is_one_launch_for_one_row_block():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bwd_one_block_without_dx_gives_the_same_grads(dtype):
+@pytest.mark.parametrize("M", [9, 100])
+def test_bwd_without_dx_gives_the_same_grads(dtype, M):
     """An input that needs no grad (need_dx=False) skips dX and W, and dA / dB are the same bits: gradient
-    checkpointing, which makes a block's input require grad, changes no LoRA grad."""
-    M, N, K, r = 9, 150, 91, 7
+    checkpointing, which makes a block's input require grad, changes no LoRA grad (with several row blocks on a GPU
+    only up to the atomics' order, as any two runs)."""
+    N, K, r = 150, 91, 7
     x, w, _, a, bb = make_inputs((M,), K, N, r, dtype)
     g = torch.Generator().manual_seed(6)
     dy, s = torch.randn(M, N, generator=g).to(dtype), torch.randn(M, r, generator=g).to(dtype)

@@ -187,10 +187,10 @@ def test_matrix_covers_every_launch_choice():
         by.setdefault((j["arch"], j["dtype"]), set()).add((j["kernel"], j["config"].get("R")))
     assert set(by) == {(a, d) for a in kr.ARCHS for d in kr.DTYPES}
     rank_free = {"_dora_magnitude_grad_kernel"}  # loops over r at run time: one config for every rank
-    one_block = "_lora_bwd_dx_da_db_kernel"  # configs.bwd_one_block_config: R <= 64, in fp32 R <= 32
+    one_launch = "_lora_bwd_dx_da_db_kernel"  # configs.bwd_one_launch_config: R <= 64, in fp32 R <= 32
     for (_, dtype), combos in by.items():
-        assert combos == {(k, R) for k in set(kr.KERNELS) - rank_free - {one_block} for R in (16, 32, 64, 128, 256)} \
-            | {(k, None) for k in rank_free} | {(one_block, R) for R in ((16, 32) if dtype == "fp32" else (16, 32, 64))}
+        assert combos == {(k, R) for k in set(kr.KERNELS) - rank_free - {one_launch} for R in (16, 32, 64, 128, 256)} \
+            | {(k, None) for k in rank_free} | {(one_launch, R) for R in ((16, 32) if dtype == "fp32" else (16, 32, 64))}
     assert len(set(IDS)) == len(IDS)
 
 

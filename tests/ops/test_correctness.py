@@ -143,7 +143,7 @@ def test_every_launch_runs_inside_a_guard_of_the_inputs_device(monkeypatch, M):
     x, w, b, a, bb = make_inputs((M,), 40, 37, 5, torch.float32)
     got = run_lora(fused_lora.lora_linear, (x, w, b, a, bb), 1.0, torch.ones(M, 37), dropout_p=0.2, seed=3)
     launched = [launch.seen for launch in launches]
-    # fwd (and the shrink unless fused); dy, dx, da, or for one row block of tokens one backward launch
+    # fwd (and the shrink unless fused); dy, dx, da, or one backward launch where configs.bwd_one_launch_config pays
     assert len(launched) >= (2 if M <= configs.FEW_TOKENS else 4)
     assert all(devices and devices[-1] == x.device for devices in launched), launched
     assert set(guard.entered) == {x.device} and not guard.active
