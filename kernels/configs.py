@@ -22,10 +22,10 @@ FILL_PROGRAMS = 128
 # recomputes S there (R / BLOCK_N more FLOPs): up to this rank where the GEMM is compute-bound (65-2048 tokens,
 # 128 columns: 1/4); few-token tiles allow up to 2 BLOCK_N (fwd_config).
 FUSE_SHRINK_MAX_RANK = 32
-# The one-launch backward of a single row block (_lora_bwd_dx_da_db_kernel) re-reads B (N x R) in every program
-# to recompute dS: R / BLOCK_K of the program's W bytes from L2, which the roofline does not count. With
-# BLOCK_K = 32 that is at most 2x at R = 64, the same as the program's re-read of dY at 64 tokens, which the
-# separate dX launch makes too.
+# The one-launch backward (_lora_bwd_dx_da_db_kernel) re-reads B (N x R) in every program to recompute dS: R /
+# BLOCK_K of the program's W bytes from L2, which the roofline does not count. With one row block's 32-column K
+# slices that is at most 2x at R = 64, the same as the program's re-read of dY at 64 tokens, which the separate dX
+# launch makes too; several row blocks take 64- or 128-column slices (bwd_one_launch_config).
 ONE_LAUNCH_BWD_MAX_RANK = 64
 
 
@@ -66,8 +66,9 @@ def _is_fp32(dtype: torch.dtype) -> bool:
 
 def fwd_choices(M: int, N: int, R: int, dtype: torch.dtype, dora: bool = False, dropout: bool = False
                 ) -> tuple[tuple[TileConfig, bool], ...]:
-    """The (config, fuse_shrink) pairs _lora_fwd_kernel may launch with: one, or at 65-2048 tokens with the shrink
-    fused and not, which plans.plan_lora_fwd weighs by their modeled time (kernels/cost.py). ``dora`` with
+    """The (config, fuse_shrink) pairs _lora_fwd_kernel may launch with: one, or two (the shrink fused and not: at
+    65-2048 tokens, and for R = 64 on few-token 16-column tiles), which plans.plan_lora_fwd weighs by their modeled
+    time (kernels/cost.py). ``dora`` with
     ``dropout``: the loop keeps x W^T and x' W^T in two accumulators; ``N`` (output features) narrows the tiles of
     a narrow layer."""
     if dora and _is_fp32(dtype):
@@ -143,8 +144,8 @@ def mid_fwd_block_n(M: int, N: int) -> int:
 
 def mid_fwd_max_fused_rank(block_n: int) -> int:
     """The largest padded rank the 65-2048-token forward may fuse the shrink into at ``block_n`` columns: 32 at 128
-    columns, where R = 64 spilled 32-56 B on sm_80 (kernel_report); as the
-    few-token tiles, 2 x BLOCK_N up to 64, for narrower ones."""
+    columns, where R = 64 spilled 32-56 B on sm_80 (kernel_report); as the few-token tiles, 2 x BLOCK_N up to 64,
+    for narrower ones."""
     return FUSE_SHRINK_MAX_RANK if block_n == 128 else min(2 * block_n, ONE_LAUNCH_BWD_MAX_RANK)
 
 

@@ -350,8 +350,8 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: flo
 
 def lora_bwd_one_launch(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: float = 0.0, seed=0):
     """(dX, dA, dB) in one launch wherever configs.bwd_one_launch_config gives tiles (whether or not plan_lora_bwd
-    would choose it): dX = dY W + dropout'(dS A),
-    dA = dS^T dropout(x), dB = s dY^T S with dS = s dY B; dA and dB in the inputs' dtype."""
+    would choose it): dX = dY W + dropout'(dS A), dA = dS^T dropout(x), dB = s dY^T S with dS = s dY B; dA and dB
+    in the inputs' dtype."""
     M, N = dy.shape
     r, K = lora_A.shape
     ready = _one_launch_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, torch.are_deterministic_algorithms_enabled(),
