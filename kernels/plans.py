@@ -289,9 +289,11 @@ def plan_lora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout
     if cfg is None or N == 0 or K == 0 or one_launch is False:
         return separate(need_dx)
     if one_launch is None and M > configs.FEW_TOKENS:
-        with_dx = _one_launch_plan(M, N, K, r, dtype, cfg, dropout=dropout, need_dx=True)
-        if cost.plan_seconds(with_dx, num_sms) > cost.plan_seconds(separate(True), num_sms):
-            return separate(need_dx)
+        one, three = _one_launch_plan(M, N, K, r, dtype, cfg, dropout=dropout, need_dx=True), separate(True)
+        if cost.plan_seconds(one, num_sms) > cost.plan_seconds(three, num_sms):
+            return three if need_dx else separate(False)
+        if need_dx:
+            return one
     return _one_launch_plan(M, N, K, r, dtype, cfg, dropout=dropout, need_dx=need_dx)
 
 
