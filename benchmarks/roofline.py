@@ -225,7 +225,7 @@ def _from_plan(launch) -> ModeledLaunch:
     if launch.tail_bytes:
         grid += f" tail={launch.tail_bytes / 2**10:.3g} KiB"
     return ModeledLaunch(launch.kernel, launch.flops, launch.hbm_bytes, f"{ops}{grid}",
-                         programs=math.prod(launch.grid) if launch.is_triton else None,
+                         programs=launch.programs,
                          atomic_bytes=launch.atomic_bytes, tail_bytes=launch.tail_bytes)
 
 

@@ -68,6 +68,9 @@ def _lora_fwd_kernel(
     mag_ptr,  # (N,) DoRA magnitude m, any float dtype; read only when DORA
     norm_ptr,  # (N,) fp32 DoRA norm n = ||W + s B A|| per row; read only when DORA
     z_ptr,  # (M, N) output when DORA and APPLY_DROPOUT: z' = x' W^T + s S' B^T, saved for the magnitude's grad
+    y_parts_ptr,  # (k_splits, M, N) fp32 scratch when SPLIT_K_PARTIALS: each K split's share of x W^T
+    s_parts_ptr,  # (N tiles, k_splits, M, R) fp32 scratch when SPLIT_K_PARTIALS and FUSE_SHRINK: shares of x' A^T
+    counters_ptr,  # int32, zero at rest: one per output tile, when SPLIT_K_PARTIALS
     M, N, K, r,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
@@ -79,6 +82,7 @@ def _lora_fwd_kernel(
     stride_mag_n,
     stride_zm, stride_zn,
     scaling, drop_threshold, keep_scale,
+    k_per_split,  # columns of K per program along axis 1: a multiple of BLOCK_K, all of K without a split
     R: tl.constexpr,  # r padded to a power of two >= 16
     R_CHUNK: tl.constexpr,  # rank slice per S B^T dot; bounds its shared memory
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -87,12 +91,16 @@ def _lora_fwd_kernel(
     # y = x W^T + b + (g - 1) * x' W^T + g * s S B^T, both base products from the same W tiles.
     DORA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    # Several programs (axis 1) share a tile's K: each stores its fp32 shares of x W^T (and of x' A^T), and the last
+    # to arrive sums them in split order (the same bits whichever arrives last) and runs the epilogue. Not with DORA.
+    SPLIT_K_PARTIALS: tl.constexpr = False,
 ):
+    tl.static_assert(not (SPLIT_K_PARTIALS and DORA), "DoRA's forward has no K split")
     pid_m, pid_n = _grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1).to(tl.int64)
 
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_n = _span(pid_n * BLOCK_N, BLOCK_N)
-    dtype = x_ptr.dtype.element_ty
 
     DORA_DROPOUT: tl.constexpr = DORA and APPLY_DROPOUT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -104,8 +112,16 @@ def _lora_fwd_kernel(
         s_acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
         if not DORA_DROPOUT:
             seed = tl.load(seed_ptr) if APPLY_DROPOUT else 0
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = _span(k0, BLOCK_K)
+    if SPLIT_K_PARTIALS:
+        # This program's K columns, walked from 0: a loop from k_start to min(k_start + k_per_split, K) took up to 255
+        # registers and spilled 8-16 B (64 x 16 x 128 on sm_90, 64 x 32 x 128 at R = 64 on sm_80; kernel_report).
+        k_start = pid_k * k_per_split
+        k_len = tl.minimum(k_per_split, K - k_start)
+    else:
+        k_start = 0
+        k_len = K
+    for k0 in range(0, k_len, BLOCK_K):
+        offs_k = _span(k_start + k0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         w = _load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N)  # (BLOCK_K, BLOCK_N)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
@@ -119,7 +135,44 @@ def _lora_fwd_kernel(
             s_acc = _shrink_step(s_acc, x, a_ptr, offs_m, offs_k, offs_r, stride_ar, stride_ak, K, r, seed,
                                  drop_threshold, APPLY_DROPOUT, INPUT_PRECISION)
 
+    finish = True
+    if SPLIT_K_PARTIALS:
+        splits = tl.num_programs(1)
+        in_y = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        y_step = tl.cast(M, tl.int64) * N
+        y_parts = (y_parts_ptr + offs_m[:, None] * N) + offs_n[None, :]  # (BLOCK_M, BLOCK_N) of split 0
+        tl.store(y_parts + pid_k * y_step, acc, mask=in_y)
+        if FUSE_SHRINK:
+            in_s = (offs_m[:, None] < M) & (offs_r[None, :] < r)
+            s_step = tl.cast(M, tl.int64) * R
+            s_parts = (s_parts_ptr + pid_n * splits * s_step + offs_m[:, None] * R) + offs_r[None, :]  # split 0
+            tl.store(s_parts + pid_k * s_step, s_acc, mask=in_s)
+        finish = _last_to_arrive(counters_ptr + pid_m * tl.cdiv(N, BLOCK_N) + pid_n, splits)
+        if finish:
+            acc = _sum_of_parts(tl.zeros_like(acc), y_parts, y_step, splits, in_y, False)
+            if FUSE_SHRINK:
+                s_acc = _sum_of_parts(tl.zeros_like(s_acc), s_parts, s_step, splits, in_s, False)
+    if finish:
+        _lora_fwd_epilogue(acc, acc_drop if DORA_DROPOUT else acc, s_acc if FUSE_SHRINK else acc, pid_n, offs_m,
+                           offs_n, s_ptr, b_ptr, bias_ptr, y_ptr, mag_ptr, norm_ptr, z_ptr, M, N, r, stride_bias_n,
+                           stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, stride_mag_n, stride_zm,
+                           stride_zn, scaling, keep_scale, R, R_CHUNK, HAS_BIAS, FUSE_SHRINK, APPLY_DROPOUT, DORA,
+                           INPUT_PRECISION)
+
+
+@triton.jit
+def _lora_fwd_epilogue(acc, acc_drop, s_acc, pid_n, offs_m, offs_n, s_ptr, b_ptr, bias_ptr, y_ptr, mag_ptr, norm_ptr,
+                       z_ptr, M, N, r, stride_bias_n, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+                       stride_mag_n, stride_zm, stride_zn, scaling, keep_scale,
+                       R: tl.constexpr, R_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+                       APPLY_DROPOUT: tl.constexpr, DORA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Stores y's tile (rows offs_m, columns offs_n) from ``acc`` = x W^T (fp32, all of K): plus s S B^T (S from
+    ``s_acc`` = x' A^T when FUSE_SHRINK, stored by the pid_n == 0 tiles; else read from s_ptr), DoRA's scale
+    (``acc_drop`` = x' W^T with dropout) and the bias. ``acc_drop`` / ``s_acc`` are unused without those flags."""
+    dtype = y_ptr.dtype.element_ty
+    DORA_DROPOUT: tl.constexpr = DORA and APPLY_DROPOUT
     if FUSE_SHRINK:
+        offs_r = _span(0, R)
         if APPLY_DROPOUT:
             s_acc = s_acc * keep_scale
         # Columns r..R of s_acc are x . 0, which is NaN where x is inf; zeroed, so that the S B^T dot
@@ -131,7 +184,7 @@ def _lora_fwd_kernel(
         b = _load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r, N)  # (R, BLOCK_N)
         lora = tl.dot(s, b, input_precision=INPUT_PRECISION)
     else:
-        lora = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, offs_m, offs_n,
+        lora = _rank_chunked_dot(tl.zeros_like(acc), s_ptr, b_ptr, offs_m, offs_n,
                                  stride_sm, stride_sr, stride_br, stride_bn, M, N, r, R, R_CHUNK, INPUT_PRECISION)
     lora = lora * scaling
     if DORA_DROPOUT:

@@ -278,6 +278,27 @@ def dy_split(m_blocks: int, n_tiles: int, num_sms: int, block_n: int, M: int) ->
 
 # The last K split to arrive at a row block sums every split's (BLOCK_M, R) fp32 share alone: at most 8 of them.
 SHRINK_MAX_SPLITS = 8
+# Likewise the last K split to arrive at a few-token forward tile: its (BLOCK_M, BLOCK_N) and (BLOCK_M, R) shares.
+FWD_MAX_SPLITS = 8
+
+
+def fwd_may_split(M: int, dora: bool) -> bool:
+    """Whether the forward's configs at these sizes may be launched with a K split (fwd_k_splits)."""
+    return M <= FEW_TOKENS and not dora
+
+
+def fwd_k_splits(M: int, tiles: int, k_tiles: int, dora: bool) -> tuple[int, ...]:
+    """The K split counts the forward may launch with at ``tiles`` output tiles of ``k_tiles`` K tiles, which
+    plans.plan_lora_fwd weighs by their modeled time: (1,), or with few tokens and fewer than FILL_PROGRAMS tiles
+    also as many splits as fill FILL_PROGRAMS (4096 -> 1024 at 16 tokens, R = 64 fused: 32 tiles of 32 columns, 4
+    splits; every tile alone reads its slice of W on one SM). The tiles fill the GPU above FEW_TOKENS; DoRA's
+    epilogue has no split."""
+    if not fwd_may_split(M, dora) or tiles >= FILL_PROGRAMS:
+        return (1,)
+    splits = min(k_tiles, FWD_MAX_SPLITS, FILL_PROGRAMS // max(1, tiles))
+    if splits <= 1:
+        return (1,)
+    return 1, -(-k_tiles // -(-k_tiles // splits))
 
 
 def shrink_split(m_blocks: int, k_tiles: int, num_sms: int) -> tuple[int, int]:

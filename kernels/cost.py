@@ -9,8 +9,6 @@ Pure arithmetic on the plans' numbers: no torch, no CUDA.
 """
 from __future__ import annotations
 
-import math
-
 # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: 1,979 TFLOPS bf16/fp16 with sparsity, i.e. 989 dense;
 # 3.35 TB/s HBM3; 132 SMs.
 H100_PEAK_FLOPS = 989e12
@@ -70,5 +68,5 @@ def launch_seconds(flops: int, nbytes: int, programs: int | None, atomic_bytes: 
 
 def plan_seconds(plan, num_sms: int = H100_NUM_SMS) -> float:
     """A plan's launches (plans.Launch) at the H100's rates with ``num_sms`` SMs."""
-    return sum(launch_seconds(launch.flops, launch.hbm_bytes, math.prod(launch.grid) if launch.is_triton else None,
-                              launch.atomic_bytes, launch.tail_bytes, num_sms=num_sms) for launch in plan)
+    return sum(launch_seconds(launch.flops, launch.hbm_bytes, launch.programs, launch.atomic_bytes, launch.tail_bytes,
+                              num_sms=num_sms) for launch in plan)

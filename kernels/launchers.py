@@ -281,9 +281,16 @@ def _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink,
             s = torch.empty((M, r), device=x.device, dtype=x.dtype)
         if ready.launch is None:  # M == 0 or N == 0: the plan is the shrink's
             return y, s, z
-        _lora_fwd_kernel[ready.launch.grid](
+        launch = ready.launch
+        if len(launch.grid) > 1:  # K split: the tiles' fp32 partials and arrival counters
+            counters, _ = _workspace(x.device, launch.grid[0], 0)
+            parts = (_scratch(launch, "Y_partials", x.device), _scratch(launch, "S_partials", x.device, y), counters)
+        else:
+            parts = (y, y, y)  # pointers the kernel does not touch
+        _lora_fwd_kernel[launch.grid](
             x, weight, y if bias is None else bias, s, lora_A, lora_B, y, seed, *_dora_ptrs(magnitude, norm, y),
-            y if z is None else z, M, N, K, r, *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0),
+            y if z is None else z, *parts, M, N, K, r, *x.stride(), *weight.stride(),
+            0 if bias is None else bias.stride(0),
             *s.stride(), *lora_A.stride(), *lora_B.stride(), *y.stride(), magnitude.stride(0) if dora else 0,
             *((0, 0) if z is None else z.stride()), float(scaling), *_dropout_scalars(dropout_p), **ready.kwargs)
     return y, s, z

@@ -62,6 +62,11 @@ class Launch:
         return self.config is not None
 
     @property
+    def programs(self) -> int | None:
+        """The grid's programs; None for a torch op (torch's kernels size their grids to the GPU)."""
+        return math.prod(self.grid) if self.is_triton else None
+
+    @property
     def hbm_bytes(self) -> int:
         """Compulsory traffic: each distinct operand read once, each distinct operand written once."""
         reads = {op.name: op.nbytes for op in self.reads}
@@ -123,19 +128,27 @@ def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
 def plan_lora_fwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, bias: bool,
                   fuse_shrink: bool | None = None, dora: bool = False, num_sms: int = 132) -> list[Launch]:
     """The shrink launch (unless fused) and the forward GEMM launch; ``dora``: DoRA's column scale m / n in the
-    epilogue, and with dropout the second base product x' W^T in the same loop and Z = z' written. Where
-    configs.fwd_choices gives both, the shrink fused or not by the lower modeled time (kernels/cost.py) at
-    ``num_sms``; ``fuse_shrink`` forces one."""
+    epilogue, and with dropout the second base product x' W^T in the same loop and Z = z' written. Of
+    fwd_alternatives, the lowest modeled time (kernels/cost.py) at ``num_sms``; ``fuse_shrink`` forces one."""
+    return min(fwd_alternatives(M, N, K, r, dtype, dropout=dropout, bias=bias, fuse_shrink=fuse_shrink, dora=dora,
+                                num_sms=num_sms), key=lambda plan: cost.plan_seconds(plan, num_sms))
+
+
+def fwd_alternatives(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, bias: bool,
+                     fuse_shrink: bool | None = None, dora: bool = False, num_sms: int = 132) -> list[list[Launch]]:
+    """Every forward plan plan_lora_fwd weighs: each (config, shrink fused or not) of configs.fwd_choices, at each K
+    split count of configs.fwd_k_splits."""
     choices = configs.fwd_choices(M, N, configs.padded_rank(r), dtype, dora, dropout)
     if fuse_shrink is not None:
         picked = [choice for choice in choices if choice[1] == fuse_shrink]
         choices = picked[:1] or [(choices[0][0], fuse_shrink)]
-    planned = [_fwd_plan(M, N, K, r, dtype, cfg, fuse, dropout=dropout, bias=bias, dora=dora, num_sms=num_sms)
-               for cfg, fuse in choices]
-    return min(planned, key=lambda plan: cost.plan_seconds(plan, num_sms))
+    return [_fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, dropout=dropout, bias=bias, dora=dora, num_sms=num_sms)
+            for cfg, fuse in choices
+            for splits in configs.fwd_k_splits(M, _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N),
+                                               _cdiv(K, cfg.BLOCK_K), dora)]
 
 
-def _fwd_plan(M, N, K, r, dtype, cfg, fuse, *, dropout, bias, dora, num_sms) -> list[Launch]:
+def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_sms) -> list[Launch]:
     R = configs.padded_rank(r)
     two_products = dora and dropout
     if M == 0 or N == 0:
@@ -143,8 +156,8 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, *, dropout, bias, dora, num_sms) -> 
     launches = [] if fuse else plan_lora_shrink(M, K, r, dtype, dropout=dropout, num_sms=num_sms)
     if M == 0 or N == 0:
         return launches
-    grid_m, grid_n = _cdiv(M, cfg.BLOCK_M), _cdiv(N, cfg.BLOCK_N)
-    Mp, Np, Kp = grid_m * cfg.BLOCK_M, grid_n * cfg.BLOCK_N, _cdiv(K, cfg.BLOCK_K) * cfg.BLOCK_K
+    grid_m, grid_n, k_tiles = _cdiv(M, cfg.BLOCK_M), _cdiv(N, cfg.BLOCK_N), _cdiv(K, cfg.BLOCK_K)
+    Mp, Np, Kp = grid_m * cfg.BLOCK_M, grid_n * cfg.BLOCK_N, k_tiles * cfg.BLOCK_K
     flops = 2 * Mp * Np * Kp * (2 if two_products else 1) + 2 * Mp * Np * R  # x W^T (and x' W^T), S B^T
     if fuse:
         flops += 2 * Mp * Kp * R * grid_n  # every N tile column recomputes its S = x' A^T
@@ -158,8 +171,21 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, *, dropout, bias, dora, num_sms) -> 
                                                                       else [])
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), HAS_BIAS=bias, FUSE_SHRINK=fuse, APPLY_DROPOUT=dropout,
                       DORA=dora, **_block_constexprs(cfg))
-    return launches + [Launch("_lora_fwd_kernel", (grid_m * grid_n,), cfg, constexprs,
-                              reads=tuple(reads), writes=tuple(writes), flops=flops)]
+    if configs.fwd_may_split(M, dora):  # compiled with the split by the AOT report (WORST_CASE_FLAGS)
+        constexprs["SPLIT_K_PARTIALS"] = splits > 1
+    per_split = _cdiv(k_tiles, splits)
+    tail = 0
+    if splits > 1:
+        # Each split stores its fp32 shares; the last to arrive at a tile reads them all and stores the tile.
+        parts = [Operand("Y_partials", (splits, M, N), torch.float32)]
+        parts += [Operand("S_partials", (grid_n, splits, M, R), torch.float32)] if fuse else []
+        reads, writes = reads + parts, writes + parts
+        rows = min(M, cfg.BLOCK_M)
+        tail = rows * (splits * 4 * (cfg.BLOCK_N + (R if fuse else 0)) + cfg.BLOCK_N * dtype.itemsize)
+    grid = (grid_m * grid_n, splits) if splits > 1 else (grid_m * grid_n,)
+    return launches + [Launch("_lora_fwd_kernel", grid, cfg, constexprs,
+                              args=dict(k_per_split=per_split * cfg.BLOCK_K), reads=tuple(reads),
+                              writes=tuple(writes), flops=flops, tail_bytes=tail)]
 
 
 def _dora_scale_operands(N: int, dtype: torch.dtype) -> list[Operand]:

@@ -95,12 +95,14 @@ LAUNCHER_MODULES = {name: ("fused_lora.kernels.lora_embedding" if module.endswit
                            else "fused_lora.kernels.launchers") for name, module in KERNEL_MODULES.items()}
 
 # Register worst case of the flags the launchers choose at run time.
-# SPLIT_N, SPLIT_K and REDUCE: the sums across programs finished in the kernel (a stored result alone is the lesser
-# code); COMPUTE_DX: the one-launch backward with dX (without it, the same kernel less W's loop).
+# SPLIT_N, SPLIT_K, SPLIT_K_PARTIALS and REDUCE: the sums across programs finished in the kernel (a stored result
+# alone is the lesser code; a plan has SPLIT_K_PARTIALS only at sizes whose configs may split the forward's K);
+# COMPUTE_DX: the one-launch backward with dX (without it, the same kernel less W's loop).
 WORST_CASE_FLAGS = {"HAS_BIAS": True, "APPLY_DROPOUT": True, "USE_ATOMICS": True, "SCALE_GRAD_BY_FREQ": True,
-                    "SPLIT_N": True, "SPLIT_K": True, "REDUCE": True, "COMPUTE_DX": True}
+                    "SPLIT_N": True, "SPLIT_K": True, "SPLIT_K_PARTIALS": True, "REDUCE": True, "COMPUTE_DX": True}
 # Pointer arguments that are fp32 whatever the input dtype (accumulators, partials, the DoRA norm).
-FP32_POINTERS = frozenset({"norm_ptr", "dm_parts_ptr", "ds_parts_ptr", "db_work_ptr", "da_work_ptr", "s_parts_ptr"})
+FP32_POINTERS = frozenset({"norm_ptr", "dm_parts_ptr", "ds_parts_ptr", "db_work_ptr", "da_work_ptr", "s_parts_ptr",
+                           "y_parts_ptr"})
 # The int32 arrival counters of the sums finished by the last program to arrive.
 I32_POINTERS = frozenset({"counters_ptr"})
 # The dropout seed: a 0-dim int64 tensor, declared do_not_specialize (no alignment hint).
@@ -175,13 +177,13 @@ def plan_launches(M: int, N: int, K: int, r: int, dtype, *, dropout: bool, bias:
 
 
 def _weighed_plans(M, N, K, r, dtype, *, dropout, bias, deterministic, num_sms) -> list:
-    """Both sides of each choice a plan weighs by its modeled time (which depends on sizes beyond these): the forward
-    with and without the shrink fused (configs.fwd_choices; at N and at N / 4, whose tiles narrow), and the
-    one-launch backward wherever it has tiles."""
-    from fused_lora.kernels import configs, plans
+    """Every alternative a plan weighs by its modeled time (which depends on sizes beyond these): the forward's
+    (plans.fwd_alternatives: the shrink fused or not, K split or not; at N and at N / 4, whose tiles narrow), and
+    the one-launch backward wherever it has tiles."""
+    from fused_lora.kernels import plans
 
-    fwd = [launch for n in (N, N // 4) for _, fuse in configs.fwd_choices(M, n, configs.padded_rank(r), dtype)
-           for launch in plans.plan_lora_fwd(M, n, K, r, dtype, dropout=dropout, bias=bias, fuse_shrink=fuse)]
+    fwd = [launch for n in (N, N // 4)
+           for plan in plans.fwd_alternatives(M, n, K, r, dtype, dropout=dropout, bias=bias) for launch in plan]
     bwd = plans.plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms,
                               one_launch=True)
     return fwd + bwd
@@ -293,6 +295,9 @@ def build_signature(kernel, dtype: str, constexprs: dict, align: str = "aligned"
     signature, attrs = {}, {}
     constexprs = dict(constexprs)
     declared = {p.name for p in kernel.params if p.is_constexpr}
+    for p in kernel.params:  # a constexpr the plans set only where it can be on (SPLIT_K_PARTIALS)
+        if p.is_constexpr and getattr(p, "has_default", False):
+            constexprs.setdefault(p.name, p.default)
     missing = declared - set(constexprs)
     if missing:
         raise ValueError(f"{kernel.__name__}: no value for constexpr arguments {sorted(missing)}")
@@ -463,7 +468,9 @@ def compile_job(job: dict) -> dict:
         kernel = _kernel_fn(job["kernel"], job.get("module"))
         cfg = dict(job["config"])
         options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-        flags = {k: v for k, v in WORST_CASE_FLAGS.items() if k in kernel.arg_names}
+        # A flag with a default in the kernel is set by the plans only where it can be on (launch_config).
+        defaulted = {p.name for p in kernel.params if getattr(p, "has_default", False)}
+        flags = {k: v for k, v in WORST_CASE_FLAGS.items() if k in kernel.arg_names and k not in defaulted}
         if "INPUT_PRECISION" in kernel.arg_names:  # the embedding dA kernel has no dot
             flags["INPUT_PRECISION"] = input_precision(dtype, job.get("fp32_precision", "ieee"))
         signature, constexprs, attrs = build_signature(kernel, dtype, {**flags, **cfg}, job["align"])
@@ -609,6 +616,8 @@ def describe_config(config: dict) -> str:
         rest.append(f"rc{config['R_CHUNK']}")
     if config.get("FUSE_SHRINK"):
         rest.append("fused")
+    if config.get("SPLIT_K_PARTIALS"):
+        rest.append("splitk")
     if config.get("DORA"):
         rest.append("dora-dropout" if config.get("APPLY_DROPOUT") else "dora")
     if config.get("FROM_Z"):

@@ -15,6 +15,8 @@ GPU_CASES = CASES + [
     ((4, 33), 48, 72, 1, 0.1, True),
     ((727,), 577, 859, 64, 0.1, True),
     ((2048,), 1024, 3072, 16, 0.1, False),
+    ((16,), 4096, 1024, 64, 0.1, True),  # the forward's K split over programs: 32 tiles x 4 splits
+    ((3,), 4096, 1024, 16, 0.0, False),  # 64 tiles x 2 splits
 ]
 
 
@@ -31,6 +33,19 @@ def test_deterministic_grads_on_gpu(cuda):
     first, second = lora_grads(inputs, deterministic=True), lora_grads(inputs, deterministic=True)
     for g1, g2 in zip(first, second):
         assert torch.equal(g1, g2)
+
+
+def test_split_k_forward_is_repeatable_on_gpu(cuda):
+    """The K split's shares are summed in split order by whichever program arrives last: the same bits every run."""
+    from fused_lora.kernels import launchers, plans
+    x, w, b, a, bb = make_inputs((16,), 4096, 1024, 64, torch.bfloat16, device=cuda)
+    launch = plans.find_launch(plans.plan_lora_fwd(16, 1024, 4096, 64, torch.bfloat16, dropout=False, bias=True),
+                               "_lora_fwd_kernel")
+    assert len(launch.grid) == 2
+    first = launchers.lora_fwd(x, w, b, a, bb, 0.5)
+    for _ in range(20):
+        again = launchers.lora_fwd(x, w, b, a, bb, 0.5)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
 
 
 def test_dropout_mask_is_redrawn_on_each_cuda_graph_replay(cuda):

@@ -46,6 +46,62 @@ def test_fwd(dtype, M, r, fuse, p):
     _check("y given S", y, y_low, y_ref, dtype)
 
 
+def _fwd_launch(M, N, K, r, dtype, p=0.0, fuse=None):
+    return plans.find_launch(plans.plan_lora_fwd(M, N, K, r, dtype, dropout=p > 0, bias=True, fuse_shrink=fuse),
+                             "_lora_fwd_kernel")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# N = 45 and 16 / 32-column tiles: 2-3 tiles, so K = 401 (4 K tiles of 128, 13 of 32 in fp32) is split 4 ways (7 in
+# fp32, the last split shorter); r = 33 pads to 64; the shrink fused or not.
+@pytest.mark.parametrize("M,r,fuse", [(16, 1, True), (16, 7, False), (3, 33, True), (64, 64, False), (5, 16, True)])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_fwd_split_k(dtype, M, r, fuse, p):
+    """Few tokens on few tiles: the forward's K split over programs, their fp32 shares summed in split order by the
+    last to arrive at each tile; the same bits on a second run, and the counters back at zero."""
+    N, K = 45, 401
+    launch = _fwd_launch(M, N, K, r, dtype, p, fuse)
+    assert len(launch.grid) == 2 and launch.constexprs["SPLIT_K_PARTIALS"] and launch.constexprs["FUSE_SHRINK"] == fuse
+    x, w, b, a, bb = make_inputs((M,), K, N, r, dtype)
+    y, s = launchers.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=fuse)
+    (y_low, s_low), (y_ref, s_ref) = _refs(reference.lora_fwd, x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED)
+    _check("S", s, s_low, s_ref, dtype)
+    _check("y", y, y_low, y_ref, dtype)
+    again = launchers.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=fuse)
+    assert torch.equal(again[0], y) and torch.equal(again[1], s)
+    for workspace in launchers._workspaces.values():
+        assert not workspace.counters.any()
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_fwd_split_k_keeps_inf_of_x_in_its_row(fuse):
+    """An inf of x makes its row of y inf / NaN as in the reference, through the split's partials and (fused) the
+    padded rank columns of S, which stay 0."""
+    M, N, K, r = 5, 45, 401, 5
+    assert len(_fwd_launch(M, N, K, r, torch.bfloat16, fuse=fuse).grid) == 2
+    x, w, b, a, bb = make_inputs((M,), K, N, r, torch.bfloat16)
+    x[1, 300] = float("inf")
+    got = launchers.lora_fwd(x, w, b, a, bb, 0.9, fuse_shrink=fuse)
+    ref = reference.lora_fwd(x, w, b, a, bb, 0.9, upcast=True)
+    for name, g_, r_ in zip(("y", "S"), got, ref):
+        assert torch.equal(g_.isnan(), r_.isnan()) and torch.equal(g_.isinf(), r_.isinf()), name
+
+
+def test_fwd_splits_k_where_the_tiles_leave_the_gpu_idle():
+    """1-64 tokens on fewer than FILL_PROGRAMS tiles: K split to reach them where the modeled time is the lower
+    (4096 -> 1024, R = 64 fused at 32 columns: 32 tiles x 4 splits); enough tiles, or more tokens: no split."""
+    from fused_lora.kernels import cost
+    for M, N, r in ((16, 1024, 64), (1, 1024, 16), (16, 4096, 16), (256, 1024, 16), (16, 1024, 256)):
+        alternatives = plans.fwd_alternatives(M, N, 4096, r, torch.bfloat16, dropout=False, bias=False)
+        chosen = plans.plan_lora_fwd(M, N, 4096, r, torch.bfloat16, dropout=False, bias=False)
+        assert cost.plan_seconds(chosen) == min(cost.plan_seconds(plan) for plan in alternatives)
+    assert _fwd_launch(16, 1024, 4096, 64, torch.bfloat16).grid == (32, 4)
+    assert _fwd_launch(1, 1024, 4096, 16, torch.bfloat16).grid == (64, 2)
+    assert _fwd_launch(16, 4096, 4096, 16, torch.bfloat16).grid == (128,)
+    assert len(_fwd_launch(256, 1024, 4096, 16, torch.bfloat16).grid) == 1
+    assert "SPLIT_K_PARTIALS" not in _fwd_launch(256, 1024, 4096, 16, torch.bfloat16).constexprs
+
+
 def _fused(M, r, dtype=torch.bfloat16, N=4096, K=4096):
     launch = plans.find_launch(plans.plan_lora_fwd(M, N, K, r, dtype, dropout=False, bias=False), "_lora_fwd_kernel")
     return launch.constexprs["FUSE_SHRINK"]
