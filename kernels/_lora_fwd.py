@@ -92,10 +92,11 @@ def _lora_fwd_kernel(
     DORA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     # Several programs (axis 1) share a tile's K: each stores its fp32 shares of x W^T (and of x' A^T), and the last
-    # to arrive sums them in split order (the same bits whichever arrives last) and runs the epilogue. Not with DORA.
+    # to arrive sums them in split order (the same bits whichever arrives last) and runs the epilogue. Not with DORA
+    # and APPLY_DROPOUT (x' W^T would need its own shares).
     SPLIT_K_PARTIALS: tl.constexpr = False,
 ):
-    tl.static_assert(not (SPLIT_K_PARTIALS and DORA), "DoRA's forward has no K split")
+    tl.static_assert(not (SPLIT_K_PARTIALS and DORA and APPLY_DROPOUT), "DoRA with dropout has no K split")
     pid_m, pid_n = _grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1).to(tl.int64)
 

@@ -100,8 +100,10 @@ def fwd_choices(M: int, N: int, R: int, dtype: torch.dtype, dora: bool = False, 
         # DoRA's epilogue spilled 8 B fused at R = 64 on sm_80 (kernel_report): up to R = 32 there.
         max_fused = FUSE_SHRINK_MAX_RANK if dora else ONE_LAUNCH_BWD_MAX_RANK
         fuse = R <= min(2 * block_n, max_fused)
-        choice = TileConfig(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, num_warps=4 if block_n == 16 else 8,
-                            num_stages=3), fuse
+        # DoRA without dropout may split K (fwd_k_splits): on 8 warps ptxas held that to 128 registers and spilled 8 B
+        # at R = 32 fused on sm_80; 4 warps do not (kernel_report).
+        warps = 4 if block_n == 16 or (dora and not dropout) else 8
+        choice = TileConfig(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, num_warps=warps, num_stages=3), fuse
         if fuse or block_n == 32 or R > max_fused:
             return choice,
         # A rank too large for 16 columns fuses at 32 (half the programs); the plan weighs that against a shrink
@@ -282,18 +284,18 @@ SHRINK_MAX_SPLITS = 8
 FWD_MAX_SPLITS = 8
 
 
-def fwd_may_split(M: int, dora: bool) -> bool:
-    """Whether the forward's configs at these sizes may be launched with a K split (fwd_k_splits)."""
-    return M <= FEW_TOKENS and not dora
+def fwd_may_split(M: int, dora: bool, dropout: bool) -> bool:
+    """Whether the forward's configs at these sizes may be launched with a K split (fwd_k_splits): not DoRA with
+    dropout, whose second base product x' W^T would need a third set of shares."""
+    return M <= FEW_TOKENS and not (dora and dropout)
 
 
-def fwd_k_splits(M: int, tiles: int, k_tiles: int, dora: bool) -> tuple[int, ...]:
+def fwd_k_splits(M: int, tiles: int, k_tiles: int, dora: bool, dropout: bool) -> tuple[int, ...]:
     """The K split counts the forward may launch with at ``tiles`` output tiles of ``k_tiles`` K tiles, which
     plans.plan_lora_fwd weighs by their modeled time: (1,), or with few tokens and fewer than FILL_PROGRAMS tiles
     also as many splits as fill FILL_PROGRAMS (4096 -> 1024 at 16 tokens, R = 64 fused: 32 tiles of 32 columns, 4
-    splits; every tile alone reads its slice of W on one SM). The tiles fill the GPU above FEW_TOKENS; DoRA's
-    epilogue has no split."""
-    if not fwd_may_split(M, dora) or tiles >= FILL_PROGRAMS:
+    splits; every tile alone reads its slice of W on one SM). The tiles fill the GPU above FEW_TOKENS."""
+    if not fwd_may_split(M, dora, dropout) or tiles >= FILL_PROGRAMS:
         return (1,)
     splits = min(k_tiles, FWD_MAX_SPLITS, FILL_PROGRAMS // max(1, tiles))
     if splits <= 1:

@@ -145,7 +145,7 @@ def fwd_alternatives(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, drop
     return [_fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, dropout=dropout, bias=bias, dora=dora, num_sms=num_sms)
             for cfg, fuse in choices
             for splits in configs.fwd_k_splits(M, _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N),
-                                               _cdiv(K, cfg.BLOCK_K), dora)]
+                                               _cdiv(K, cfg.BLOCK_K), dora, dropout)]
 
 
 def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_sms) -> list[Launch]:
@@ -171,7 +171,7 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
                                                                       else [])
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), HAS_BIAS=bias, FUSE_SHRINK=fuse, APPLY_DROPOUT=dropout,
                       DORA=dora, **_block_constexprs(cfg))
-    if configs.fwd_may_split(M, dora):  # compiled with the split by the AOT report (WORST_CASE_FLAGS)
+    if configs.fwd_may_split(M, dora, dropout):  # compiled with the split by the AOT report (WORST_CASE_FLAGS)
         constexprs["SPLIT_K_PARTIALS"] = splits > 1
     per_split = _cdiv(k_tiles, splits)
     tail = 0

@@ -60,6 +60,30 @@ def test_fwd_and_bwd(dtype, M, r, fuse, bias, p):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,r,fuse", [(16, 7, True), (3, 33, False), (8, 1, None)])
+def test_fwd_split_k(dtype, M, r, fuse):
+    """Few tokens on few tiles without dropout: DoRA's forward split over K (K = 401 on N = 45: 4 splits, 7 of a
+    shorter last one in fp32), the column scale applied by the last split to arrive; m = 0 and n = 0 columns in."""
+    x, w, b, a, bb, m = _inputs(M, 401, 45, r, dtype)
+    launch = plans.find_launch(plans.plan_lora_fwd(M, 45, 401, r, dtype, dropout=False, bias=True, dora=True,
+                                                   fuse_shrink=fuse), "_lora_fwd_kernel")
+    assert len(launch.grid) == 2 and launch.constexprs["SPLIT_K_PARTIALS"]
+    n = launchers.dora_weight_norm(w, a, bb, 0.9)
+    y, s, _ = launchers.dora_fwd(x, w, b, a, bb, 0.9, m, n, fuse_shrink=fuse)
+    (_, s_low, _), (_, s_ref, _) = (reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, upcast=u) for u in (False, True))
+    assert_within_torch_error("S", s, s_low, s_ref, dtype)
+    (y_low, _, _), (y_ref, _, _) = (reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, s=s, upcast=u) for u in (False, True))
+    assert_within_torch_error("y given S", y, y_low, y_ref, dtype)
+    assert torch.equal(launchers.dora_fwd(x, w, b, a, bb, 0.9, m, n, fuse_shrink=fuse)[0], y)
+
+
+def test_dora_with_dropout_does_not_split_k():
+    launch = plans.find_launch(plans.plan_lora_fwd(16, 45, 401, 7, torch.bfloat16, dropout=True, bias=True, dora=True),
+                               "_lora_fwd_kernel")
+    assert len(launch.grid) == 1 and "SPLIT_K_PARTIALS" not in launch.constexprs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,K,r", [(150, 83, 1), (64, 200, 16), (9, 5, 256)])
 def test_weight_norm(dtype, N, K, r):
     _, w, _, a, bb = make_inputs((1,), K, N, r, dtype)
