@@ -159,8 +159,6 @@ def plan_launches(M: int, N: int, K: int, r: int, dtype, *, dropout: bool, bias:
     from fused_lora.kernels import lora_embedding, plans
 
     launches = [*plans.plan_lora_shrink(M, K, r, dtype, dropout=dropout),
-                *plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias),
-                *plans.plan_lora_fwd(M, N // 4, K, r, dtype, dropout=dropout, bias=bias),  # few-token tiles narrow
                 *_weighed_plans(M, N, K, r, dtype, dropout=dropout, bias=bias, deterministic=deterministic,
                                 num_sms=num_sms),
                 *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, num_sms=num_sms),
@@ -177,9 +175,9 @@ def plan_launches(M: int, N: int, K: int, r: int, dtype, *, dropout: bool, bias:
 
 
 def _weighed_plans(M, N, K, r, dtype, *, dropout, bias, deterministic, num_sms) -> list:
-    """Every alternative a plan weighs by its modeled time (which depends on sizes beyond these): the forward's
-    (plans.fwd_alternatives: the shrink fused or not, K split or not; at N and at N / 4, whose tiles narrow), and
-    the one-launch backward wherever it has tiles."""
+    """Every alternative a plan weighs by its modeled time (which depends on sizes beyond these), the chosen ones
+    among them: the forward's (plans.fwd_alternatives: the shrink fused or not, K split or not; at N and at N / 4,
+    whose tiles narrow), and the one-launch backward wherever it has tiles."""
     from fused_lora.kernels import plans
 
     fwd = [launch for n in (N, N // 4)
