@@ -138,10 +138,16 @@ def fwd_choices(M: int, N: int, R: int, dtype: torch.dtype, dora: bool = False, 
 def mid_fwd_block_n(M: int, N: int) -> int:
     """Columns of the 65-2048-token forward tiles: 128, halved down to 32 while the grid of 64-row tiles has fewer
     than FILL_PROGRAMS programs (4096 -> 1024 at 256 tokens: 32 programs of 128 columns, 128 of 32)."""
-    block_n = 128
-    while block_n > 32 and -(-M // 64) * -(-N // block_n) < FILL_PROGRAMS:
-        block_n //= 2
-    return block_n
+    return _width_to_fill(M, N, 128)
+
+
+def _width_to_fill(M: int, cols: int, widest: int) -> int:
+    """``widest``, halved down to 32 while a grid of 64-row tiles that wide over ``cols`` columns has fewer than
+    FILL_PROGRAMS programs."""
+    width = widest
+    while width > 32 and -(-M // 64) * -(-cols // width) < FILL_PROGRAMS:
+        width //= 2
+    return width
 
 
 def mid_fwd_max_fused_rank(block_n: int) -> int:
@@ -240,9 +246,7 @@ def bwd_one_launch_config(M: int, K: int, R: int, dtype: torch.dtype, determinis
         # stages.
         if deterministic:
             return None
-        block_k = 128 if R <= 32 else 64
-        while block_k > 32 and -(-M // 64) * -(-K // block_k) < FILL_PROGRAMS:
-            block_k //= 2
+        block_k = _width_to_fill(M, K, 128 if R <= 32 else 64)
         if block_k == 128:
             return TileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
         if block_k == 64:
