@@ -325,46 +325,55 @@ def _lora_bwd_dx_da_db_kernel(
     offs_side = _span(0, BLOCK_SIDE)
     db_work_ptr = work_ptr + tl.cast(r, tl.int64) * K
     for t in range(pid_k, tl.cdiv(K, BLOCK_SIDE), k_slices):  # dA^T tiles, (BLOCK_SIDE, R)
-        cols = offs_side + t * BLOCK_SIDE
+        cols, da_mask, da_work, da_out = _side_tile(t, offs_side, offs_r, work_ptr, da_ptr, K, r, stride_dak,
+                                                    stride_dar, True, BLOCK_SIDE)
         x = _load_tile(x_ptr, offs_m, cols, stride_xm, stride_xk, M, K)  # (BLOCK_M, BLOCK_SIDE)
         if APPLY_DROPOUT:
             x = _dropped(x, seed, offs_m, cols, drop_threshold)
         da = tl.dot(tl.trans(x), ds, input_precision=INPUT_PRECISION)
         if APPLY_DROPOUT:
             da = da * keep_scale
-        da_mask = (cols[:, None] < K) & (offs_r[None, :] < r)
         if REDUCE:
-            tl.atomic_add(work_ptr + offs_r[None, :] * K + cols[:, None], da, mask=da_mask, sem="relaxed",
-                          scope="gpu")
+            tl.atomic_add(da_work, da, mask=da_mask, sem="relaxed", scope="gpu")
         else:
-            tl.store(da_ptr + offs_r[None, :] * stride_dar + cols[:, None] * stride_dak,
-                     da.to(da_ptr.dtype.element_ty), mask=da_mask)
+            tl.store(da_out, da.to(da_ptr.dtype.element_ty), mask=da_mask)
     s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r)  # (BLOCK_M, R)
     for t in range(pid_k, tl.cdiv(N, BLOCK_SIDE), k_slices):  # dB tiles, (BLOCK_SIDE, R)
-        cols = offs_side + t * BLOCK_SIDE
+        cols, db_mask, db_work, db_out = _side_tile(t, offs_side, offs_r, db_work_ptr, db_ptr, N, r, stride_dbn,
+                                                    stride_dbr, False, BLOCK_SIDE)
         dy = _load_tile(dy_ptr, offs_m, cols, stride_dym, stride_dyn, M, N)  # (BLOCK_M, BLOCK_SIDE)
         db = tl.dot(tl.trans(dy), s, input_precision=INPUT_PRECISION) * scaling
-        db_mask = (cols[:, None] < N) & (offs_r[None, :] < r)
         if REDUCE:
-            tl.atomic_add(db_work_ptr + cols[:, None] * r + offs_r[None, :], db, mask=db_mask, sem="relaxed",
-                          scope="gpu")
+            tl.atomic_add(db_work, db, mask=db_mask, sem="relaxed", scope="gpu")
         else:
-            tl.store(db_ptr + cols[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-                     db.to(db_ptr.dtype.element_ty), mask=db_mask)
+            tl.store(db_out, db.to(db_ptr.dtype.element_ty), mask=db_mask)
     # One arrival per program (a per-tile one would stall each tile on an L2 round trip): the last row block to
     # finish this K slice sums and stores all of the slice's dA and dB tiles.
     if REDUCE:
         if _last_to_arrive(counters_ptr + pid_k, tl.cdiv(M, BLOCK_M)):
             zeros = tl.zeros((BLOCK_SIDE, R), dtype=tl.float32)
             for t in range(pid_k, tl.cdiv(K, BLOCK_SIDE), k_slices):
-                cols = offs_side + t * BLOCK_SIDE
-                da_mask = (cols[:, None] < K) & (offs_r[None, :] < r)
-                da = _sum_of_parts(zeros, work_ptr + offs_r[None, :] * K + cols[:, None], 0, 1, da_mask, True)
-                tl.store(da_ptr + offs_r[None, :] * stride_dar + cols[:, None] * stride_dak,
-                         da.to(da_ptr.dtype.element_ty), mask=da_mask)
+                _, da_mask, da_work, da_out = _side_tile(t, offs_side, offs_r, work_ptr, da_ptr, K, r, stride_dak,
+                                                         stride_dar, True, BLOCK_SIDE)
+                da = _sum_of_parts(zeros, da_work, 0, 1, da_mask, True)
+                tl.store(da_out, da.to(da_ptr.dtype.element_ty), mask=da_mask)
             for t in range(pid_k, tl.cdiv(N, BLOCK_SIDE), k_slices):
-                cols = offs_side + t * BLOCK_SIDE
-                db_mask = (cols[:, None] < N) & (offs_r[None, :] < r)
-                db = _sum_of_parts(zeros, db_work_ptr + cols[:, None] * r + offs_r[None, :], 0, 1, db_mask, True)
-                tl.store(db_ptr + cols[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-                         db.to(db_ptr.dtype.element_ty), mask=db_mask)
+                _, db_mask, db_work, db_out = _side_tile(t, offs_side, offs_r, db_work_ptr, db_ptr, N, r, stride_dbn,
+                                                         stride_dbr, False, BLOCK_SIDE)
+                db = _sum_of_parts(zeros, db_work, 0, 1, db_mask, True)
+                tl.store(db_out, db.to(db_ptr.dtype.element_ty), mask=db_mask)
+
+
+@triton.jit
+def _side_tile(t, offs_side, offs_r, work_ptr, out_ptr, cols_len, r, stride_out_col, stride_out_r,
+               TRANSPOSED_WORK: tl.constexpr, BLOCK_SIDE: tl.constexpr):
+    """The one-launch backward's dA^T or dB tile ``t`` (BLOCK_SIDE columns of K or N, by R): its columns, mask,
+    fp32 accumulator pointers (dA's accumulator is (r, K), TRANSPOSED_WORK; dB's (N, r)) and output pointers. The
+    share loops and the last program's sums address the same tiles through this one function."""
+    cols = offs_side + t * BLOCK_SIDE
+    mask = (cols[:, None] < cols_len) & (offs_r[None, :] < r)
+    if TRANSPOSED_WORK:
+        work = work_ptr + offs_r[None, :] * cols_len + cols[:, None]
+    else:
+        work = work_ptr + cols[:, None] * r + offs_r[None, :]
+    return cols, mask, work, out_ptr + cols[:, None] * stride_out_col + offs_r[None, :] * stride_out_r

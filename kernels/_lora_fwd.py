@@ -12,7 +12,7 @@ def _lora_shrink_kernel(
     a_ptr,  # (r, K)
     s_ptr,  # (M, r) output, x's dtype
     s_parts_ptr,  # (k_splits, M, R) fp32 scratch when SPLIT_K: each K split's share of dropout(x) A^T
-    counters_ptr,  # int32, zero at rest: one per row block, when SPLIT_K
+    counters_ptr,  # int32, zero at rest: one per row block, when SPLIT_K and SUM_PARTS
     seed_ptr,  # () int64 dropout seed; loaded only when APPLY_DROPOUT
     M, K, r,
     stride_xm, stride_xk,
@@ -22,8 +22,12 @@ def _lora_shrink_kernel(
     k_per_split,  # columns of K per program along axis 1, a multiple of BLOCK_K
     R: tl.constexpr,  # r padded to a power of two >= 16
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,  # several programs share a row block's K: S summed over them in the last to arrive
+    SPLIT_K: tl.constexpr,  # several programs share a row block's K: S summed over them in the last to arrive, or
+    # (SUM_PARTS off) by the forward GEMM
     APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # With SPLIT_K, False: the shares are left in s_parts_ptr for the forward GEMM to sum (its S_FROM_PARTS), and
+    # s_ptr and counters_ptr are not touched.
+    SUM_PARTS: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
@@ -41,7 +45,7 @@ def _lora_shrink_kernel(
     if SPLIT_K:
         parts_ptrs = s_parts_ptr + offs_m[:, None] * R + offs_r[None, :]  # (BLOCK_M, R) of split 0
         tl.store(parts_ptrs + pid_k * M * R, acc, mask=in_s)
-        if _last_to_arrive(counters_ptr + pid_m, tl.num_programs(1)):
+        if SUM_PARTS and _last_to_arrive(counters_ptr + pid_m, tl.num_programs(1)):
             acc = _sum_of_parts(tl.zeros_like(acc), parts_ptrs, tl.cast(M, tl.int64) * R, tl.num_programs(1), in_s,
                                 False)
             if APPLY_DROPOUT:
@@ -55,12 +59,12 @@ def _lora_shrink_kernel(
                  mask=in_s)
 
 
-@triton.jit(do_not_specialize=["seed_ptr"])
+@triton.jit(do_not_specialize=["seed_ptr", "s_splits"])
 def _lora_fwd_kernel(
     x_ptr,  # (M, K)
     w_ptr,  # (N, K)
     bias_ptr,  # (N,); unused when HAS_BIAS is False
-    s_ptr,  # (M, r): read, or written by the pid_n == 0 programs when FUSE_SHRINK
+    s_ptr,  # (M, r): read, or written by the pid_n == 0 programs when FUSE_SHRINK or S_FROM_PARTS
     a_ptr,  # (r, K); read only when FUSE_SHRINK
     b_ptr,  # (N, r)
     y_ptr,  # (M, N) output
@@ -69,7 +73,9 @@ def _lora_fwd_kernel(
     norm_ptr,  # (N,) fp32 DoRA norm n = ||W + s B A|| per row; read only when DORA
     z_ptr,  # (M, N) output when DORA and APPLY_DROPOUT: z' = x' W^T + s S' B^T, saved for the magnitude's grad
     y_parts_ptr,  # (k_splits, M, N) fp32 scratch when SPLIT_K_PARTIALS: each K split's share of x W^T
-    s_parts_ptr,  # (N tiles, k_splits, M, R) fp32 scratch when SPLIT_K_PARTIALS and FUSE_SHRINK: shares of x' A^T
+    # fp32 shares of x' A^T: (N tiles, k_splits, M, R) scratch when SPLIT_K_PARTIALS and FUSE_SHRINK; with
+    # S_FROM_PARTS the shrink launch's (s_splits, M, R)
+    s_parts_ptr,
     counters_ptr,  # int32, zero at rest: one per output tile, when SPLIT_K_PARTIALS
     M, N, K, r,
     stride_xm, stride_xk,
@@ -83,6 +89,7 @@ def _lora_fwd_kernel(
     stride_zm, stride_zn,
     scaling, drop_threshold, keep_scale,
     k_per_split,  # columns of K per program along axis 1: a multiple of BLOCK_K, all of K without a split
+    s_splits,  # the shrink launch's K splits, whose shares s_parts_ptr holds when S_FROM_PARTS
     R: tl.constexpr,  # r padded to a power of two >= 16
     R_CHUNK: tl.constexpr,  # rank slice per S B^T dot; bounds its shared memory
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -95,8 +102,12 @@ def _lora_fwd_kernel(
     # to arrive sums them in split order (the same bits whichever arrives last) and runs the epilogue. Not with DORA
     # and APPLY_DROPOUT (x' W^T would need its own shares).
     SPLIT_K_PARTIALS: tl.constexpr = False,
+    # Not FUSE_SHRINK: S is the sum of the shrink launch's s_splits shares (in split order, as that launch's last
+    # split would sum them, so the same bits), stored by the pid_n == 0 programs; no program sums a row block alone.
+    S_FROM_PARTS: tl.constexpr = False,
 ):
     tl.static_assert(not (SPLIT_K_PARTIALS and DORA and APPLY_DROPOUT), "DoRA with dropout has no K split")
+    tl.static_assert(not (FUSE_SHRINK and S_FROM_PARTS), "a fused shrink has no shares to sum")
     pid_m, pid_n = _grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1).to(tl.int64)
 
@@ -157,19 +168,21 @@ def _lora_fwd_kernel(
         _lora_fwd_epilogue(acc, acc_drop if DORA_DROPOUT else acc, s_acc if FUSE_SHRINK else acc, pid_n, offs_m,
                            offs_n, s_ptr, b_ptr, bias_ptr, y_ptr, mag_ptr, norm_ptr, z_ptr, M, N, r, stride_bias_n,
                            stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, stride_mag_n, stride_zm,
-                           stride_zn, scaling, keep_scale, R, R_CHUNK, HAS_BIAS, FUSE_SHRINK, APPLY_DROPOUT, DORA,
-                           INPUT_PRECISION)
+                           stride_zn, scaling, keep_scale, s_parts_ptr, s_splits, R, R_CHUNK, HAS_BIAS, FUSE_SHRINK,
+                           APPLY_DROPOUT, DORA, INPUT_PRECISION, S_FROM_PARTS)
 
 
 @triton.jit
 def _lora_fwd_epilogue(acc, acc_drop, s_acc, pid_n, offs_m, offs_n, s_ptr, b_ptr, bias_ptr, y_ptr, mag_ptr, norm_ptr,
                        z_ptr, M, N, r, stride_bias_n, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
-                       stride_mag_n, stride_zm, stride_zn, scaling, keep_scale,
+                       stride_mag_n, stride_zm, stride_zn, scaling, keep_scale, s_parts_ptr, s_splits,
                        R: tl.constexpr, R_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr,
-                       APPLY_DROPOUT: tl.constexpr, DORA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       APPLY_DROPOUT: tl.constexpr, DORA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       S_FROM_PARTS: tl.constexpr):
     """Stores y's tile (rows offs_m, columns offs_n) from ``acc`` = x W^T (fp32, all of K): plus s S B^T (S from
-    ``s_acc`` = x' A^T when FUSE_SHRINK, stored by the pid_n == 0 tiles; else read from s_ptr), DoRA's scale
-    (``acc_drop`` = x' W^T with dropout) and the bias. ``acc_drop`` / ``s_acc`` are unused without those flags."""
+    ``s_acc`` = x' A^T when FUSE_SHRINK, or summed from the shrink's shares when S_FROM_PARTS, and then stored by the
+    pid_n == 0 tiles; else read from s_ptr), DoRA's scale (``acc_drop`` = x' W^T with dropout) and the bias.
+    ``acc_drop`` / ``s_acc`` are unused without those flags."""
     dtype = y_ptr.dtype.element_ty
     DORA_DROPOUT: tl.constexpr = DORA and APPLY_DROPOUT
     if FUSE_SHRINK:
@@ -184,6 +197,10 @@ def _lora_fwd_epilogue(acc, acc_drop, s_acc, pid_n, offs_m, offs_n, s_ptr, b_ptr
                      mask=(offs_m[:, None] < M) & (offs_r[None, :] < r))
         b = _load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r, N)  # (R, BLOCK_N)
         lora = tl.dot(s, b, input_precision=INPUT_PRECISION)
+    elif S_FROM_PARTS:
+        lora = _s_from_parts_dot(tl.zeros_like(acc), s_parts_ptr, s_splits, s_ptr, b_ptr, pid_n, offs_m, offs_n,
+                                 stride_sm, stride_sr, stride_br, stride_bn, M, N, r, keep_scale, R, APPLY_DROPOUT,
+                                 INPUT_PRECISION)
     else:
         lora = _rank_chunked_dot(tl.zeros_like(acc), s_ptr, b_ptr, offs_m, offs_n,
                                  stride_sm, stride_sr, stride_br, stride_bn, M, N, r, R, R_CHUNK, INPUT_PRECISION)
@@ -206,3 +223,30 @@ def _lora_fwd_epilogue(acc, acc_drop, s_acc, pid_n, offs_m, offs_n, s_ptr, b_ptr
         acc += bias.to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(dtype),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _s_from_parts_dot(acc, s_parts_ptr, s_splits, s_ptr, b_ptr, pid_n, offs_m, offs_n, stride_sm, stride_sr,
+                      stride_br, stride_bn, M, N, r, keep_scale, R: tl.constexpr,
+                      APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + S B over the padded rank, with each 16-rank slice of S (rows offs_m) the sum of the shrink's
+    ``s_splits`` fp32 shares (s_parts_ptr, (s_splits, M, R)) in split order, times the dropout scale, in the output
+    dtype: _lora_shrink_kernel's own sum, so the same S. The pid_n == 0 tiles store it.
+
+    16-rank slices: with R_CHUNK ones the 128 x 128 x 64 tiles spilled 80 B at R = 64 on sm_80 (kernel_report)."""
+    dtype = s_ptr.dtype.element_ty
+    for r0 in tl.range(0, R, 16, num_stages=1):
+        offs_r = _span(r0, 16)
+        # Outside (M, r) the shares were not stored: loaded as 0, so an inf of x stays in its own columns of S.
+        in_s = (offs_m[:, None] < M) & (offs_r[None, :] < r)
+        parts = (s_parts_ptr + offs_m[:, None] * R) + offs_r[None, :]  # (BLOCK_M, 16) of split 0
+        s32 = _sum_of_parts(tl.zeros((offs_m.shape[0], 16), dtype=tl.float32), parts, tl.cast(M, tl.int64) * R,
+                            s_splits, in_s, False)
+        if APPLY_DROPOUT:
+            s32 = s32 * keep_scale
+        s = s32.to(dtype)
+        if pid_n == 0:
+            tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, s, mask=in_s)
+        b = _load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r, N)  # (16, BLOCK_N)
+        acc = tl.dot(s, b, acc, input_precision=INPUT_PRECISION)
+    return acc

@@ -307,10 +307,29 @@ def fwd_k_splits(M: int, tiles: int, k_tiles: int, dora: bool, dropout: bool) ->
     return 1, -(-k_tiles // -(-k_tiles // splits))
 
 
-def shrink_split(m_blocks: int, k_tiles: int, num_sms: int) -> tuple[int, int]:
+# A shrink whose K splits the forward GEMM sums (plans.plan_lora_shrink with to_consumer) may take more than
+# SHRINK_MAX_SPLITS while each split keeps at least this many K tiles (512 columns): each forward program re-reads
+# its row block's max(8, K / 512) (64, R) fp32 shares from L2; from K = 4096 on that is R / 768 of the x and W bytes
+# a 64 x 128 program streams (1/12 at R = 64).
+SHRINK_MIN_TILES_PER_PART = 8
+
+
+def fwd_sums_shrink_parts(M: int, dtype: torch.dtype) -> bool:
+    """Whether the forward GEMM may sum the shrink launch's K splits (_lora_fwd_kernel's S_FROM_PARTS) instead of the
+    shrink's last split: fp16 / bf16 above FEW_TOKENS (kernel_report, every config with that epilogue: 0 spills).
+    In fp32 (FMA holds both operands of the S B^T dot in registers) it spilled 8-16 B on sm_90, where ptxas held 8
+    warps to 128 registers (64 x 64 x 32 few-token tiles at R = 128 / 256 with the K split, DoRA with dropout at
+    64 x 32 x 16); the few-token 64 x 16 x 128 tiles with the K split spilled 16 B at R = 128 / 256 on sm_80."""
+    return M > FEW_TOKENS and not _is_fp32(dtype)
+
+
+def shrink_split(m_blocks: int, k_tiles: int, num_sms: int, to_consumer: bool = False) -> tuple[int, int]:
     """(splits over K, K tiles per split) for the shrink: up to one program per SM (a row block of few tokens alone
-    would read A and its x rows on one SM), at most SHRINK_MAX_SPLITS."""
-    splits = min(k_tiles, SHRINK_MAX_SPLITS, max(1, num_sms // m_blocks))
+    would read A and its x rows on one SM). At most SHRINK_MAX_SPLITS where the last split to arrive sums them;
+    ``to_consumer`` (the forward GEMM sums them, no program does alone): more where each keeps at least
+    SHRINK_MIN_TILES_PER_PART K tiles."""
+    most = max(SHRINK_MAX_SPLITS, k_tiles // SHRINK_MIN_TILES_PER_PART) if to_consumer else SHRINK_MAX_SPLITS
+    splits = min(k_tiles, most, max(1, num_sms // m_blocks))
     per_split = -(-k_tiles // splits)
     return -(-k_tiles // per_split), per_split
 

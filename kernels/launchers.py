@@ -161,8 +161,12 @@ def _shrink_ready(M, K, r, dtype, dropout, precision, num_sms):
 
 @functools.lru_cache(maxsize=4096)
 def _fwd_ready(M, N, K, r, dtype, dropout, bias, fuse_shrink, precision, dora=False):
+    """(the shrink's, the forward GEMM's) of one forward plan, made for the plans' default of 132 SMs on every device
+    (the backward's take the device's count): under the interpreter's 2 the K splits the forward weighs would never
+    be taken, and its tests would not run them."""
     plan = plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias, fuse_shrink=fuse_shrink, dora=dora)
-    return _ready(plan, "_lora_fwd_kernel", precision)
+    gemm = _ready(plan, "_lora_fwd_kernel", precision)
+    return _ready(plan[:plan.index(gemm.launch)] if gemm.launch else plan, "_lora_shrink_kernel", precision), gemm
 
 
 @functools.lru_cache(maxsize=4096)
@@ -231,16 +235,25 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, *, dropout_p: float = 0.0
     r = lora_A.shape[0]
     s = torch.empty((M, r), device=x.device, dtype=x.dtype)
     ready = _shrink_ready(M, K, r, x.dtype, dropout_p > 0.0, _input_precision(x.dtype), _num_sms(x.device))
-    if ready.launch is None:  # empty sizes: the plan's memset, if any
-        return _run_torch_ops(ready.before, {"S": s}, x.device)["S"]
     with launch_guard(x.device):
-        launch = ready.launch
-        counters, accumulator = _workspace(x.device, launch.grid[0], 0)
-        _lora_shrink_kernel[launch.grid](
-            x, lora_A, s, _scratch(launch, "S_partials", x.device, accumulator), counters,
-            _seed_arg(seed, dropout_p, x.device),
-            M, K, r, *x.stride(), *lora_A.stride(), *s.stride(), *_dropout_scalars(dropout_p), **ready.kwargs)
+        _launch_shrink(ready, x, lora_A, s, _seed_arg(seed, dropout_p, x.device), dropout_p)
     return s
+
+
+def _launch_shrink(ready: _Ready, x, lora_A, s, seed, dropout_p) -> torch.Tensor | None:
+    """Runs a shrink plan into ``s`` (the plan's memset for empty sizes); returns the K splits' fp32 shares where
+    the plan leaves them to the forward GEMM (SUM_PARTS off), else None."""
+    if ready.launch is None:
+        _run_torch_ops(ready.before, {"S": s}, x.device)
+        return None
+    launch = ready.launch
+    M, K = x.shape
+    counters, accumulator = _workspace(x.device, launch.grid[0], 0)
+    parts = _scratch(launch, "S_partials", x.device, accumulator)
+    _lora_shrink_kernel[launch.grid](
+        x, lora_A, s, parts, counters, seed, M, K, lora_A.shape[0], *x.stride(), *lora_A.stride(), *s.stride(),
+        *_dropout_scalars(dropout_p), **ready.kwargs)
+    return None if launch.constexprs["SUM_PARTS"] else parts
 
 
 def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: float = 0.0, seed=0,
@@ -267,26 +280,27 @@ def _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink,
     N = weight.shape[0]
     r = lora_A.shape[0]
     dora = magnitude is not None
-    ready = _fwd_ready(M, N, K, r, x.dtype, dropout_p > 0.0, bias is not None, fuse_shrink,
-                       _input_precision(x.dtype), dora)
+    shrink, ready = _fwd_ready(M, N, K, r, x.dtype, dropout_p > 0.0, bias is not None, fuse_shrink,
+                               _input_precision(x.dtype), dora)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     # Z only for DoRA with dropout; otherwise y stands in for the pointer the kernel does not touch (an
     # empty tensor per call cost host time at a few tokens).
     z = torch.empty((M, N), device=x.device, dtype=x.dtype) if dora and dropout_p > 0.0 else None
     with launch_guard(x.device):
         seed = _seed_arg(seed, dropout_p, x.device)
+        s = torch.empty((M, r), device=x.device, dtype=x.dtype)
+        s_parts = None
         if ready.launch is None or not ready.launch.constexprs["FUSE_SHRINK"]:
-            s = lora_shrink(x, lora_A, dropout_p=dropout_p, seed=seed)  # the plan's shrink launch
-        else:
-            s = torch.empty((M, r), device=x.device, dtype=x.dtype)
+            s_parts = _launch_shrink(shrink, x, lora_A, s, seed, dropout_p)  # the plan's shrink launch
         if ready.launch is None:  # M == 0 or N == 0: the plan is the shrink's
             return y, s, z
         launch = ready.launch
         if len(launch.grid) > 1:  # K split: the tiles' fp32 partials and arrival counters
             counters, _ = _workspace(x.device, launch.grid[0], 0)
-            parts = (_scratch(launch, "Y_partials", x.device), _scratch(launch, "S_partials", x.device, y), counters)
+            parts = (_scratch(launch, "Y_partials", x.device),
+                     _scratch(launch, "S_partials", x.device, y if s_parts is None else s_parts), counters)
         else:
-            parts = (y, y, y)  # pointers the kernel does not touch
+            parts = (y, y if s_parts is None else s_parts, y)  # y: pointers the kernel does not touch
         _lora_fwd_kernel[launch.grid](
             x, weight, y if bias is None else bias, s, lora_A, lora_B, y, seed, *_dora_ptrs(magnitude, norm, y),
             y if z is None else z, *parts, M, N, K, r, *x.stride(), *weight.stride(),

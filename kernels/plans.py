@@ -100,10 +100,12 @@ def _block_constexprs(cfg: configs.TileConfig) -> dict:
     return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M or 1)
 
 
-def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, num_sms: int = 132
-                     ) -> list[Launch]:
+def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, num_sms: int = 132,
+                     to_consumer: bool = False) -> list[Launch]:
     """S = dropout(x) A^T on a (row blocks, K splits) grid; with several K splits, each stores its fp32 share and the
-    last to arrive at a row block sums them in a fixed order and stores S (configs.shrink_split)."""
+    last to arrive at a row block sums them in a fixed order and stores S (configs.shrink_split). ``to_consumer``:
+    the shares are left for the forward GEMM, which sums them in the same order and stores S (_fwd_plan), so no
+    program sums a row block alone; the launch then writes S_partials instead of S."""
     S = Operand("S", (M, r), dtype)
     if M == 0:
         return []
@@ -112,14 +114,19 @@ def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
     R = configs.padded_rank(r)
     cfg = configs.shrink_config(R, dtype)
     grid_m, k_tiles = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
-    splits, per_split = configs.shrink_split(grid_m, k_tiles, num_sms)
+    splits, per_split = configs.shrink_split(grid_m, k_tiles, num_sms, to_consumer)
     flops = 2 * grid_m * cfg.BLOCK_M * R * k_tiles * cfg.BLOCK_K
     reads, writes, tail = [Operand("X", (M, K), dtype), Operand("A", (r, K), dtype)], [S], 0
+    sum_parts = not to_consumer or splits == 1
     if splits > 1:
         parts = Operand("S_partials", (splits, M, R), torch.float32)
-        reads, writes = reads + [parts], [parts] + writes
-        tail = min(M, cfg.BLOCK_M) * (R * 4 * splits + r * dtype.itemsize)  # a row block's partials, and its S
-    constexprs = dict(R=R, SPLIT_K=splits > 1, APPLY_DROPOUT=dropout, **cfg.constexprs())
+        if sum_parts:
+            reads, writes = reads + [parts], [parts] + writes
+            tail = min(M, cfg.BLOCK_M) * (R * 4 * splits + r * dtype.itemsize)  # a row block's partials, and its S
+        else:
+            writes = [parts]
+    # SUM_PARTS is in every plan (not only to_consumer ones): the AOT report compiles both as one job (True).
+    constexprs = dict(R=R, SPLIT_K=splits > 1, SUM_PARTS=sum_parts, APPLY_DROPOUT=dropout, **cfg.constexprs())
     return [Launch("_lora_shrink_kernel", (grid_m, splits), cfg, constexprs,
                    args=dict(k_per_split=per_split * cfg.BLOCK_K), reads=tuple(reads), writes=tuple(writes),
                    flops=flops, tail_bytes=tail)]
@@ -152,10 +159,11 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
     R = configs.padded_rank(r)
     two_products = dora and dropout
     if M == 0 or N == 0:
-        fuse = False
-    launches = [] if fuse else plan_lora_shrink(M, K, r, dtype, dropout=dropout, num_sms=num_sms)
-    if M == 0 or N == 0:
-        return launches
+        return plan_lora_shrink(M, K, r, dtype, dropout=dropout, num_sms=num_sms)
+    sums_parts = not fuse and configs.fwd_sums_shrink_parts(M, dtype)
+    launches = [] if fuse else plan_lora_shrink(M, K, r, dtype, dropout=dropout, num_sms=num_sms,
+                                                to_consumer=sums_parts)
+    s_parts = _s_partials(launches)
     grid_m, grid_n, k_tiles = _cdiv(M, cfg.BLOCK_M), _cdiv(N, cfg.BLOCK_N), _cdiv(K, cfg.BLOCK_K)
     Mp, Np, Kp = grid_m * cfg.BLOCK_M, grid_n * cfg.BLOCK_N, k_tiles * cfg.BLOCK_K
     flops = 2 * Mp * Np * Kp * (2 if two_products else 1) + 2 * Mp * Np * R  # x W^T (and x' W^T), S B^T
@@ -164,13 +172,15 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
     S = Operand("S", (M, r), dtype)
     reads = [Operand("X", (M, K), dtype), Operand("W", (N, K), dtype)]
     reads += [Operand("bias", (N,), dtype)] if bias else []
-    reads += [Operand("A", (r, K), dtype)] if fuse else [S]
+    reads += [Operand("A", (r, K), dtype)] if fuse else [s_parts or S]
     reads += [Operand("B", (N, r), dtype)]
     reads += _dora_scale_operands(N, dtype) if dora else []
-    writes = [Operand("Y", (M, N), dtype)] + ([S] if fuse else []) + ([Operand("Z", (M, N), dtype)] if two_products
-                                                                      else [])
+    writes = [Operand("Y", (M, N), dtype)] + ([S] if fuse or s_parts else [])
+    writes += [Operand("Z", (M, N), dtype)] if two_products else []
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), HAS_BIAS=bias, FUSE_SHRINK=fuse, APPLY_DROPOUT=dropout,
                       DORA=dora, **_block_constexprs(cfg))
+    if sums_parts:  # wherever it may be on: the AOT report compiles both values as one job (True)
+        constexprs["S_FROM_PARTS"] = s_parts is not None
     if configs.fwd_may_split(M, dora, dropout):  # compiled with the split by the AOT report (WORST_CASE_FLAGS)
         constexprs["SPLIT_K_PARTIALS"] = splits > 1
     per_split = _cdiv(k_tiles, splits)
@@ -182,10 +192,19 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
         reads, writes = reads + parts, writes + parts
         rows = min(M, cfg.BLOCK_M)
         tail = rows * (splits * 4 * (cfg.BLOCK_N + (R if fuse else 0)) + cfg.BLOCK_N * dtype.itemsize)
+        tail += rows * R * 4 * s_parts.shape[0] if s_parts else 0  # the shrink's shares, summed in the epilogue
     grid = (grid_m * grid_n, splits) if splits > 1 else (grid_m * grid_n,)
-    return launches + [Launch("_lora_fwd_kernel", grid, cfg, constexprs,
-                              args=dict(k_per_split=per_split * cfg.BLOCK_K), reads=tuple(reads),
+    args = dict(k_per_split=per_split * cfg.BLOCK_K, s_splits=s_parts.shape[0] if s_parts else 1)
+    return launches + [Launch("_lora_fwd_kernel", grid, cfg, constexprs, args=args, reads=tuple(reads),
                               writes=tuple(writes), flops=flops, tail_bytes=tail)]
+
+
+def _s_partials(shrink: list[Launch]) -> Operand | None:
+    """The K splits' shares of S a to_consumer shrink launch left for the forward GEMM; None if it stored S."""
+    for launch in shrink:
+        if launch.is_triton and not launch.constexprs["SUM_PARTS"]:
+            return next(op for op in launch.writes if op.name == "S_partials")
+    return None
 
 
 def _dora_scale_operands(N: int, dtype: torch.dtype) -> list[Operand]:

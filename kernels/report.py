@@ -97,9 +97,11 @@ LAUNCHER_MODULES = {name: ("fused_lora.kernels.lora_embedding" if module.endswit
 # Register worst case of the flags the launchers choose at run time.
 # SPLIT_N, SPLIT_K, SPLIT_K_PARTIALS and REDUCE: the sums across programs finished in the kernel (a stored result
 # alone is the lesser code; a plan has SPLIT_K_PARTIALS only at sizes whose configs may split the forward's K);
-# COMPUTE_DX: the one-launch backward with dX (without it, the same kernel less W's loop).
+# COMPUTE_DX: the one-launch backward with dX (without it, the same kernel less W's loop). SUM_PARTS: the shrink
+# launch's sum of its K splits (without it, the forward GEMM sums them); S_FROM_PARTS: that sum in the forward GEMM.
 WORST_CASE_FLAGS = {"HAS_BIAS": True, "APPLY_DROPOUT": True, "USE_ATOMICS": True, "SCALE_GRAD_BY_FREQ": True,
-                    "SPLIT_N": True, "SPLIT_K": True, "SPLIT_K_PARTIALS": True, "REDUCE": True, "COMPUTE_DX": True}
+                    "SPLIT_N": True, "SPLIT_K": True, "SPLIT_K_PARTIALS": True, "REDUCE": True, "COMPUTE_DX": True,
+                    "SUM_PARTS": True, "S_FROM_PARTS": True}
 # Pointer arguments that are fp32 whatever the input dtype (accumulators, partials, the DoRA norm).
 FP32_POINTERS = frozenset({"norm_ptr", "dm_parts_ptr", "ds_parts_ptr", "db_work_ptr", "da_work_ptr", "s_parts_ptr",
                            "y_parts_ptr"})
@@ -111,7 +113,7 @@ I64_POINTERS = frozenset({"seed_ptr"})
 ID_POINTERS = frozenset({"ids_ptr", "sorted_ids_ptr", "order_ptr", "run_end_ptr"})
 FLOAT_SCALARS = frozenset({"scaling", "keep_scale"})
 # Integer arguments whose divisibility by 16 does not depend on the tensor shapes.
-NO_HINT_INTS = frozenset({"drop_threshold", "m_blocks_per_split", "padding_idx", "parts"})
+NO_HINT_INTS = frozenset({"drop_threshold", "m_blocks_per_split", "padding_idx", "parts", "s_splits"})
 
 _TRITON_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -17,6 +17,7 @@ GPU_CASES = CASES + [
     ((2048,), 1024, 3072, 16, 0.1, False),
     ((16,), 4096, 1024, 64, 0.1, True),  # the forward's K split over programs: 32 tiles x 4 splits
     ((3,), 4096, 1024, 16, 0.0, False),  # 64 tiles x 2 splits
+    ((256,), 14336, 1024, 64, 0.1, True),  # the shrink's 28 K splits summed by the forward GEMM
 ]
 
 
@@ -45,6 +46,18 @@ def test_split_k_forward_is_repeatable_on_gpu(cuda):
     first = launchers.lora_fwd(x, w, b, a, bb, 0.5)
     for _ in range(20):
         again = launchers.lora_fwd(x, w, b, a, bb, 0.5)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+def test_shrink_shares_summed_by_the_forward_are_repeatable_on_gpu(cuda):
+    """The forward GEMM sums the shrink launch's 28 K splits in split order: the same bits every run."""
+    from fused_lora.kernels import launchers, plans
+    x, w, b, a, bb = make_inputs((256,), 14336, 1024, 64, torch.bfloat16, device=cuda)
+    plan = plans.plan_lora_fwd(256, 1024, 14336, 64, torch.bfloat16, dropout=False, bias=True, fuse_shrink=False)
+    assert plans.find_launch(plan, "_lora_fwd_kernel").constexprs["S_FROM_PARTS"]
+    first = launchers.lora_fwd(x, w, b, a, bb, 0.5, fuse_shrink=False)
+    for _ in range(20):
+        again = launchers.lora_fwd(x, w, b, a, bb, 0.5, fuse_shrink=False)
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
 
 

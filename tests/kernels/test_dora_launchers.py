@@ -77,6 +77,27 @@ def test_fwd_split_k(dtype, M, r, fuse):
     assert torch.equal(launchers.dora_fwd(x, w, b, a, bb, 0.9, m, n, fuse_shrink=fuse)[0], y)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,r,p", [(70, 33, 0.3), (100, 200, 0.0)])
+def test_fwd_sums_the_shrinks_k_splits(dtype, M, r, p):
+    """DoRA's forward GEMM sums the shrink launch's K splits (K = 1100: 2 splits) and stores S, with the column scale
+    (and with dropout x' W^T and Z) in the same epilogue; m = 0 and n = 0 columns in."""
+    x, w, b, a, bb, m = _inputs(M, 1100, 45, r, dtype)
+    plan = plans.plan_lora_fwd(M, 45, 1100, r, dtype, dropout=p > 0, bias=True, dora=True, fuse_shrink=False)
+    shrink, fwd = (plans.find_launch(plan, k) for k in ("_lora_shrink_kernel", "_lora_fwd_kernel"))
+    assert shrink.grid[1] > 1 and not shrink.constexprs["SUM_PARTS"] and fwd.constexprs["S_FROM_PARTS"]
+    n = launchers.dora_weight_norm(w, a, bb, 0.9)
+    y, s, z = launchers.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, fuse_shrink=False)
+    (_, s_low, _), (_, s_ref, _) = (reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, upcast=u)
+                                    for u in (False, True))
+    assert_within_torch_error("S", s, s_low, s_ref, dtype)
+    (y_low, _, z_low), (y_ref, _, z_ref) = (
+        reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, s=s, upcast=u) for u in (False, True))
+    assert_within_torch_error("y given S", y, y_low, y_ref, dtype)
+    if p > 0:
+        assert_within_torch_error("Z given S", z, z_low, z_ref, dtype)
+
+
 def test_dora_with_dropout_does_not_split_k():
     launch = plans.find_launch(plans.plan_lora_fwd(16, 45, 401, 7, torch.bfloat16, dropout=True, bias=True, dora=True),
                                "_lora_fwd_kernel")

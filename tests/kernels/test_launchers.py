@@ -102,6 +102,74 @@ def test_fwd_splits_k_where_the_tiles_leave_the_gpu_idle():
     assert "SPLIT_K_PARTIALS" not in _fwd_launch(256, 1024, 4096, 16, torch.bfloat16).constexprs
 
 
+def _shrink_and_fwd(M, N, K, r, dtype, p=0.0, fuse=None):
+    plan = plans.plan_lora_fwd(M, N, K, r, dtype, dropout=p > 0, bias=True, fuse_shrink=fuse)
+    return plans.find_launch(plan, "_lora_shrink_kernel"), plans.find_launch(plan, "_lora_fwd_kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)  # fp32: the shrink sums (below)
+# K = 1100: 18 K tiles of 64 give the shrink 2 splits of 9 tiles; r = 200 pads to 256; N = 45: one partial N tile.
+@pytest.mark.parametrize("M,r,p", [(70, 33, 0.0), (70, 33, 0.2), (66, 1, 0.2), (130, 200, 0.0), (130, 200, 0.2)])
+def test_fwd_sums_the_shrinks_k_splits(dtype, M, r, p):
+    """The shrink launch leaves its K splits' fp32 shares, and the forward GEMM sums them in split order and stores
+    S from its pid_n == 0 tiles: S and y within torch's error, the same bits on a second run, counters at zero."""
+    N, K = 45, 1100
+    shrink, fwd = _shrink_and_fwd(M, N, K, r, dtype, p, fuse=False)
+    assert shrink.grid[1] > 1 and not shrink.constexprs["SUM_PARTS"] and fwd.constexprs["S_FROM_PARTS"]
+    assert fwd.args["s_splits"] == shrink.grid[1]
+    x, w, b, a, bb = make_inputs((M,), K, N, r, dtype)
+    y, s = launchers.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=False)
+    (y_low, s_low), (y_ref, s_ref) = _refs(reference.lora_fwd, x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED)
+    _check("S", s, s_low, s_ref, dtype)
+    _check("y", y, y_low, y_ref, dtype)
+    (y_low, _), (y_ref, _) = _refs(reference.lora_fwd, x, w, b, a, bb, 0.9, s=s)
+    _check("y given S", y, y_low, y_ref, dtype)
+    again = launchers.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=False)
+    assert torch.equal(again[0], y) and torch.equal(again[1], s)
+    for workspace in launchers._workspaces.values():
+        assert not workspace.counters.any()
+
+
+def test_fwd_sums_the_shrinks_k_splits_on_many_token_tiles():
+    """2049 tokens: the 128 x 128 tiles sum the shrink's shares (K = 1100: 2 splits); bf16 only, about
+    15 s in the interpreter."""
+    test_fwd_sums_the_shrinks_k_splits(torch.bfloat16, 2049, 16, 0.0)
+
+
+def test_fwd_sums_the_shrinks_k_splits_keeping_inf_of_x_in_its_row():
+    """An inf of x: NaN and inf in y and S exactly where the fp64 reference has them, through the shrink's shares
+    and the padded rank columns the forward GEMM sums them over (r = 5 in R = 16)."""
+    M, N, K, r = 70, 45, 1100, 5
+    shrink, _ = _shrink_and_fwd(M, N, K, r, torch.bfloat16, fuse=False)
+    assert shrink.grid[1] > 1 and not shrink.constexprs["SUM_PARTS"]
+    x, w, b, a, bb = make_inputs((M,), K, N, r, torch.bfloat16)
+    x[1, 700] = float("inf")
+    got = launchers.lora_fwd(x, w, b, a, bb, 0.9, fuse_shrink=False)
+    ref = reference.lora_fwd(x, w, b, a, bb, 0.9, upcast=True)
+    for name, g_, r_ in zip(("y", "S"), got, ref):
+        assert torch.equal(g_.isnan(), r_.isnan()) and torch.equal(g_.isinf(), r_.isinf()), name
+
+
+def test_shrink_for_the_fwd_splits_k_without_a_lone_sum():
+    """Where the forward GEMM sums the shrink's shares, the shrink splits K into parts of at least
+    SHRINK_MIN_TILES_PER_PART tiles to fill the GPU (14336 -> 4096 at 256 tokens: 4 row blocks x 28 splits, where
+    the last-to-arrive sum stopped at SHRINK_MAX_SPLITS = 8), and its launch has no lone tail; the standalone
+    shrink keeps its own sum."""
+    shrink, fwd = _shrink_and_fwd(256, 4096, 14336, 64, torch.bfloat16, fuse=False)
+    assert shrink.grid == (4, 28) and shrink.tail_bytes == 0 and fwd.args["s_splits"] == 28
+    assert [op.name for op in shrink.writes] == ["S_partials"] and "S" in [op.name for op in fwd.writes]
+    alone = plans.find_launch(plans.plan_lora_shrink(256, 14336, 64, torch.bfloat16, dropout=False),
+                              "_lora_shrink_kernel")
+    assert alone.grid == (4, 8) and alone.constexprs["SUM_PARTS"] and alone.tail_bytes > 0
+    # One split (8192 tokens fill the GPU with row blocks): S stored by the shrink, read by the GEMM.
+    shrink, fwd = _shrink_and_fwd(8192, 4096, 4096, 16, torch.bfloat16)
+    assert shrink.grid == (128, 1) and shrink.constexprs["SUM_PARTS"] and not fwd.constexprs["S_FROM_PARTS"]
+    # fp32, and 1-64 tokens, keep the shrink's own sum (configs.fwd_sums_shrink_parts).
+    for M, dtype in ((70, torch.float32), (16, torch.bfloat16)):
+        shrink, fwd = _shrink_and_fwd(M, 45, 1100, 200, dtype)
+        assert shrink.grid[1] > 1 and shrink.constexprs["SUM_PARTS"] and "S_FROM_PARTS" not in fwd.constexprs
+
+
 def _fused(M, r, dtype=torch.bfloat16, N=4096, K=4096):
     launch = plans.find_launch(plans.plan_lora_fwd(M, N, K, r, dtype, dropout=False, bias=False), "_lora_fwd_kernel")
     return launch.constexprs["FUSE_SHRINK"]
