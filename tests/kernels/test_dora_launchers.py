@@ -23,6 +23,20 @@ def _inputs(M, K, N, r, dtype, bias=True):
     return x, w, b, a, bb, m
 
 
+def _check_fwd(inputs, y, s, z, dtype, p=0.0):
+    """The DoRA forward launcher's (y, S, Z) from ``inputs`` (x, W, b, A, B, m, n) at scaling 0.9: S against torch
+    and fp64, then y (and Z with dropout) from the kernel's own S."""
+    x, w, b, a, bb, m, n = inputs
+    (_, s_low, _), (_, s_ref, _) = (reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, upcast=u)
+                                    for u in (False, True))
+    assert_within_torch_error("S", s, s_low, s_ref, dtype)
+    (y_low, _, z_low), (y_ref, _, z_ref) = (
+        reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, s=s, upcast=u) for u in (False, True))
+    assert_within_torch_error("y given S", y, y_low, y_ref, dtype)
+    if p > 0:
+        assert_within_torch_error("Z given S", z, z_low, z_ref, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 # Bias on and off each meet the fused and the unfused shrink, one row block and several.
 @pytest.mark.parametrize("M,r,fuse,bias", [(3, 7, True, True), (3, 1, False, False), (90, 64, False, True),
@@ -32,14 +46,7 @@ def test_fwd_and_bwd(dtype, M, r, fuse, bias, p):
     x, w, b, a, bb, m = _inputs(M, 70, 45, r, dtype, bias)
     n = launchers.dora_weight_norm(w, a, bb, 0.9)
     y, s, z = launchers.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, fuse_shrink=fuse)
-    (y_low, s_low, z_low), (y_ref, s_ref, z_ref) = (
-        reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, upcast=u) for u in (False, True))
-    assert_within_torch_error("S", s, s_low, s_ref, dtype)
-    (y_low, _, z_low), (y_ref, _, z_ref) = (
-        reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, s=s, upcast=u) for u in (False, True))
-    assert_within_torch_error("y given S", y, y_low, y_ref, dtype)
-    if p > 0:
-        assert_within_torch_error("Z given S", z, z_low, z_ref, dtype)
+    _check_fwd((x, w, b, a, bb, m, n), y, s, z, dtype, p)
     saved = z if p > 0 else y
     dy = torch.randn(M, 45, generator=torch.Generator().manual_seed(8)).to(dtype)
     got = launchers.dora_bwd(dy, x, w, b, a, bb, m, n, s, saved, 0.9, dropout_p=p, seed=SEED)
@@ -69,18 +76,15 @@ def test_fwd_split_k(dtype, M, r, fuse):
                                                    fuse_shrink=fuse), "_lora_fwd_kernel")
     assert len(launch.grid) == 2 and launch.constexprs["SPLIT_K_PARTIALS"]
     n = launchers.dora_weight_norm(w, a, bb, 0.9)
-    y, s, _ = launchers.dora_fwd(x, w, b, a, bb, 0.9, m, n, fuse_shrink=fuse)
-    (_, s_low, _), (_, s_ref, _) = (reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, upcast=u) for u in (False, True))
-    assert_within_torch_error("S", s, s_low, s_ref, dtype)
-    (y_low, _, _), (y_ref, _, _) = (reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, s=s, upcast=u) for u in (False, True))
-    assert_within_torch_error("y given S", y, y_low, y_ref, dtype)
+    y, s, z = launchers.dora_fwd(x, w, b, a, bb, 0.9, m, n, fuse_shrink=fuse)
+    _check_fwd((x, w, b, a, bb, m, n), y, s, z, dtype)
     assert torch.equal(launchers.dora_fwd(x, w, b, a, bb, 0.9, m, n, fuse_shrink=fuse)[0], y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M,r,p", [(70, 33, 0.3), (100, 200, 0.0)])
 def test_fwd_sums_the_shrinks_k_splits(dtype, M, r, p):
-    """DoRA's forward GEMM sums the shrink launch's K splits (K = 1100: 2 splits) and stores S, with the column scale
+    """DoRA's forward GEMM sums the shrink launch's K splits (K = 1100: 6 splits) and stores S, with the column scale
     (and with dropout x' W^T and Z) in the same epilogue; m = 0 and n = 0 columns in."""
     x, w, b, a, bb, m = _inputs(M, 1100, 45, r, dtype)
     plan = plans.plan_lora_fwd(M, 45, 1100, r, dtype, dropout=p > 0, bias=True, dora=True, fuse_shrink=False)
@@ -88,14 +92,7 @@ def test_fwd_sums_the_shrinks_k_splits(dtype, M, r, p):
     assert shrink.grid[1] > 1 and not shrink.constexprs["SUM_PARTS"] and fwd.constexprs["S_FROM_PARTS"]
     n = launchers.dora_weight_norm(w, a, bb, 0.9)
     y, s, z = launchers.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, fuse_shrink=False)
-    (_, s_low, _), (_, s_ref, _) = (reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, upcast=u)
-                                    for u in (False, True))
-    assert_within_torch_error("S", s, s_low, s_ref, dtype)
-    (y_low, _, z_low), (y_ref, _, z_ref) = (
-        reference.dora_fwd(x, w, b, a, bb, 0.9, m, n, dropout_p=p, seed=SEED, s=s, upcast=u) for u in (False, True))
-    assert_within_torch_error("y given S", y, y_low, y_ref, dtype)
-    if p > 0:
-        assert_within_torch_error("Z given S", z, z_low, z_ref, dtype)
+    _check_fwd((x, w, b, a, bb, m, n), y, s, z, dtype, p)
 
 
 def test_dora_with_dropout_does_not_split_k():

@@ -62,15 +62,34 @@ def test_fwd_split_k(dtype, M, r, fuse, p):
     N, K = 45, 401
     launch = _fwd_launch(M, N, K, r, dtype, p, fuse)
     assert len(launch.grid) == 2 and launch.constexprs["SPLIT_K_PARTIALS"] and launch.constexprs["FUSE_SHRINK"] == fuse
+    _check_fwd_twice(M, N, K, r, dtype, p, fuse)
+
+
+def _check_fwd_twice(M, N, K, r, dtype, p, fuse, given_s=False):
+    """lora_fwd's S and y against torch and fp64 (``given_s``: y also from the kernel's own S), the same bits on a
+    second run, and the workspace counters back at zero."""
     x, w, b, a, bb = make_inputs((M,), K, N, r, dtype)
     y, s = launchers.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=fuse)
     (y_low, s_low), (y_ref, s_ref) = _refs(reference.lora_fwd, x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED)
     _check("S", s, s_low, s_ref, dtype)
     _check("y", y, y_low, y_ref, dtype)
+    if given_s:
+        (y_low, _), (y_ref, _) = _refs(reference.lora_fwd, x, w, b, a, bb, 0.9, s=s)
+        _check("y given S", y, y_low, y_ref, dtype)
     again = launchers.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=fuse)
     assert torch.equal(again[0], y) and torch.equal(again[1], s)
     for workspace in launchers._workspaces.values():
         assert not workspace.counters.any()
+
+
+def _check_inf_of_x_stays_in_its_row(M, N, K, r, col, fuse):
+    """x[1, col] = inf: NaN and inf in y and S exactly where the fp64 reference has them (bf16)."""
+    x, w, b, a, bb = make_inputs((M,), K, N, r, torch.bfloat16)
+    x[1, col] = float("inf")
+    got = launchers.lora_fwd(x, w, b, a, bb, 0.9, fuse_shrink=fuse)
+    ref = reference.lora_fwd(x, w, b, a, bb, 0.9, upcast=True)
+    for name, g_, r_ in zip(("y", "S"), got, ref):
+        assert torch.equal(g_.isnan(), r_.isnan()) and torch.equal(g_.isinf(), r_.isinf()), name
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -79,12 +98,7 @@ def test_fwd_split_k_keeps_inf_of_x_in_its_row(fuse):
     padded rank columns of S, which stay 0."""
     M, N, K, r = 5, 45, 401, 5
     assert len(_fwd_launch(M, N, K, r, torch.bfloat16, fuse=fuse).grid) == 2
-    x, w, b, a, bb = make_inputs((M,), K, N, r, torch.bfloat16)
-    x[1, 300] = float("inf")
-    got = launchers.lora_fwd(x, w, b, a, bb, 0.9, fuse_shrink=fuse)
-    ref = reference.lora_fwd(x, w, b, a, bb, 0.9, upcast=True)
-    for name, g_, r_ in zip(("y", "S"), got, ref):
-        assert torch.equal(g_.isnan(), r_.isnan()) and torch.equal(g_.isinf(), r_.isinf()), name
+    _check_inf_of_x_stays_in_its_row(M, N, K, r, 300, fuse)
 
 
 def test_fwd_splits_k_where_the_tiles_leave_the_gpu_idle():
@@ -108,7 +122,8 @@ def _shrink_and_fwd(M, N, K, r, dtype, p=0.0, fuse=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)  # fp32: the shrink sums (below)
-# K = 1100: 18 K tiles of 64 give the shrink 2 splits of 9 tiles; r = 200 pads to 256; N = 45: one partial N tile.
+# K = 1100: 18 K tiles of 64 (the last partial) give the shrink 6 splits of 3 tiles; r = 200 pads to 256; N = 45:
+# one partial N tile.
 @pytest.mark.parametrize("M,r,p", [(70, 33, 0.0), (70, 33, 0.2), (66, 1, 0.2), (130, 200, 0.0), (130, 200, 0.2)])
 def test_fwd_sums_the_shrinks_k_splits(dtype, M, r, p):
     """The shrink launch leaves its K splits' fp32 shares, and the forward GEMM sums them in split order and stores
@@ -117,37 +132,23 @@ def test_fwd_sums_the_shrinks_k_splits(dtype, M, r, p):
     shrink, fwd = _shrink_and_fwd(M, N, K, r, dtype, p, fuse=False)
     assert shrink.grid[1] > 1 and not shrink.constexprs["SUM_PARTS"] and fwd.constexprs["S_FROM_PARTS"]
     assert fwd.args["s_splits"] == shrink.grid[1]
-    x, w, b, a, bb = make_inputs((M,), K, N, r, dtype)
-    y, s = launchers.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=False)
-    (y_low, s_low), (y_ref, s_ref) = _refs(reference.lora_fwd, x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED)
-    _check("S", s, s_low, s_ref, dtype)
-    _check("y", y, y_low, y_ref, dtype)
-    (y_low, _), (y_ref, _) = _refs(reference.lora_fwd, x, w, b, a, bb, 0.9, s=s)
-    _check("y given S", y, y_low, y_ref, dtype)
-    again = launchers.lora_fwd(x, w, b, a, bb, 0.9, dropout_p=p, seed=SEED, fuse_shrink=False)
-    assert torch.equal(again[0], y) and torch.equal(again[1], s)
-    for workspace in launchers._workspaces.values():
-        assert not workspace.counters.any()
+    _check_fwd_twice(M, N, K, r, dtype, p, False, given_s=True)
 
 
 def test_fwd_sums_the_shrinks_k_splits_on_many_token_tiles():
-    """2049 tokens: the 128 x 128 tiles sum the shrink's shares (K = 1100: 2 splits); bf16 only, about
+    """2049 tokens: the 128 x 128 tiles sum the shrink's shares (K = 1100: 4 splits); bf16 only, about
     15 s in the interpreter."""
     test_fwd_sums_the_shrinks_k_splits(torch.bfloat16, 2049, 16, 0.0)
 
 
 def test_fwd_sums_the_shrinks_k_splits_keeping_inf_of_x_in_its_row():
     """An inf of x: NaN and inf in y and S exactly where the fp64 reference has them, through the shrink's shares
-    and the padded rank columns the forward GEMM sums them over (r = 5 in R = 16)."""
+    and the padded rank columns the forward GEMM sums them over (r = 5 in R = 16). Column 1050 is in the last of the
+    6 splits, in its partial K tile."""
     M, N, K, r = 70, 45, 1100, 5
     shrink, _ = _shrink_and_fwd(M, N, K, r, torch.bfloat16, fuse=False)
     assert shrink.grid[1] > 1 and not shrink.constexprs["SUM_PARTS"]
-    x, w, b, a, bb = make_inputs((M,), K, N, r, torch.bfloat16)
-    x[1, 700] = float("inf")
-    got = launchers.lora_fwd(x, w, b, a, bb, 0.9, fuse_shrink=False)
-    ref = reference.lora_fwd(x, w, b, a, bb, 0.9, upcast=True)
-    for name, g_, r_ in zip(("y", "S"), got, ref):
-        assert torch.equal(g_.isnan(), r_.isnan()) and torch.equal(g_.isinf(), r_.isinf()), name
+    _check_inf_of_x_stays_in_its_row(M, N, K, r, 1050, False)
 
 
 def test_shrink_for_the_fwd_splits_k_without_a_lone_sum():
