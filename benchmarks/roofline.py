@@ -2,6 +2,7 @@
 
 modeled time of a launch = max(flops / (peak x e), compulsory bytes / bandwidth) x wave factor
                            + atomic bytes / ATOMIC_BYTES_PER_S + tail bytes x SMs / bandwidth
+                           + first-wave wait (kernels/cost.py wait_seconds)
                            + per-launch overhead,
 summed over the launches, where
 - e = 1 for torch ops; for a Triton launch e = 1 in the ideal table and TRITON_GEMM_EFFICIENCY in the second one;
@@ -12,7 +13,10 @@ summed over the launches, where
 - atomic bytes: the fp32 atomic adds a plan's USE_ATOMICS launch makes into dB or dA (0 otherwise), and the
   last program's read and re-zeroing of the accumulator;
 - tail bytes: what one program moves alone once the others are done (the final pass of a sum finished by the
-  last program to arrive), at one SM's share of the bandwidth.
+  last program to arrive), at one SM's share of the bandwidth;
+- first-wave wait: where a launch's tiles wait for producer jobs started beside them (the forward's shrink shares,
+  SHRINK_IN_LAUNCH), one producer job's bytes at one SM's share of the bandwidth beyond a tile's share of the main
+  time (main / waves); later producers run a group of row blocks ahead of their tiles.
 
 Launch lists are derived, not typed in:
 - fused: from the launchers' own plans (fused_lora.kernels.plans.plan_*): grids, tiles, passes, partial
@@ -93,7 +97,7 @@ def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
         "atomic_bytes_per_s": ATOMIC_BYTES_PER_S,
         "triton_gemm_efficiency": TRITON_GEMM_EFFICIENCY,
         "formula": "sum over launches of max(flops / (peak x e), bytes / bandwidth) x wave factor "
-                   "+ atomic bytes / atomic rate + tail bytes x SMs / bandwidth + launch overhead",
+                   "+ atomic bytes / atomic rate + tail bytes x SMs / bandwidth + first-wave wait + launch overhead",
         "waves": f"Triton launches: ceil(programs / ({gpu.num_sms} SMs x {PROGRAMS_PER_SM})) waves, wave factor "
                  "waves x slots / programs (a grid of 4 programs gets 4/132 of the peaks; 133 take 2 waves); "
                  "torch ops: 1",
@@ -101,6 +105,8 @@ def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
                    "dB, splits x M x R x 4 into dS, SPLIT_M x r x K "
                    "x 4 into dA, plus 2 x 4 bytes per element for the last program's read and re-zeroing, at "
                    "atomic_bytes_per_s, added after the launch's main time (not overlapped)",
+        "waits": "a launch whose tiles wait for producer jobs beside them (the forward's shrink shares): "
+                 "max(0, one producer job's wait_bytes x SMs / bandwidth - main time / waves), the first wave only",
         "tails": "a sum finished by the last program to arrive: the bytes that one program moves after the rest "
                  "of the launch (its columns' accumulator or partials, and the grad it stores), at hbm / SMs",
         "triton_efficiency": "e = 1 in the ideal table; triton_gemm_efficiency on the FLOP rate of Triton "
@@ -130,6 +136,7 @@ class ModeledLaunch:
     programs: int | None = None  # a Triton launch's grid size; None: a torch op, which fills the GPU
     atomic_bytes: int = 0  # fp32 atomic adds into L2 (the plan's atomic_bytes of a USE_ATOMICS launch)
     tail_bytes: int = 0  # moved by one last-to-arrive program after the rest of the launch (its sums' final pass)
+    wait_bytes: int = 0  # moved by one producer job the first wave's tiles may wait for (cost.wait_seconds)
 
     @property
     def is_triton(self) -> bool:
@@ -163,7 +170,7 @@ class ModeledLaunch:
     def seconds(self, peak: float, gpu: Gpu = DEFAULT_GPU, triton_efficiency: float = 1.0) -> float:
         rate = peak * (triton_efficiency if self.is_triton else 1.0)
         return cost.launch_seconds(self.flops, self.bytes, self.programs, self.atomic_bytes, self.tail_bytes,
-                                   peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
+                                   self.wait_bytes, peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
 
     def bound(self, peak: float, gpu: Gpu = DEFAULT_GPU) -> str:
         return "compute" if self.flops / peak >= self.bytes / gpu.hbm_bytes_per_s else "memory"
@@ -224,9 +231,11 @@ def _from_plan(launch) -> ModeledLaunch:
         grid += f" atomics={launch.atomic_bytes / 2**20:.3g} MiB"
     if launch.tail_bytes:
         grid += f" tail={launch.tail_bytes / 2**10:.3g} KiB"
+    if launch.wait_bytes:
+        grid += f" wait={launch.wait_bytes / 2**10:.3g} KiB"
     return ModeledLaunch(launch.kernel, launch.flops, launch.hbm_bytes, f"{ops}{grid}",
-                         programs=launch.programs,
-                         atomic_bytes=launch.atomic_bytes, tail_bytes=launch.tail_bytes)
+                         programs=launch.programs, atomic_bytes=launch.atomic_bytes, tail_bytes=launch.tail_bytes,
+                         wait_bytes=launch.wait_bytes)
 
 
 def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERMINISTIC,

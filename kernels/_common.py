@@ -11,12 +11,13 @@ def _span(start, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols):
-    """(len(rows), len(cols)) tile of the (n_rows, n_cols) matrix at ptr; zeros outside it."""
+def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, CACHE: tl.constexpr = ""):
+    """(len(rows), len(cols)) tile of the (n_rows, n_cols) matrix at ptr; zeros outside it. CACHE ".cg": from L2, for
+    data another program of the same launch stored."""
     # Two pointer adds of broadcast int64 vectors: a single add of the (rows x cols) int64 offset tile
     # kept that tile live next to the pointers and spilled (dX at 128 x 128 on sm_90, kernel_report).
     return tl.load((ptr + rows[:, None] * stride_row) + cols[None, :] * stride_col,
-                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0, cache_modifier=CACHE)
 
 
 @triton.jit
@@ -56,15 +57,17 @@ def _shrink_step(acc, x, a_ptr, offs_m, offs_k, offs_r, stride_ar, stride_ak, K,
 
 @triton.jit
 def _rank_chunked_dot(acc, s_ptr, b_ptr, offs_m, offs_n, stride_sm, stride_sr, stride_br, stride_bn, M, N, r,
-                      R: tl.constexpr, R_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + S B over the padded rank: S (M, r) rows offs_m, B (r, N) columns offs_n, in R_CHUNK slices.
+                      R: tl.constexpr, R_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                      S_CACHE: tl.constexpr = ""):
+    """acc + S B over the padded rank: S (M, r) rows offs_m (loaded with S_CACHE, _load_tile), B (r, N) columns
+    offs_n, in R_CHUNK slices.
 
     A runtime loop, not pipelined: one rank slice's operands are live at a time (an unrolled
     static_range kept every slice's loads in flight and spilled at R = 256).
     """
     for r0 in tl.range(0, R, R_CHUNK, num_stages=1):
         offs_r = _span(r0, R_CHUNK)
-        s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r)  # (BLOCK_M, R_CHUNK)
+        s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r, S_CACHE)  # (BLOCK_M, R_CHUNK)
         b = _load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r, N)  # (R_CHUNK, BLOCK_N)
         acc = tl.dot(s, b, acc, input_precision=INPUT_PRECISION)
     return acc
@@ -74,9 +77,12 @@ def _rank_chunked_dot(acc, s_ptr, b_ptr, offs_m, offs_n, stride_sm, stride_sr, s
 def _grouped_tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program, int64, in grouped order: GROUP_M row blocks walk the
     column blocks together, so each column block of the weight is reused from L2."""
-    pid = tl.program_id(0).to(tl.int64)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    return _grouped_tile_of(tl.program_id(0).to(tl.int64), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+
+@triton.jit
+def _grouped_tile_of(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of the ``pid``-th tile (int64) of a num_pid_m x num_pid_n grid in grouped order."""
     group = pid // (GROUP_M * num_pid_n)
     first_m = group * GROUP_M
     group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -131,3 +137,48 @@ def _sum_of_parts(zeros, work_ptrs, part_step, parts, mask, USE_ATOMICS: tl.cons
         for p in range(0, parts):
             total += tl.load(work_ptrs + p * part_step, mask=mask, other=0.0, cache_modifier=".cg")
     return total
+
+
+@triton.jit
+def _take_ticket(ticket_ptr, tickets):
+    """This program's place (int64) in the order programs started: an atomic count at ``ticket_ptr`` (int32, zero at
+    rest), set back to 0 by the program that takes the last of ``tickets``. A program waits only on work of lower
+    tickets, whose programs are already running and never wait: no deadlock, whatever order the GPU starts programs
+    in. The interpreter runs programs one after another, so there ticket order is program order."""
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="relaxed", scope="gpu")
+    if ticket == tickets - 1:
+        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
+    return ticket.to(tl.int64)
+
+
+@triton.jit
+def _wait_for(counter_ptr, count):
+    """Spins until the int32 at ``counter_ptr`` reaches ``count``: the producers' _last_to_arrive count-ins, whose
+    release makes their stores visible to this program's later L2 (.cg) loads (acquire)."""
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < count:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _producers_first_job(ticket, num_pid_m, num_pid_n, parts, GROUP_M: tl.constexpr):
+    """(is_part, index) of the job ``ticket`` runs in a launch of num_pid_m x parts producer jobs (index: row block
+    x parts + part, row-block-major) and num_pid_m x num_pid_n tiles (index in grouped order, _grouped_tile_of),
+    where every tile needs the parts of its row block.
+
+    The order: the parts of the first group of GROUP_M row blocks; then per group g, the parts of group g + 1
+    followed by the tiles of group g. Every tile's parts thus hold lower tickets (_take_ticket), issued one group
+    ahead, so they run beside the tiles of the group before. plans.producers_first_order is the same order in
+    Python (the tests compare them)."""
+    groups = tl.cdiv(num_pid_m, GROUP_M)
+    lead = tl.minimum(num_pid_m, GROUP_M) * parts
+    # Blocks before the last have GROUP_M (parts + num_pid_n) tickets (the last but one may have fewer parts).
+    last_block = num_pid_m * parts + (groups - 1) * GROUP_M * num_pid_n
+    g = tl.where(ticket >= last_block, groups - 1, tl.maximum(ticket - lead, 0) // (GROUP_M * (parts + num_pid_n)))
+    parts_before = tl.minimum(num_pid_m, (g + 1) * GROUP_M) * parts  # of groups 0..g
+    offset = ticket - (parts_before + g * GROUP_M * num_pid_n)
+    block_parts = tl.maximum(tl.minimum(GROUP_M, num_pid_m - (g + 1) * GROUP_M), 0) * parts  # of group g + 1
+    is_part = (ticket < lead) | (offset < block_parts)
+    tile = g * GROUP_M * num_pid_n + offset - block_parts
+    index = tl.where(ticket < lead, ticket, tl.where(offset < block_parts, parts_before + offset, tile))
+    return is_part, index

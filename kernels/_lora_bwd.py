@@ -3,8 +3,8 @@ backward (dX, dA, dB) in one launch, dS recomputed per K slice."""
 import triton
 import triton.language as tl
 
-from ._common import (_dora_scale, _dropped, _grouped_tile_ids, _last_to_arrive, _load_tile, _rank_chunked_dot, _span,
-                      _sum_of_parts)
+from ._common import (_dora_scale, _dropped, _grouped_tile_ids, _grouped_tile_of, _last_to_arrive, _load_tile,
+                      _producers_first_job, _rank_chunked_dot, _span, _sum_of_parts, _take_ticket, _wait_for)
 
 
 @triton.jit
@@ -43,9 +43,25 @@ def _lora_bwd_dy_kernel(
 ):
     # Program (pid_m, pid_n) owns BLOCK_M rows of dY and n_per_split of its columns, so each dY element is read
     # once. Both sums across programs end in the kernel: no memset before it and no sum or cast after it.
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    m_blocks = tl.num_programs(0)
+    _lora_bwd_dy_job(tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.num_programs(0),
+                     tl.num_programs(1), dy_ptr, b_ptr, s_ptr, ds_ptr, ds_parts_ptr, db_ptr, db_work_ptr, counters_ptr,
+                     mag_ptr, norm_ptr, y_ptr, bias_ptr, dm_parts_ptr, M, N, r, stride_dym, stride_dyn, stride_bn,
+                     stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr, stride_ym, stride_yn, stride_bias_n,
+                     stride_mag_n, scaling, n_per_split, counters_ptr, 0, R, BLOCK_M, BLOCK_N, SPLIT_N, REDUCE,
+                     USE_ATOMICS, DORA, HAS_BIAS, INPUT_PRECISION, False)
+
+
+@triton.jit
+def _lora_bwd_dy_job(pid_m, pid_n, m_blocks, splits, dy_ptr, b_ptr, s_ptr, ds_ptr, ds_parts_ptr, db_ptr, db_work_ptr,
+                     counters_ptr, mag_ptr, norm_ptr, y_ptr, bias_ptr, dm_parts_ptr, M, N, r, stride_dym, stride_dyn,
+                     stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr, stride_ym, stride_yn,
+                     stride_bias_n, stride_mag_n, scaling, n_per_split, ready_ptr, ready_arrivals,
+                     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+                     REDUCE: tl.constexpr, USE_ATOMICS: tl.constexpr, DORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, READY: tl.constexpr):
+    """Program (pid_m, pid_n) of the (m_blocks, splits) dS / dB pass (_lora_bwd_dy_kernel's arguments). READY: the
+    program that stores row block pid_m's dS then counts in at ``ready_ptr`` (of ``ready_arrivals``), which the dX
+    tiles of a DS_IN_LAUNCH backward wait on."""
     n_start = pid_n * n_per_split
     n_stop = tl.minimum(n_start + n_per_split, N)
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
@@ -95,14 +111,18 @@ def _lora_bwd_dy_kernel(
         else:
             parts_ptrs = ds_parts_ptr + offs_m[:, None] * R + offs_r[None, :]  # (BLOCK_M, R) of split 0
             tl.store(parts_ptrs + pid_n * M * R, ds_acc, mask=in_ds)
-        if _last_to_arrive(counters_ptr + (pid_m + tl.num_programs(1)), tl.num_programs(1)):
-            ds_acc = _sum_of_parts(tl.zeros_like(ds_acc), parts_ptrs, tl.cast(M, tl.int64) * R, tl.num_programs(1),
+        if _last_to_arrive(counters_ptr + (pid_m + splits), splits):
+            ds_acc = _sum_of_parts(tl.zeros_like(ds_acc), parts_ptrs, tl.cast(M, tl.int64) * R, splits,
                                    in_ds, USE_ATOMICS)
             tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
                      ds_acc.to(ds_ptr.dtype.element_ty), mask=in_ds)
+            if READY:  # the row block's dS is stored: release it to the tiles waiting on ready_ptr
+                _last_to_arrive(ready_ptr, ready_arrivals)
     else:
         tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
                  ds_acc.to(ds_ptr.dtype.element_ty), mask=in_ds)
+        if READY:
+            _last_to_arrive(ready_ptr, ready_arrivals)
     # One arrival per program (a per-tile one would stall each tile on an L2 round trip): the last row block to
     # finish this N split sums and stores all of the split's dB tiles.
     if REDUCE:
@@ -118,16 +138,25 @@ def _lora_bwd_dy_kernel(
                 offs_n += BLOCK_N
 
 
-@triton.jit(do_not_specialize=["seed_ptr"])
+@triton.jit(do_not_specialize=["seed_ptr", "dy_splits"])
 def _lora_bwd_dx_kernel(
     dy_ptr,  # (M, N)
     w_ptr,  # (N, K)
-    ds_ptr,  # (M, r)
+    ds_ptr,  # (M, r): read; with DS_IN_LAUNCH written by the launch's dS / dB jobs
     a_ptr,  # (r, K)
     dx_ptr,  # (M, K) output
     seed_ptr,  # () int64 dropout seed; loaded only when APPLY_DROPOUT
     mag_ptr,  # (N,) DoRA magnitude m; read only when DORA
     norm_ptr,  # (N,) fp32 DoRA norm n; read only when DORA
+    b_ptr,  # (N, r); this and the next five only with DS_IN_LAUNCH
+    s_ptr,  # (M, r), saved from forward
+    db_ptr,  # (N, r) output: s dY^T S, in dY's dtype
+    x_ptr,  # (M, K)
+    da_ptr,  # (r, K) output in x's dtype: dS^T dropout(x)
+    # fp32, zero at rest: the (N, r) dB, (M, R) dS and (r, K) dA accumulators of the fp32 atomics
+    work_ptr,
+    # int32, zero at rest: dB per N split (dy_splits), dS per row block, dS ready per row block, dA per K tile, ticket
+    counters_ptr,
     M, N, K, r,
     stride_dym, stride_dyn,
     stride_wn, stride_wk,
@@ -135,7 +164,12 @@ def _lora_bwd_dx_kernel(
     stride_ar, stride_ak,
     stride_dxm, stride_dxk,
     stride_mag_n,
-    drop_threshold, keep_scale,
+    stride_bn, stride_br,
+    stride_sm, stride_sr,
+    stride_xm, stride_xk,
+    drop_threshold, keep_scale, scaling,
+    n_per_split,  # with DS_IN_LAUNCH: columns of N per dS / dB job, a multiple of DY_BLOCK_N
+    dy_splits,  # with DS_IN_LAUNCH: dS / dB jobs per row block (N splits)
     R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     APPLY_DROPOUT: tl.constexpr,
@@ -143,23 +177,71 @@ def _lora_bwd_dx_kernel(
     # dX = dY W + dropout'((g - 1) dY W + dS A), both products from the same W tiles.
     DORA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    # The whole backward in this launch: num_pid_m x dy_splits dS / dB jobs (_lora_bwd_dy_job on BLOCK_M rows and
+    # DY_BLOCK_N columns, fp32 atomics) take lower tickets than the dX tiles of their row block
+    # (_producers_first_job); a tile adds dropout'(dS A) once its row block's dS is stored, and its share of dA =
+    # dS^T dropout(x) by fp32 atomics; the last row block to arrive at a K tile stores dA.
+    DS_IN_LAUNCH: tl.constexpr = False,
+    DY_BLOCK_N: tl.constexpr = 64,
 ):
-    pid_m, pid_k = _grouped_tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    tl.static_assert(not (DS_IN_LAUNCH and DORA), "DoRA's backward has its own dS / dB launch")
+    if DS_IN_LAUNCH:
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_k = tl.cdiv(K, BLOCK_K)
+        ready_ptr = counters_ptr + dy_splits + num_pid_m  # then the dA counters, then the ticket
+        ticket = _take_ticket(ready_ptr + num_pid_m + num_pid_k, num_pid_m * (dy_splits + num_pid_k))
+        is_part, job = _producers_first_job(ticket, num_pid_m, num_pid_k, dy_splits, GROUP_M)
+        if is_part:
+            pid_m = job // dy_splits
+            _lora_bwd_dy_job(pid_m, job % dy_splits, num_pid_m, dy_splits, dy_ptr, b_ptr, s_ptr, ds_ptr, work_ptr,
+                             db_ptr, work_ptr, counters_ptr, dx_ptr, dx_ptr, dx_ptr, dx_ptr, dx_ptr, M, N, r,
+                             stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm,
+                             stride_dsr, 0, 0, 0, 0, scaling, n_per_split, ready_ptr + pid_m, 1 + num_pid_k, R,
+                             BLOCK_M, DY_BLOCK_N, True, True, True, False, False, INPUT_PRECISION, True)
+        else:
+            pid_m, pid_k = _grouped_tile_of(job, num_pid_m, num_pid_k, GROUP_M)
+            _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr, norm_ptr,
+                              x_ptr, da_ptr, work_ptr + (tl.cast(N, tl.int64) * r + tl.cast(M, tl.int64) * R),
+                              ready_ptr, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm,
+                              stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n, stride_xm,
+                              stride_xk, drop_threshold, keep_scale, R, R_CHUNK, BLOCK_M, BLOCK_K, BLOCK_N,
+                              APPLY_DROPOUT, DORA, INPUT_PRECISION, True)
+    else:
+        pid_m, pid_k = _grouped_tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+        _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr, norm_ptr, x_ptr,
+                          da_ptr, work_ptr, counters_ptr, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk,
+                          stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n,
+                          stride_xm, stride_xk, drop_threshold, keep_scale, R, R_CHUNK, BLOCK_M, BLOCK_K, BLOCK_N,
+                          APPLY_DROPOUT, DORA, INPUT_PRECISION, False)
 
+
+@triton.jit
+def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr, norm_ptr, x_ptr, da_ptr,
+                      da_work_ptr, ready_ptr, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm,
+                      stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n, stride_xm, stride_xk,
+                      drop_threshold, keep_scale, R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, APPLY_DROPOUT: tl.constexpr, DORA: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr, DS_IN_LAUNCH: tl.constexpr):
+    """dX tile (pid_m, pid_k) of _lora_bwd_dx_kernel (its arguments). DS_IN_LAUNCH: the row block's dS is waited for
+    at ready_ptr[pid_m] after the main loop; the (r, K) dA accumulator is at da_work_ptr, its K tiles' arrival
+    counters after the num_pid_m ready counters."""
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_k = _span(pid_k * BLOCK_K, BLOCK_K)
 
     DORA_DROPOUT: tl.constexpr = DORA and APPLY_DROPOUT
-    # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass. DoRA with dropout masks
-    # dS A + (g - 1) dY W, so that sum gets its own accumulator, masked after the loop.
-    acc = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
-                            stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION)
-    if DORA_DROPOUT:
-        acc_kept = acc
+    if DS_IN_LAUNCH:  # dS comes later: dY W first
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    elif APPLY_DROPOUT:
-        seed = tl.load(seed_ptr)
-        acc = _dropped(acc, seed, offs_m, offs_k, drop_threshold) * keep_scale
+    else:
+        # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass. DoRA with dropout masks
+        # dS A + (g - 1) dY W, so that sum gets its own accumulator, masked after the loop.
+        acc = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
+                                stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION)
+        if DORA_DROPOUT:
+            acc_kept = acc
+            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        elif APPLY_DROPOUT:
+            seed = tl.load(seed_ptr)
+            acc = _dropped(acc, seed, offs_m, offs_k, drop_threshold) * keep_scale
 
     offs_n = _span(0, BLOCK_N)
     dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn  # (BLOCK_M, BLOCK_N)
@@ -185,8 +267,47 @@ def _lora_bwd_dx_kernel(
     if DORA_DROPOUT:
         seed = tl.load(seed_ptr)
         acc += _dropped(acc_kept, seed, offs_m, offs_k, drop_threshold) * keep_scale
+    if DS_IN_LAUNCH:
+        _wait_for(ready_ptr + pid_m, 1)  # the row block's dS, stored by a lower ticket
+        lora = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
+                                 stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION,
+                                 ".cg")
+        if APPLY_DROPOUT:
+            seed = tl.load(seed_ptr)
+            lora = _dropped(lora, seed, offs_m, offs_k, drop_threshold) * keep_scale
+        acc += lora
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    if DS_IN_LAUNCH:
+        _lora_da_share(pid_m, pid_k, offs_m, offs_k, ds_ptr, x_ptr, da_ptr, da_work_ptr, ready_ptr, seed_ptr, M, K,
+                       r, stride_dsm, stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R, BLOCK_M,
+                       BLOCK_K, APPLY_DROPOUT, INPUT_PRECISION)
+
+
+@triton.jit
+def _lora_da_share(pid_m, pid_k, offs_m, offs_k, ds_ptr, x_ptr, da_ptr, da_work_ptr, ready_ptr, seed_ptr, M, K, r,
+                   stride_dsm, stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr):
+    """A DS_IN_LAUNCH dX tile's share of dA^T = dropout(x)^T dS, (BLOCK_K, R) over its rows, added into the fp32
+    accumulator; it then counts out of its row block's ready counter (the last re-zeroes it), and the last row block
+    to arrive at the K tile stores dA in x's dtype (_lora_bwd_da_kernel's sum, by atomics)."""
+    offs_r = _span(0, R)
+    x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)  # (BLOCK_M, BLOCK_K)
+    if APPLY_DROPOUT:
+        x = _dropped(x, tl.load(seed_ptr), offs_m, offs_k, drop_threshold)
+    ds = _load_tile(ds_ptr, offs_m, offs_r, stride_dsm, stride_dsr, M, r, ".cg")  # (BLOCK_M, R)
+    da = tl.dot(tl.trans(x), ds, input_precision=INPUT_PRECISION)
+    if APPLY_DROPOUT:
+        da = da * keep_scale
+    da_offs = offs_r[None, :] * K + offs_k[:, None]  # (BLOCK_K, R) of the (r, K) grad
+    da_mask = (offs_k[:, None] < K) & (offs_r[None, :] < r)
+    tl.atomic_add(da_work_ptr + da_offs, da, mask=da_mask, sem="relaxed", scope="gpu")
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    _last_to_arrive(ready_ptr + pid_m, 1 + tl.cdiv(K, BLOCK_K))  # done with dS
+    if _last_to_arrive(ready_ptr + num_pid_m + pid_k, num_pid_m):
+        da = _sum_of_parts(tl.zeros_like(da), da_work_ptr + da_offs, 0, 1, da_mask, True)
+        tl.store(da_ptr + da_offs, da.to(da_ptr.dtype.element_ty), mask=da_mask)
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])

@@ -2,8 +2,9 @@
 import triton
 import triton.language as tl
 
-from ._common import (_dora_scale, _dropped, _grouped_tile_ids, _last_to_arrive, _load_tile, _rank_chunked_dot,
-                      _shrink_step, _span, _sum_of_parts)
+from ._common import (_dora_scale, _dropped, _grouped_tile_ids, _grouped_tile_of, _last_to_arrive, _load_tile,
+                      _producers_first_job, _rank_chunked_dot, _shrink_step, _span, _sum_of_parts, _take_ticket,
+                      _wait_for)
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])
@@ -33,14 +34,9 @@ def _lora_shrink_kernel(
     pid_k = tl.program_id(1).to(tl.int64)
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_r = _span(0, R)
-    seed = tl.load(seed_ptr) if APPLY_DROPOUT else 0
-    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        offs_k = _span(k0, BLOCK_K)
-        x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
-        acc = _shrink_step(acc, x, a_ptr, offs_m, offs_k, offs_r, stride_ar, stride_ak, K, r, seed, drop_threshold,
-                           APPLY_DROPOUT, INPUT_PRECISION)
+    acc = _shrink_share(x_ptr, a_ptr, seed_ptr, offs_m, offs_r, pid_k * k_per_split, k_per_split, M, K, r,
+                        stride_xm, stride_xk, stride_ar, stride_ak, drop_threshold, BLOCK_K, APPLY_DROPOUT,
+                        INPUT_PRECISION)
     in_s = (offs_m[:, None] < M) & (offs_r[None, :] < r)
     if SPLIT_K:
         parts_ptrs = s_parts_ptr + offs_m[:, None] * R + offs_r[None, :]  # (BLOCK_M, R) of split 0
@@ -57,6 +53,21 @@ def _lora_shrink_kernel(
             acc = acc * keep_scale
         tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, acc.to(s_ptr.dtype.element_ty),
                  mask=in_s)
+
+
+@triton.jit
+def _shrink_share(x_ptr, a_ptr, seed_ptr, offs_m, offs_r, k_start, k_per_split, M, K, r, stride_xm, stride_xk,
+                  stride_ar, stride_ak, drop_threshold, BLOCK_K: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """(len(offs_m), R) fp32: dropout(x) A^T over K columns [k_start, k_start + k_per_split), rows offs_m, unscaled."""
+    seed = tl.load(seed_ptr) if APPLY_DROPOUT else 0
+    acc = tl.zeros((offs_m.shape[0], offs_r.shape[0]), dtype=tl.float32)
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        offs_k = _span(k0, BLOCK_K)
+        x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
+        acc = _shrink_step(acc, x, a_ptr, offs_m, offs_k, offs_r, stride_ar, stride_ak, K, r, seed, drop_threshold,
+                           APPLY_DROPOUT, INPUT_PRECISION)
+    return acc
 
 
 @triton.jit(do_not_specialize=["seed_ptr", "s_splits"])
@@ -76,7 +87,9 @@ def _lora_fwd_kernel(
     # fp32 shares of x' A^T: (N tiles, k_splits, M, R) scratch when SPLIT_K_PARTIALS and FUSE_SHRINK; with
     # S_FROM_PARTS the shrink launch's (s_splits, M, R)
     s_parts_ptr,
-    counters_ptr,  # int32, zero at rest: one per output tile, when SPLIT_K_PARTIALS
+    # int32, zero at rest: one per output tile when SPLIT_K_PARTIALS; with SHRINK_IN_LAUNCH one per row block, then
+    # the ticket counter
+    counters_ptr,
     M, N, K, r,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
@@ -89,7 +102,7 @@ def _lora_fwd_kernel(
     stride_zm, stride_zn,
     scaling, drop_threshold, keep_scale,
     k_per_split,  # columns of K per program along axis 1: a multiple of BLOCK_K, all of K without a split
-    s_splits,  # the shrink launch's K splits, whose shares s_parts_ptr holds when S_FROM_PARTS
+    s_splits,  # the K splits of S, whose shares s_parts_ptr holds when S_FROM_PARTS
     R: tl.constexpr,  # r padded to a power of two >= 16
     R_CHUNK: tl.constexpr,  # rank slice per S B^T dot; bounds its shared memory
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -105,12 +118,73 @@ def _lora_fwd_kernel(
     # Not FUSE_SHRINK: S is the sum of the shrink launch's s_splits shares (in split order, as that launch's last
     # split would sum them, so the same bits), stored by the pid_n == 0 programs; no program sums a row block alone.
     S_FROM_PARTS: tl.constexpr = False,
+    # With S_FROM_PARTS: the shares are made in this launch, by num_pid_m x s_splits jobs of k_per_split columns
+    # beside the tiles (_producers_first_job: each row block's jobs take lower tickets than its tiles, one group of
+    # row blocks ahead); a tile waits for its row block's shares before its epilogue sums them. No shrink launch.
+    SHRINK_IN_LAUNCH: tl.constexpr = False,
 ):
     tl.static_assert(not (SPLIT_K_PARTIALS and DORA and APPLY_DROPOUT), "DoRA with dropout has no K split")
     tl.static_assert(not (FUSE_SHRINK and S_FROM_PARTS), "a fused shrink has no shares to sum")
-    pid_m, pid_n = _grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1).to(tl.int64)
+    tl.static_assert(not SHRINK_IN_LAUNCH or (S_FROM_PARTS and not SPLIT_K_PARTIALS),
+                     "the shrink in the launch leaves shares for an unsplit S_FROM_PARTS epilogue")
+    if SHRINK_IN_LAUNCH:
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        ticket = _take_ticket(counters_ptr + num_pid_m, num_pid_m * (s_splits + num_pid_n))
+        is_share, job = _producers_first_job(ticket, num_pid_m, num_pid_n, s_splits, GROUP_M)
+        if is_share:
+            _lora_shrink_share_job(x_ptr, a_ptr, seed_ptr, s_parts_ptr, counters_ptr, job // s_splits,
+                                   job % s_splits, M, K, r, stride_xm, stride_xk, stride_ar, stride_ak,
+                                   drop_threshold, k_per_split, s_splits + num_pid_n, R, BLOCK_M, BLOCK_K,
+                                   APPLY_DROPOUT, INPUT_PRECISION)
+        else:
+            pid_m, pid_n = _grouped_tile_of(job, num_pid_m, num_pid_n, GROUP_M)
+            _lora_fwd_tile(
+                pid_m, pid_n, 0, x_ptr, w_ptr, bias_ptr, s_ptr, a_ptr, b_ptr, y_ptr, seed_ptr, mag_ptr, norm_ptr,
+                z_ptr, y_parts_ptr, s_parts_ptr, counters_ptr, M, N, K, r, stride_xm, stride_xk, stride_wn, stride_wk,
+                stride_bias_n, stride_sm, stride_sr, stride_ar, stride_ak, stride_bn, stride_br, stride_ym,
+                stride_yn, stride_mag_n, stride_zm, stride_zn, scaling, drop_threshold, keep_scale, K, s_splits, R,
+                R_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, FUSE_SHRINK, APPLY_DROPOUT, DORA, INPUT_PRECISION,
+                SPLIT_K_PARTIALS, S_FROM_PARTS, SHRINK_IN_LAUNCH)
+    else:
+        pid_m, pid_n = _grouped_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _lora_fwd_tile(
+            pid_m, pid_n, tl.program_id(1).to(tl.int64), x_ptr, w_ptr, bias_ptr, s_ptr, a_ptr, b_ptr, y_ptr, seed_ptr,
+            mag_ptr, norm_ptr, z_ptr, y_parts_ptr, s_parts_ptr, counters_ptr, M, N, K, r, stride_xm, stride_xk,
+            stride_wn, stride_wk, stride_bias_n, stride_sm, stride_sr, stride_ar, stride_ak, stride_bn, stride_br,
+            stride_ym, stride_yn, stride_mag_n, stride_zm, stride_zn, scaling, drop_threshold, keep_scale,
+            k_per_split, s_splits, R, R_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, FUSE_SHRINK, APPLY_DROPOUT, DORA,
+            INPUT_PRECISION, SPLIT_K_PARTIALS, S_FROM_PARTS, SHRINK_IN_LAUNCH)
 
+
+@triton.jit
+def _lora_shrink_share_job(x_ptr, a_ptr, seed_ptr, s_parts_ptr, counters_ptr, pid_m, pid_k, M, K, r, stride_xm,
+                           stride_xk, stride_ar, stride_ak, drop_threshold, k_per_split, arrivals,
+                           R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """A share job of SHRINK_IN_LAUNCH: stores split pid_k's fp32 share of row block pid_m's dropout(x) A^T, as a
+    _lora_shrink_kernel split does, and counts in at the row block's counter, which its tiles wait on. ``arrivals``:
+    the counter's count-ins in all (shares and tiles); the last, a tile, sets it back to 0."""
+    offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
+    offs_r = _span(0, R)
+    acc = _shrink_share(x_ptr, a_ptr, seed_ptr, offs_m, offs_r, pid_k * k_per_split, k_per_split, M, K, r,
+                        stride_xm, stride_xk, stride_ar, stride_ak, drop_threshold, BLOCK_K, APPLY_DROPOUT,
+                        INPUT_PRECISION)
+    tl.store(s_parts_ptr + pid_k * M * R + offs_m[:, None] * R + offs_r[None, :], acc,
+             mask=(offs_m[:, None] < M) & (offs_r[None, :] < r))
+    _last_to_arrive(counters_ptr + pid_m, arrivals)
+
+
+@triton.jit
+def _lora_fwd_tile(pid_m, pid_n, pid_k, x_ptr, w_ptr, bias_ptr, s_ptr, a_ptr, b_ptr, y_ptr, seed_ptr, mag_ptr,
+                   norm_ptr, z_ptr, y_parts_ptr, s_parts_ptr, counters_ptr, M, N, K, r, stride_xm, stride_xk,
+                   stride_wn, stride_wk, stride_bias_n, stride_sm, stride_sr, stride_ar, stride_ak, stride_bn,
+                   stride_br, stride_ym, stride_yn, stride_mag_n, stride_zm, stride_zn, scaling, drop_threshold,
+                   keep_scale, k_per_split, s_splits, R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+                   APPLY_DROPOUT: tl.constexpr, DORA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   SPLIT_K_PARTIALS: tl.constexpr, S_FROM_PARTS: tl.constexpr, SHRINK_IN_LAUNCH: tl.constexpr):
+    """Output tile (pid_m, pid_n), K split pid_k, of _lora_fwd_kernel (its arguments)."""
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_n = _span(pid_n * BLOCK_N, BLOCK_N)
 
@@ -164,12 +238,16 @@ def _lora_fwd_kernel(
             acc = _sum_of_parts(tl.zeros_like(acc), y_parts, y_step, splits, in_y, False)
             if FUSE_SHRINK:
                 s_acc = _sum_of_parts(tl.zeros_like(s_acc), s_parts, s_step, splits, in_s, False)
+    if SHRINK_IN_LAUNCH:
+        _wait_for(counters_ptr + pid_m, s_splits)  # the row block's shares, stored by lower tickets
     if finish:
         _lora_fwd_epilogue(acc, acc_drop if DORA_DROPOUT else acc, s_acc if FUSE_SHRINK else acc, pid_n, offs_m,
                            offs_n, s_ptr, b_ptr, bias_ptr, y_ptr, mag_ptr, norm_ptr, z_ptr, M, N, r, stride_bias_n,
                            stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, stride_mag_n, stride_zm,
                            stride_zn, scaling, keep_scale, s_parts_ptr, s_splits, R, R_CHUNK, HAS_BIAS, FUSE_SHRINK,
                            APPLY_DROPOUT, DORA, INPUT_PRECISION, S_FROM_PARTS)
+    if SHRINK_IN_LAUNCH:  # done with the shares: the last of the row block's count-ins re-zeroes its counter
+        _last_to_arrive(counters_ptr + pid_m, s_splits + tl.cdiv(N, BLOCK_N))
 
 
 @triton.jit

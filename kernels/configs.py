@@ -223,6 +223,12 @@ def bwd_dx_config(M: int, dtype: torch.dtype, two_products: bool = False, dora: 
     return TileConfig(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
+def bwd_ds_in_launch(M: int, dtype: torch.dtype, deterministic: bool) -> bool:
+    """Whether the backward may run as one dX launch with the dS / dB jobs and dA inside it
+    (plans.plan_lora_bwd_in_launch): fp16 / bf16 above FEW_TOKENS, not deterministic (its sums are fp32 atomics)."""
+    return M > FEW_TOKENS and not _is_fp32(dtype) and not deterministic
+
+
 def bwd_one_launch_config(M: int, K: int, R: int, dtype: torch.dtype, deterministic: bool) -> TileConfig | None:
     """_lora_bwd_dx_da_db_kernel's tiles, or None where the backward can only run as separate dS / dB, dX and dA
     launches: a rank above ONE_LAUNCH_BWD_MAX_RANK (32 in fp32), or above FEW_TOKENS (one row block) fp32,
@@ -321,6 +327,20 @@ def fwd_sums_shrink_parts(M: int, dtype: torch.dtype) -> bool:
     warps to 128 registers (64 x 64 x 32 few-token tiles at R = 128 / 256 with the K split, DoRA with dropout at
     64 x 32 x 16); the few-token 64 x 16 x 128 tiles with the K split spilled 16 B at R = 128 / 256 on sm_80."""
     return M > FEW_TOKENS and not _is_fp32(dtype)
+
+
+def fwd_shrink_in_launch(M: int, dtype: torch.dtype, dora: bool) -> bool:
+    """Whether the forward may make S's K-split shares inside its own launch (_lora_fwd_kernel's SHRINK_IN_LAUNCH:
+    share jobs beside the tiles, which wait for their row block's shares) instead of a shrink launch before it:
+    where the GEMM sums shares (fwd_sums_shrink_parts), not DoRA."""
+    return fwd_sums_shrink_parts(M, dtype) and not dora
+
+
+def in_launch_shrink_split(k_tiles: int) -> tuple[int, int]:
+    """(splits over K, K tiles per split) of the forward's in-launch share jobs: parts of SHRINK_MIN_TILES_PER_PART
+    K tiles, so that one job (64-128 rows x 512 columns of x) is short beside a tile's main loop."""
+    per_split = min(k_tiles, SHRINK_MIN_TILES_PER_PART)
+    return -(-k_tiles // per_split), per_split
 
 
 def shrink_split(m_blocks: int, k_tiles: int, num_sms: int, to_consumer: bool = False) -> tuple[int, int]:

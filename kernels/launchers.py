@@ -26,8 +26,8 @@ from ._dora import _dora_magnitude_grad_kernel, _dora_weight_norm_kernel
 from ._lora_fwd import _lora_fwd_kernel, _lora_shrink_kernel
 from .dropout_args import drop_threshold, keep_scale, seed_on
 from .plans import (ZERO_, ZEROS, Launch, find_launch, plan_dora_magnitude_grad, plan_dora_weight_norm,
-                    plan_lora_bwd, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_fwd,
-                    plan_lora_shrink)
+                    plan_lora_bwd, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_bwd_in_launch,
+                    plan_lora_fwd, plan_lora_shrink)
 
 # Programs per SM the interpreter pretends to have: small, so tests still see several dA splits.
 _INTERPRETER_SMS = 2
@@ -160,11 +160,12 @@ def _shrink_ready(M, K, r, dtype, dropout, precision, num_sms):
 
 
 @functools.lru_cache(maxsize=4096)
-def _fwd_ready(M, N, K, r, dtype, dropout, bias, fuse_shrink, precision, dora=False):
+def _fwd_ready(M, N, K, r, dtype, dropout, bias, fuse_shrink, precision, dora=False, shrink_in_launch=None):
     """(the shrink's, the forward GEMM's) of one forward plan, made for the plans' default of 132 SMs on every device
     (the backward's take the device's count): under the interpreter's 2 the K splits the forward weighs would never
     be taken, and its tests would not run them."""
-    plan = plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias, fuse_shrink=fuse_shrink, dora=dora)
+    plan = plan_lora_fwd(M, N, K, r, dtype, dropout=dropout, bias=bias, fuse_shrink=fuse_shrink, dora=dora,
+                         shrink_in_launch=shrink_in_launch)
     gemm = _ready(plan, "_lora_fwd_kernel", precision)
     return _ready(plan[:plan.index(gemm.launch)] if gemm.launch else plan, "_lora_shrink_kernel", precision), gemm
 
@@ -183,9 +184,12 @@ def _dx_ready(M, N, K, r, dtype, dropout, precision, dora=False):
 @functools.lru_cache(maxsize=4096)
 def _one_launch_ready(M, N, K, r, dtype, dropout, deterministic, precision, num_sms, need_dx=True,
                       one_launch=None) -> _Ready | None:
-    """The one-launch backward (plan_lora_bwd), or None where that plan is the separate launches."""
+    """The backward's one launch where plan_lora_bwd plans one (_lora_bwd_dx_da_db_kernel, or _lora_bwd_dx_kernel
+    with DS_IN_LAUNCH), or None where that plan is the separate launches."""
     plan = plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms,
                          need_dx=need_dx, one_launch=one_launch)
+    if len(plan) == 1 and plan[0].constexprs.get("DS_IN_LAUNCH"):
+        return _ready(plan, "_lora_bwd_dx_kernel", precision)
     if find_launch(plan, "_lora_bwd_dx_da_db_kernel") is None:
         return None
     return _ready(plan, "_lora_bwd_dx_da_db_kernel", precision)
@@ -257,12 +261,15 @@ def _launch_shrink(ready: _Ready, x, lora_A, s, seed, dropout_p) -> torch.Tensor
 
 
 def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: float = 0.0, seed=0,
-             fuse_shrink: bool | None = None):
+             fuse_shrink: bool | None = None, shrink_in_launch: bool | None = None):
     """(y, S): y = x W^T + b + s * S B^T with S = dropout(x) A^T (saved for backward).
 
-    fuse_shrink=None lets the config choose (few tokens and a small rank fuse the shrink).
+    fuse_shrink=None lets the plan choose (few tokens and a small rank fuse the shrink); fuse_shrink=False is a
+    shrink launch before the GEMM, shrink_in_launch=True the shrink's K splits made inside the GEMM launch
+    (plans.fwd_alternatives).
     """
-    y, s, _ = _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, None, None)
+    y, s, _ = _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, None, None,
+                   shrink_in_launch)
     return y, s
 
 
@@ -275,13 +282,14 @@ def dora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, magnitude, norm, *
     return y, s, x.new_empty((0,)) if z is None else z
 
 
-def _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, magnitude, norm):
+def _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, magnitude, norm,
+         shrink_in_launch=None):
     M, K = x.shape
     N = weight.shape[0]
     r = lora_A.shape[0]
     dora = magnitude is not None
     shrink, ready = _fwd_ready(M, N, K, r, x.dtype, dropout_p > 0.0, bias is not None, fuse_shrink,
-                               _input_precision(x.dtype), dora)
+                               _input_precision(x.dtype), dora, shrink_in_launch)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     # Z only for DoRA with dropout; otherwise y stands in for the pointer the kernel does not touch (an
     # empty tensor per call cost host time at a few tokens).
@@ -290,7 +298,8 @@ def _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink,
         seed = _seed_arg(seed, dropout_p, x.device)
         s = torch.empty((M, r), device=x.device, dtype=x.dtype)
         s_parts = None
-        if ready.launch is None or not ready.launch.constexprs["FUSE_SHRINK"]:
+        in_launch = ready.launch is not None and ready.launch.constexprs.get("SHRINK_IN_LAUNCH", False)
+        if ready.launch is None or not (ready.launch.constexprs["FUSE_SHRINK"] or in_launch):
             s_parts = _launch_shrink(shrink, x, lora_A, s, seed, dropout_p)  # the plan's shrink launch
         if ready.launch is None:  # M == 0 or N == 0: the plan is the shrink's
             return y, s, z
@@ -299,6 +308,9 @@ def _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink,
             counters, _ = _workspace(x.device, launch.grid[0], 0)
             parts = (_scratch(launch, "Y_partials", x.device),
                      _scratch(launch, "S_partials", x.device, y if s_parts is None else s_parts), counters)
+        elif in_launch:  # the share jobs' fp32 shares; a counter per row block, then the ticket counter
+            counters, _ = _workspace(x.device, -(-M // launch.config.BLOCK_M) + 1, 0)
+            parts = (y, _scratch(launch, "S_partials", x.device), counters)
         else:
             parts = (y, y if s_parts is None else s_parts, y)  # y: pointers the kernel does not touch
         _lora_fwd_kernel[launch.grid](
@@ -354,6 +366,10 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: flo
     deterministic = torch.are_deterministic_algorithms_enabled()
     one_launch = _one_launch_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, deterministic, precision,
                                    _num_sms(dy.device), need_dx)
+    if one_launch is not None and one_launch.launch.kernel == "_lora_bwd_dx_kernel":  # DS_IN_LAUNCH
+        with launch_guard(dy.device):
+            dx, da, db = _bwd_in_launch(one_launch, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
+        return dx, da if need_dA else None, db
     if one_launch is not None:
         with launch_guard(dy.device):
             dx, da, db = _bwd_one_launch(one_launch, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
@@ -367,6 +383,26 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: flo
         da = _bwd_da(_da_ready_for(x, r, dropout_p, deterministic, precision), ds, x, dropout_p,
                      seed) if need_dA else None
     return dx, da, db
+
+
+def lora_bwd_in_launch(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: float = 0.0, seed=0):
+    """(dX, dA, dB) from one _lora_bwd_dx_kernel launch with the dS / dB jobs inside it (plans.plan_lora_bwd_in_launch,
+    whether or not plan_lora_bwd would choose it): fp16 / bf16 above FEW_TOKENS, not in deterministic mode."""
+    M, N = dy.shape
+    r, K = lora_A.shape
+    if not configs.bwd_ds_in_launch(M, dy.dtype, torch.are_deterministic_algorithms_enabled()) or not N or not K:
+        raise ValueError(f"lora_bwd_in_launch: {M} tokens in {dy.dtype} (N={N}, K={K}) cannot run the dS / dB jobs in "
+                         f"the dX launch (configs.bwd_ds_in_launch: fp16 / bf16, more than {configs.FEW_TOKENS} "
+                         f"tokens, not deterministic; N and K > 0); use lora_bwd")
+    ready = _in_launch_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, _input_precision(dy.dtype), _num_sms(dy.device))
+    with launch_guard(dy.device):
+        return _bwd_in_launch(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_launch_ready(M, N, K, r, dtype, dropout, precision, num_sms):
+    return _ready(plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=num_sms), "_lora_bwd_dx_kernel",
+                  precision)
 
 
 def lora_bwd_one_launch(dy, x, weight, lora_A, lora_B, s, scaling: float, *, dropout_p: float = 0.0, seed=0):
@@ -447,11 +483,33 @@ def _bwd_dx(ready, dy, weight, ds, lora_A, dropout_p, seed, magnitude=None, norm
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if ready.launch is None:  # M == 0 or K == 0: dX has no element
         return dx
+    # dx stands in for the pointers only DS_IN_LAUNCH reads (_bwd_in_launch).
     _lora_bwd_dx_kernel[ready.launch.grid](
         dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), *_dora_ptrs(magnitude, norm, dx),
-        M, N, K, r, *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
-        magnitude.stride(0) if magnitude is not None else 0, *_dropout_scalars(dropout_p), **ready.kwargs)
+        *(dx,) * 7, M, N, K, r, *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
+        magnitude.stride(0) if magnitude is not None else 0, *(0,) * 6, *_dropout_scalars(dropout_p), 1.0, 0, 1,
+        **ready.kwargs)
     return dx
+
+
+def _bwd_in_launch(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
+    """(dX, dA, dB) from one DS_IN_LAUNCH _lora_bwd_dx_kernel launch (plans.plan_lora_bwd_in_launch)."""
+    M, N = dy.shape
+    r, K = lora_A.shape
+    launch = ready.launch
+    cfg, R, splits = launch.config, launch.constexprs["R"], launch.args["dy_splits"]
+    grid_m, grid_k = -(-M // cfg.BLOCK_M), -(-K // cfg.BLOCK_K)
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    ds = torch.empty((M, r), device=dy.device, dtype=s.dtype)
+    da = torch.empty((r, K), device=dy.device, dtype=x.dtype)
+    db = torch.empty((N, r), device=dy.device, dtype=dy.dtype)
+    counters, accumulator = _workspace(dy.device, splits + 2 * grid_m + grid_k + 1, N * r + M * R + r * K)
+    _lora_bwd_dx_kernel[launch.grid](
+        dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), dx, dx, lora_B, s, db, x, da,
+        accumulator, counters, M, N, K, r, *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(),
+        *dx.stride(), 0, *lora_B.stride(), *s.stride(), *x.stride(), *_dropout_scalars(dropout_p), float(scaling),
+        **ready.kwargs)
+    return dx, da, db
 
 
 def _bwd_da(ready, ds, x, dropout_p, seed):

@@ -48,6 +48,7 @@ class Launch:
     flops: int = 0
     atomic_bytes: int = 0  # fp32 atomic adds into a zero-at-rest accumulator (resolved in L2)
     tail_bytes: int = 0  # bytes one last-to-arrive program moves after the other programs are done
+    wait_bytes: int = 0  # bytes one producer job moves while the first wave's tiles wait for it (cost.wait_seconds)
 
     def __post_init__(self):
         if self.config is not None:
@@ -133,54 +134,82 @@ def plan_lora_shrink(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
 
 
 def plan_lora_fwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, bias: bool,
-                  fuse_shrink: bool | None = None, dora: bool = False, num_sms: int = 132) -> list[Launch]:
-    """The shrink launch (unless fused) and the forward GEMM launch; ``dora``: DoRA's column scale m / n in the
-    epilogue, and with dropout the second base product x' W^T in the same loop and Z = z' written. Of
-    fwd_alternatives, the lowest modeled time (kernels/cost.py) at ``num_sms``; ``fuse_shrink`` forces one."""
+                  fuse_shrink: bool | None = None, dora: bool = False, num_sms: int = 132,
+                  shrink_in_launch: bool | None = None) -> list[Launch]:
+    """The shrink launch (unless fused, or made inside the GEMM launch) and the forward GEMM launch; ``dora``: DoRA's
+    column scale m / n in the epilogue, and with dropout the second base product x' W^T in the same loop and Z = z'
+    written. Of fwd_alternatives, the lowest modeled time (kernels/cost.py) at ``num_sms``; ``fuse_shrink`` and
+    ``shrink_in_launch`` force one."""
     return min(fwd_alternatives(M, N, K, r, dtype, dropout=dropout, bias=bias, fuse_shrink=fuse_shrink, dora=dora,
-                                num_sms=num_sms), key=lambda plan: cost.plan_seconds(plan, num_sms))
+                                num_sms=num_sms, shrink_in_launch=shrink_in_launch),
+               key=lambda plan: cost.plan_seconds(plan, num_sms))
 
 
 def fwd_alternatives(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, bias: bool,
-                     fuse_shrink: bool | None = None, dora: bool = False, num_sms: int = 132) -> list[list[Launch]]:
+                     fuse_shrink: bool | None = None, dora: bool = False, num_sms: int = 132,
+                     shrink_in_launch: bool | None = None) -> list[list[Launch]]:
     """Every forward plan plan_lora_fwd weighs: each (config, shrink fused or not) of configs.fwd_choices, at each K
-    split count of configs.fwd_k_splits."""
+    split count of configs.fwd_k_splits; an unfused one also with its shares made in the GEMM launch where
+    configs.fwd_shrink_in_launch allows. ``fuse_shrink=False`` means a shrink launch: not fused, not in the GEMM
+    launch; ``shrink_in_launch=True`` forces the in-launch shares (not fused)."""
+    in_launch = (configs.fwd_shrink_in_launch(M, dtype, dora) and K > 0 and fuse_shrink is None
+                 and shrink_in_launch is not False)
+    if shrink_in_launch:
+        if not in_launch:
+            raise ValueError(f"the shrink cannot run in the forward launch at M={M}, K={K}, dtype={dtype}, "
+                             f"dora={dora}, fuse_shrink={fuse_shrink} (configs.fwd_shrink_in_launch)")
+        fuse_shrink = False
     choices = configs.fwd_choices(M, N, configs.padded_rank(r), dtype, dora, dropout)
     if fuse_shrink is not None:
         picked = [choice for choice in choices if choice[1] == fuse_shrink]
         choices = picked[:1] or [(choices[0][0], fuse_shrink)]
-    return [_fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, dropout=dropout, bias=bias, dora=dora, num_sms=num_sms)
+    places = (True,) if shrink_in_launch else (False, True) if in_launch else (False,)
+    return [_fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, dropout=dropout, bias=bias, dora=dora, num_sms=num_sms,
+                      in_launch=place)
             for cfg, fuse in choices
             for splits in configs.fwd_k_splits(M, _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N),
-                                               _cdiv(K, cfg.BLOCK_K), dora, dropout)]
+                                               _cdiv(K, cfg.BLOCK_K), dora, dropout)
+            for place in places if not (place and (fuse or splits > 1))]
 
 
-def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_sms) -> list[Launch]:
+def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_sms, in_launch=False) -> list[Launch]:
     R = configs.padded_rank(r)
     two_products = dora and dropout
     if M == 0 or N == 0:
         return plan_lora_shrink(M, K, r, dtype, dropout=dropout, num_sms=num_sms)
     sums_parts = not fuse and configs.fwd_sums_shrink_parts(M, dtype)
-    launches = [] if fuse else plan_lora_shrink(M, K, r, dtype, dropout=dropout, num_sms=num_sms,
-                                                to_consumer=sums_parts)
+    launches = [] if fuse or in_launch else plan_lora_shrink(M, K, r, dtype, dropout=dropout, num_sms=num_sms,
+                                                             to_consumer=sums_parts)
     s_parts = _s_partials(launches)
     grid_m, grid_n, k_tiles = _cdiv(M, cfg.BLOCK_M), _cdiv(N, cfg.BLOCK_N), _cdiv(K, cfg.BLOCK_K)
+    wait = 0
+    if in_launch:  # grid_m x shares jobs beside the tiles (SHRINK_IN_LAUNCH)
+        shares, share_tiles = configs.in_launch_shrink_split(k_tiles)
+        s_parts = Operand("S_partials", (shares, M, R), torch.float32)
+        wait = cfg.BLOCK_M * share_tiles * cfg.BLOCK_K * dtype.itemsize + R * share_tiles * cfg.BLOCK_K * \
+            dtype.itemsize + cfg.BLOCK_M * R * 4  # one job's x and A columns, and its share
     Mp, Np, Kp = grid_m * cfg.BLOCK_M, grid_n * cfg.BLOCK_N, k_tiles * cfg.BLOCK_K
     flops = 2 * Mp * Np * Kp * (2 if two_products else 1) + 2 * Mp * Np * R  # x W^T (and x' W^T), S B^T
     if fuse:
         flops += 2 * Mp * Kp * R * grid_n  # every N tile column recomputes its S = x' A^T
+    if in_launch:
+        flops += 2 * Mp * Kp * R  # the share jobs' x' A^T
     S = Operand("S", (M, r), dtype)
     reads = [Operand("X", (M, K), dtype), Operand("W", (N, K), dtype)]
     reads += [Operand("bias", (N,), dtype)] if bias else []
-    reads += [Operand("A", (r, K), dtype)] if fuse else [s_parts or S]
+    reads += [Operand("A", (r, K), dtype)] if fuse or in_launch else [s_parts or S]
+    reads += [s_parts] if in_launch else []
     reads += [Operand("B", (N, r), dtype)]
     reads += _dora_scale_operands(N, dtype) if dora else []
     writes = [Operand("Y", (M, N), dtype)] + ([S] if fuse or s_parts else [])
     writes += [Operand("Z", (M, N), dtype)] if two_products else []
+    writes += [s_parts] if in_launch else []
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), HAS_BIAS=bias, FUSE_SHRINK=fuse, APPLY_DROPOUT=dropout,
                       DORA=dora, **_block_constexprs(cfg))
     if sums_parts:  # wherever it may be on: the AOT report compiles both values as one job (True)
         constexprs["S_FROM_PARTS"] = s_parts is not None
+    if sums_parts and configs.fwd_shrink_in_launch(M, dtype, dora):  # the same: one job, with it on
+        constexprs["SHRINK_IN_LAUNCH"] = in_launch
     if configs.fwd_may_split(M, dora, dropout):  # compiled with the split by the AOT report (WORST_CASE_FLAGS)
         constexprs["SPLIT_K_PARTIALS"] = splits > 1
     per_split = _cdiv(k_tiles, splits)
@@ -195,8 +224,29 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
         tail += rows * R * 4 * s_parts.shape[0] if s_parts else 0  # the shrink's shares, summed in the epilogue
     grid = (grid_m * grid_n, splits) if splits > 1 else (grid_m * grid_n,)
     args = dict(k_per_split=per_split * cfg.BLOCK_K, s_splits=s_parts.shape[0] if s_parts else 1)
+    if in_launch:
+        grid = (grid_m * (grid_n + shares),)
+        args["k_per_split"] = share_tiles * cfg.BLOCK_K  # the share jobs' columns (the tiles walk all of K)
     return launches + [Launch("_lora_fwd_kernel", grid, cfg, constexprs, args=args, reads=tuple(reads),
-                              writes=tuple(writes), flops=flops, tail_bytes=tail)]
+                              writes=tuple(writes), flops=flops, tail_bytes=tail, wait_bytes=wait)]
+
+
+def producers_first_order(num_pid_m: int, num_pid_n: int, parts: int, group_m: int) -> list[tuple[str, int]]:
+    """The job of each ticket of a SHRINK_IN_LAUNCH forward, as _common._producers_first_job computes it:
+    ("part", row block x parts + split) or ("tile", index in grouped order). The parts of the first group of group_m
+    row blocks; then per group g, the parts of group g + 1 followed by the tiles of group g."""
+    group_m = max(1, group_m)
+    groups = _cdiv(num_pid_m, group_m)
+
+    def rows(g):
+        return range(g * group_m, min(num_pid_m, (g + 1) * group_m))
+
+    order = [("part", m * parts + p) for m in rows(0) for p in range(parts)]
+    for g in range(groups):
+        order += [("part", m * parts + p) for m in (rows(g + 1) if g + 1 < groups else ()) for p in range(parts)]
+        first = g * group_m * num_pid_n
+        order += [("tile", first + i) for i in range(len(rows(g)) * num_pid_n)]
+    return order
 
 
 def _s_partials(shrink: list[Launch]) -> Operand | None:
@@ -316,29 +366,76 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
                    reads=tuple(reads), writes=tuple(writes), flops=flops, atomic_bytes=atomic, tail_bytes=tail)]
 
 
+def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool,
+                            num_sms: int) -> list[Launch]:
+    """The backward as one _lora_bwd_dx_kernel launch with DS_IN_LAUNCH (configs.bwd_ds_in_launch): the dS / dB
+    pass's jobs (plan_lora_bwd_dy's, fp32 atomics) beside the dX tiles, which wait for their row block's dS, add
+    dropout'(dS A) and their share of dA = dS^T dropout(x) (fp32 atomics; the last row block to arrive at a K tile
+    stores it). The jobs take tickets in producers-first order (_common._producers_first_job)."""
+    R = configs.padded_rank(r)
+    cfg = configs.bwd_dx_config(M, dtype)
+    # The dS / dB jobs take the dX tiles' row blocks (one counter of dS readiness per row block; at 128 rows half the
+    # dB atomics of 64) and the dS / dB pass's columns.
+    dy_cfg = configs.TileConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=configs.bwd_dy_config(R, dtype).BLOCK_N)
+    ratio = 1
+    m_blocks, n_tiles = _cdiv(M, dy_cfg.BLOCK_M), _cdiv(N, dy_cfg.BLOCK_N)
+    splits, per_split = configs.dy_split(m_blocks, n_tiles, num_sms, dy_cfg.BLOCK_N, M)
+    grid_m, grid_k = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
+    Mp, Kp, Np = grid_m * cfg.BLOCK_M, grid_k * cfg.BLOCK_K, _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N
+    flops = (2 * Mp * Kp * (Np + R)  # dY W and dS A
+             + 4 * m_blocks * dy_cfg.BLOCK_M * n_tiles * dy_cfg.BLOCK_N * R  # dY B and dY^T S
+             + 2 * Mp * Kp * R)  # dropout(x)^T dS
+    reads = (Operand("dY", (M, N), dtype), Operand("W", (N, K), dtype), Operand("A", (r, K), dtype),
+             Operand("B", (N, r), dtype), Operand("S", (M, r), dtype), Operand("X", (M, K), dtype))
+    writes = (Operand("dX", (M, K), dtype), Operand("dS", (M, r), dtype), Operand("dB", (N, r), dtype),
+              Operand("dA", (r, K), dtype))
+    atomic = ((splits + 2) * M * R * 4  # dS over the N splits
+              + (m_blocks + 2) * N * r * 4  # dB over the dS / dB row blocks
+              + (grid_m + 2) * r * K * 4)  # dA over the dX row blocks
+    split_cols = min(N, per_split * dy_cfg.BLOCK_N)
+    rows = min(M, dy_cfg.BLOCK_M)
+    # The last arrivals' sums (as plan_lora_bwd_dy's and plan_lora_bwd_da's): a split's dB, a row block's dS, a K
+    # tile's dA.
+    tail = (split_cols * r * (4 + 4 + dtype.itemsize) + rows * R * (4 + 4) + rows * r * dtype.itemsize
+            + cfg.BLOCK_K * r * (4 + 4 + dtype.itemsize))
+    wait = ratio * dy_cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize  # one dS / dB job
+    constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=False,
+                      DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N,
+                      **_block_constexprs(cfg))
+    return [Launch("_lora_bwd_dx_kernel", (grid_m * (grid_k + ratio * splits),), cfg, constexprs,
+                   args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits), reads=reads, writes=writes,
+                   flops=flops, atomic_bytes=atomic, tail_bytes=tail, wait_bytes=wait)]
+
+
 def plan_lora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, deterministic: bool,
                   num_sms: int, need_dx: bool = True, one_launch: bool | None = None) -> list[Launch]:
     """The backward's launches: the whole of it in one _lora_bwd_dx_da_db_kernel launch (dA and dB stored in the
     inputs' dtype; with several row blocks summed over them by fp32 atomics, finished by the last program to
-    arrive), or plan_lora_bwd_dy, plan_lora_bwd_dx (with ``need_dx``) and plan_lora_bwd_da. One launch wherever
-    configs.bwd_one_launch_config gives tiles: always for one row block, above it where its modeled time
-    (kernels/cost.py, at ``num_sms``, both with dX) is the lower. Without ``need_dx`` COMPUTE_DX is off (no W read),
-    and dA / dB are the same as with it: the choice is made with dX either way. ``one_launch`` forces the choice
-    where the tiles allow it."""
+    arrive), or in one _lora_bwd_dx_kernel launch with the dS / dB jobs inside (plan_lora_bwd_in_launch), or
+    plan_lora_bwd_dy, plan_lora_bwd_dx (with ``need_dx``) and plan_lora_bwd_da. For one row block the first, wherever
+    configs.bwd_one_launch_config gives tiles; above it the one of the lowest modeled time (kernels/cost.py, at
+    ``num_sms``, all with dX). Without ``need_dx`` COMPUTE_DX is off (no W read), and dA / dB are the same as with
+    it; the in-launch plan needs the dX tiles, so without ``need_dx`` the other two are weighed. ``one_launch``
+    forces the choice of _lora_bwd_dx_da_db_kernel or not where the tiles allow it."""
     def separate(need_dx: bool) -> list[Launch]:
         return (plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, num_sms=num_sms)
                 + (plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout) if need_dx else [])
                 + plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms))
 
     cfg = configs.bwd_one_launch_config(M, K, configs.padded_rank(r), dtype, deterministic)
-    if cfg is None or N == 0 or K == 0 or one_launch is False:
+    in_launch = (configs.bwd_ds_in_launch(M, dtype, deterministic) and need_dx and N > 0 and K > 0
+                 and one_launch is None)
+    if (cfg is None and not in_launch) or N == 0 or K == 0 or one_launch is False:
         return separate(need_dx)
     if one_launch is None and M > configs.FEW_TOKENS:
-        one, three = _one_launch_plan(M, N, K, r, dtype, cfg, dropout=dropout, need_dx=True), separate(True)
-        if cost.plan_seconds(one, num_sms) > cost.plan_seconds(three, num_sms):
-            return three if need_dx else separate(False)
+        plans = [separate(True)]
+        plans += [_one_launch_plan(M, N, K, r, dtype, cfg, dropout=dropout, need_dx=True)] if cfg else []
+        plans += [plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=num_sms)] if in_launch else []
+        best = min(plans, key=lambda plan: cost.plan_seconds(plan, num_sms))
         if need_dx:
-            return one
+            return best
+        if best is plans[0]:
+            return separate(False)
     return _one_launch_plan(M, N, K, r, dtype, cfg, dropout=dropout, need_dx=need_dx)
 
 

@@ -98,13 +98,14 @@ LAUNCHER_MODULES = {name: ("fused_lora.kernels.lora_embedding" if module.endswit
 # SPLIT_N, SPLIT_K, SPLIT_K_PARTIALS and REDUCE: the sums across programs finished in the kernel (a stored result
 # alone is the lesser code; a plan has SPLIT_K_PARTIALS only at sizes whose configs may split the forward's K);
 # COMPUTE_DX: the one-launch backward with dX (without it, the same kernel less W's loop). SUM_PARTS: the shrink
-# launch's sum of its K splits (without it, the forward GEMM sums them); S_FROM_PARTS: that sum in the forward GEMM.
+# launch's sum of its K splits (without it, the forward GEMM sums them); S_FROM_PARTS: that sum in the forward GEMM;
+# SHRINK_IN_LAUNCH: the shares made by jobs of the forward launch itself (the tiles' code plus the share jobs').
 WORST_CASE_FLAGS = {"HAS_BIAS": True, "APPLY_DROPOUT": True, "USE_ATOMICS": True, "SCALE_GRAD_BY_FREQ": True,
                     "SPLIT_N": True, "SPLIT_K": True, "SPLIT_K_PARTIALS": True, "REDUCE": True, "COMPUTE_DX": True,
-                    "SUM_PARTS": True, "S_FROM_PARTS": True}
+                    "SUM_PARTS": True, "S_FROM_PARTS": True, "SHRINK_IN_LAUNCH": True}
 # Pointer arguments that are fp32 whatever the input dtype (accumulators, partials, the DoRA norm).
 FP32_POINTERS = frozenset({"norm_ptr", "dm_parts_ptr", "ds_parts_ptr", "db_work_ptr", "da_work_ptr", "s_parts_ptr",
-                           "y_parts_ptr"})
+                           "y_parts_ptr", "work_ptr"})
 # The int32 arrival counters of the sums finished by the last program to arrive.
 I32_POINTERS = frozenset({"counters_ptr"})
 # The dropout seed: a 0-dim int64 tensor, declared do_not_specialize (no alignment hint).
@@ -178,14 +179,17 @@ def plan_launches(M: int, N: int, K: int, r: int, dtype, *, dropout: bool, bias:
 
 def _weighed_plans(M, N, K, r, dtype, *, dropout, bias, deterministic, num_sms) -> list:
     """Every alternative a plan weighs by its modeled time (which depends on sizes beyond these), the chosen ones
-    among them: the forward's (plans.fwd_alternatives: the shrink fused or not, K split or not; at N and at N / 4,
-    whose tiles narrow), and the one-launch backward wherever it has tiles."""
-    from fused_lora.kernels import plans
+    among them: the forward's (plans.fwd_alternatives: the shrink fused or not, K split or not, the shrink in the
+    launch or not; at N and at N / 4, whose tiles narrow), the one-launch backward wherever it has tiles, and the
+    backward with the dS / dB jobs in the dX launch wherever it may run."""
+    from fused_lora.kernels import configs, plans
 
     fwd = [launch for n in (N, N // 4)
            for plan in plans.fwd_alternatives(M, n, K, r, dtype, dropout=dropout, bias=bias) for launch in plan]
     bwd = plans.plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms,
                               one_launch=True)
+    if configs.bwd_ds_in_launch(M, dtype, deterministic):
+        bwd += plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=num_sms)
     return fwd + bwd
 
 

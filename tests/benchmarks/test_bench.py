@@ -155,7 +155,8 @@ def test_tiny_run_writes_json_with_metadata_and_launches(tiny_run):
     assert data["modeled_assumptions"]["peak_flops_bf16_fp16"] == 989e12
     assert data["modeled_assumptions"]["hbm_bytes_per_s"] == 3.35e12
     fused_fwd = [m for m in data["modeled"] if m["provider"] == "fused" and m["direction"] == "fwd"]
-    assert [launch[0] for launch in fused_fwd[0]["launches"]] == ["_lora_shrink_kernel", "_lora_fwd_kernel"]
+    # The headline point (8192 tokens, bf16): the shrink's shares made inside the forward launch.
+    assert [launch[0] for launch in fused_fwd[0]["launches"]] == ["_lora_fwd_kernel"]
 
 
 def test_tiny_run_saved_bytes(tiny_run):
@@ -213,9 +214,12 @@ def test_fused_model_follows_the_token_regime(monkeypatch):
     point = Point(4096, 4096, 64, 16, 0.0, "bfloat16")
     assert _fused_kernel_launches(point) == ["_lora_fwd_kernel", "_lora_bwd_dx_da_db_kernel"]  # few tokens
     monkeypatch.setattr(configs, "FEW_TOKENS", 32)
-    monkeypatch.setattr(configs, "MID_TOKENS", 32)  # 64 tokens are now many: a separate shrink, three backward launches
-    assert _fused_kernel_launches(point) == ["_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dy_kernel",
-                                             "_lora_bwd_dx_kernel", "_lora_bwd_da_kernel"]
+    monkeypatch.setattr(configs, "MID_TOKENS", 32)  # 64 tokens are now many: no one-launch backward tiles
+    # fp16 / bf16: the shrink's shares in the forward launch, the dS / dB jobs in the dX launch; in deterministic
+    # mode the backward's three launches (fixed-order sums).
+    assert _fused_kernel_launches(point) == ["_lora_fwd_kernel", "_lora_bwd_dx_kernel"]
+    assert _fused_kernel_launches(point, deterministic=True) == ["_lora_fwd_kernel", "_lora_bwd_dy_kernel",
+                                                                 "_lora_bwd_dx_kernel", "_lora_bwd_da_kernel"]
 
 
 def test_fused_model_follows_the_tile_config(monkeypatch):
@@ -229,17 +233,18 @@ def test_fused_model_follows_the_tile_config(monkeypatch):
 
     monkeypatch.setattr(configs, "fwd_choices", wider)
     after = {l.name: l for l in roofline.fused_launches(point, "fwd")}["_lora_fwd_kernel"]
-    assert "grid=(2048,)" in before.detail and "grid=(1024,)" in after.detail
+    # 64 row blocks x (32 column tiles + 8 share jobs) -> x (16 + 8)
+    assert "grid=(2560,)" in before.detail and "grid=(1536,)" in after.detail
 
 
 def test_fused_model_follows_determinism():
     point = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")
     atomics = roofline.fused_launches(point, "bwd")
     partials = roofline.fused_launches(point, "bwd", deterministic=True)
-    # Both finish their sums in the kernels: three launches, no memset, sum or cast.
-    assert [l.name for l in atomics] == [l.name for l in partials] == ["_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel",
-                                                                       "_lora_bwd_da_kernel"]
-    assert all(l.atomic_bytes > 0 for l in atomics if l.name != "_lora_bwd_dx_kernel")
+    # Both finish their sums in the kernels, no memset, sum or cast: one launch with the dS / dB jobs inside (fp32
+    # atomics), or three (fixed-order partials).
+    assert [l.name for l in atomics] == ["_lora_bwd_dx_kernel"] and atomics[0].atomic_bytes > 0
+    assert [l.name for l in partials] == ["_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel", "_lora_bwd_da_kernel"]
     assert all(l.atomic_bytes == 0 for l in partials) and "dB_partials" in partials[0].detail
 
 
