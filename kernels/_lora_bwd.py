@@ -186,9 +186,9 @@ def _lora_bwd_dx_kernel(
 ):
     tl.static_assert(not (DS_IN_LAUNCH and DORA), "DoRA's backward has its own dS / dB launch")
     if DS_IN_LAUNCH:
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_k = tl.cdiv(K, BLOCK_K)
-        ready_ptr = counters_ptr + dy_splits + num_pid_m  # then the dA counters, then the ticket
+        num_pid_m = tl.cdiv(M, BLOCK_M).to(tl.int64)
+        num_pid_k = tl.cdiv(K, BLOCK_K).to(tl.int64)
+        ready_ptr = counters_ptr + (dy_splits + num_pid_m)  # then the dA counters, then the ticket
         ticket = _take_ticket(ready_ptr + num_pid_m + num_pid_k, num_pid_m * (dy_splits + num_pid_k))
         is_part, job = _producers_first_job(ticket, num_pid_m, num_pid_k, dy_splits, GROUP_M)
         if is_part:
@@ -305,7 +305,7 @@ def _lora_da_share(pid_m, pid_k, offs_m, offs_k, ds_ptr, x_ptr, da_ptr, da_work_
     tl.atomic_add(da_work_ptr + da_offs, da, mask=da_mask, sem="relaxed", scope="gpu")
     num_pid_m = tl.cdiv(M, BLOCK_M)
     _last_to_arrive(ready_ptr + pid_m, 1 + tl.cdiv(K, BLOCK_K))  # done with dS
-    if _last_to_arrive(ready_ptr + num_pid_m + pid_k, num_pid_m):
+    if _last_to_arrive(ready_ptr + (pid_k + num_pid_m), num_pid_m):
         da = _sum_of_parts(tl.zeros_like(da), da_work_ptr + da_offs, 0, 1, da_mask, True)
         tl.store(da_ptr + da_offs, da.to(da_ptr.dtype.element_ty), mask=da_mask)
 

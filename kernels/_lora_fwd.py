@@ -128,8 +128,8 @@ def _lora_fwd_kernel(
     tl.static_assert(not SHRINK_IN_LAUNCH or (S_FROM_PARTS and not SPLIT_K_PARTIALS),
                      "the shrink in the launch leaves shares for an unsplit S_FROM_PARTS epilogue")
     if SHRINK_IN_LAUNCH:
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_m = tl.cdiv(M, BLOCK_M).to(tl.int64)
+        num_pid_n = tl.cdiv(N, BLOCK_N).to(tl.int64)
         ticket = _take_ticket(counters_ptr + num_pid_m, num_pid_m * (s_splits + num_pid_n))
         is_share, job = _producers_first_job(ticket, num_pid_m, num_pid_n, s_splits, GROUP_M)
         if is_share:

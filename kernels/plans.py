@@ -232,8 +232,9 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
 
 
 def producers_first_order(num_pid_m: int, num_pid_n: int, parts: int, group_m: int) -> list[tuple[str, int]]:
-    """The job of each ticket of a SHRINK_IN_LAUNCH forward, as _common._producers_first_job computes it:
-    ("part", row block x parts + split) or ("tile", index in grouped order). The parts of the first group of group_m
+    """The job of each ticket of a launch with producer jobs (the forward's SHRINK_IN_LAUNCH, the dX launch's
+    DS_IN_LAUNCH), as _common._producers_first_job computes it: ("part", row block x parts + split) or ("tile", index
+    in grouped order). The parts of the first group of group_m
     row blocks; then per group g, the parts of group g + 1 followed by the tiles of group g."""
     group_m = max(1, group_m)
     groups = _cdiv(num_pid_m, group_m)
@@ -377,7 +378,6 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     # The dS / dB jobs take the dX tiles' row blocks (one counter of dS readiness per row block; at 128 rows half the
     # dB atomics of 64) and the dS / dB pass's columns.
     dy_cfg = configs.TileConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=configs.bwd_dy_config(R, dtype).BLOCK_N)
-    ratio = 1
     m_blocks, n_tiles = _cdiv(M, dy_cfg.BLOCK_M), _cdiv(N, dy_cfg.BLOCK_N)
     splits, per_split = configs.dy_split(m_blocks, n_tiles, num_sms, dy_cfg.BLOCK_N, M)
     grid_m, grid_k = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
@@ -398,11 +398,11 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     # tile's dA.
     tail = (split_cols * r * (4 + 4 + dtype.itemsize) + rows * R * (4 + 4) + rows * r * dtype.itemsize
             + cfg.BLOCK_K * r * (4 + 4 + dtype.itemsize))
-    wait = ratio * dy_cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize  # one dS / dB job
+    wait = dy_cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize  # one dS / dB job
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=False,
                       DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N,
                       **_block_constexprs(cfg))
-    return [Launch("_lora_bwd_dx_kernel", (grid_m * (grid_k + ratio * splits),), cfg, constexprs,
+    return [Launch("_lora_bwd_dx_kernel", (grid_m * (grid_k + splits),), cfg, constexprs,
                    args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits), reads=reads, writes=writes,
                    flops=flops, atomic_bytes=atomic, tail_bytes=tail, wait_bytes=wait)]
 
@@ -428,13 +428,14 @@ def plan_lora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout
     if (cfg is None and not in_launch) or N == 0 or K == 0 or one_launch is False:
         return separate(need_dx)
     if one_launch is None and M > configs.FEW_TOKENS:
-        plans = [separate(True)]
-        plans += [_one_launch_plan(M, N, K, r, dtype, cfg, dropout=dropout, need_dx=True)] if cfg else []
-        plans += [plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=num_sms)] if in_launch else []
-        best = min(plans, key=lambda plan: cost.plan_seconds(plan, num_sms))
+        candidates = [separate(True)]
+        candidates += [_one_launch_plan(M, N, K, r, dtype, cfg, dropout=dropout, need_dx=True)] if cfg else []
+        candidates += [plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=num_sms)] if in_launch \
+            else []
+        best = min(candidates, key=lambda plan: cost.plan_seconds(plan, num_sms))
         if need_dx:
             return best
-        if best is plans[0]:
+        if best is candidates[0]:
             return separate(False)
     return _one_launch_plan(M, N, K, r, dtype, cfg, dropout=dropout, need_dx=need_dx)
 

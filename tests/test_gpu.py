@@ -18,6 +18,8 @@ GPU_CASES = CASES + [
     ((16,), 4096, 1024, 64, 0.1, True),  # the forward's K split over programs: 32 tiles x 4 splits
     ((3,), 4096, 1024, 16, 0.0, False),  # 64 tiles x 2 splits
     ((256,), 14336, 1024, 64, 0.1, True),  # the shrink's 28 K splits summed by the forward GEMM
+    # 16-bit: the shrink's shares made in the forward launch, the dS / dB jobs in the dX launch (64 row blocks of 128)
+    ((8192,), 4096, 4096, 16, 0.1, True),
 ]
 
 
@@ -59,6 +61,40 @@ def test_shrink_shares_summed_by_the_forward_are_repeatable_on_gpu(cuda):
     for _ in range(20):
         again = launchers.lora_fwd(x, w, b, a, bb, 0.5, fuse_shrink=False)
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+@pytest.mark.parametrize("M", [130, 8192])
+def test_producer_jobs_in_the_launch_on_gpu(cuda, M):
+    """The shrink's shares made in the forward launch and the dS / dB jobs in the dX launch, whose tiles wait for them
+    (spin on a counter): within torch's error (forced, whichever plan the model picks), the forward the same bits in
+    20 runs, every counter back at zero after each."""
+    from fused_lora import reference
+    from fused_lora.kernels import launchers
+    from numerics import assert_within_torch_error
+
+    dtype = torch.bfloat16
+    x, w, b, a, bb = make_inputs((M,), 4096, 1024, 16, dtype, device=cuda)
+    g = torch.Generator(device=cuda).manual_seed(3)
+    dy = torch.randn(M, 1024, device=cuda, generator=g).to(dtype)
+    y, s = launchers.lora_fwd(x, w, b, a, bb, 0.5, dropout_p=0.1, seed=7, shrink_in_launch=True)
+    low, ref = (reference.lora_fwd(x, w, b, a, bb, 0.5, dropout_p=0.1, seed=7, upcast=u) for u in (False, True))
+    assert_within_torch_error("y", y, low[0], ref[0], dtype)
+    dx, da, db = launchers.lora_bwd_in_launch(dy, x, w, a, bb, s, 0.5, dropout_p=0.1, seed=7)
+    refs = []  # at dtype (dS rounded to it, as the kernels store it), then in fp64
+    for upcast in (False, True):
+        ds, db_ref = reference.lora_bwd_dy(dy, bb, s, 0.5, upcast=upcast)
+        ds = ds if upcast else ds.to(dtype)
+        refs.append((reference.lora_bwd_dx(dy, w, ds, a, dropout_p=0.1, seed=7, upcast=upcast),
+                     reference.lora_bwd_da(ds, x, dropout_p=0.1, seed=7, upcast=upcast), db_ref))
+    for name, got, lo, rf in zip(("dX", "dA", "dB"), (dx, da, db), *refs):
+        assert_within_torch_error(name, got, lo, rf, dtype)
+    for _ in range(20):
+        again = launchers.lora_fwd(x, w, b, a, bb, 0.5, dropout_p=0.1, seed=7, shrink_in_launch=True)
+        assert torch.equal(again[0], y) and torch.equal(again[1], s)
+        launchers.lora_bwd_in_launch(dy, x, w, a, bb, s, 0.5, dropout_p=0.1, seed=7)
+        torch.cuda.synchronize()
+        for workspace in launchers._workspaces.values():
+            assert not workspace.counters.any() and not workspace.accumulator.any()
 
 
 def test_dropout_mask_is_redrawn_on_each_cuda_graph_replay(cuda):
