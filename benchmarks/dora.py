@@ -222,9 +222,9 @@ def saved(provider: str, point: Point) -> DoraRow:
 def fused_dora_launches(point: Point, direction: str, *, deterministic: bool | None = None,
                         num_sms: int | None = None):
     """The launches fused_lora.dora_linear makes on CUDA (fused_lora.ops.dora_triton and kernels.launchers):
-    forward = plan_dora_weight_norm + plan_lora_fwd(dora=True) (+ the shrink when not fused); backward =
-    plan_lora_bwd_dy(dora=True) + plan_lora_bwd_dx(dora=True) + plan_lora_bwd_da + plan_dora_magnitude_grad,
-    plus a cast fused_lora.ops.dora._as_outputs would launch for a dA or dB a plan left in fp32 (none does). With dropout
+    forward = plan_dora_weight_norm + plan_lora_fwd(dora=True) (+ the shrink when not fused nor made in the launch);
+    backward = plan_dora_bwd (plan_lora_bwd_dy(dora=True) + plan_lora_bwd_dx(dora=True) + plan_lora_bwd_da, or the dX
+    launch with the dS / dB jobs inside, then plan_dora_magnitude_grad), plus a cast fused_lora.ops.dora._as_outputs would launch for a dA or dB a plan left in fp32 (none does). With dropout
     the forward and dX loops compute both base products (x W^T and x' W^T; dY W and (g - 1) dY W)."""
     from fused_lora.kernels import plans
 
@@ -238,11 +238,8 @@ def fused_dora_launches(point: Point, direction: str, *, deterministic: bool | N
     fwd = plans.plan_dora_weight_norm(N, K, r, dtype) + plans.plan_lora_fwd(M, N, K, r, dtype, dropout=dropout,
                                                                             bias=point.bias, dora=True,
                                                                             num_sms=num_sms)
-    dy = plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, dora=True, bias=point.bias,
-                                dropout=dropout, num_sms=num_sms)
-    da = plans.plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms)
-    bwd = dy + plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=True) + da + \
-        plans.plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout)
+    bwd = plans.plan_dora_bwd(M, N, K, r, dtype, dropout=dropout, bias=point.bias, deterministic=deterministic,
+                              num_sms=num_sms)
     launches = [roofline._from_plan(launch) for launch in {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]]
     return launches + (roofline.grad_casts(bwd, dtype) if direction != "fwd" else [])
 

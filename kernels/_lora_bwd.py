@@ -148,11 +148,14 @@ def _lora_bwd_dx_kernel(
     seed_ptr,  # () int64 dropout seed; loaded only when APPLY_DROPOUT
     mag_ptr,  # (N,) DoRA magnitude m; read only when DORA
     norm_ptr,  # (N,) fp32 DoRA norm n; read only when DORA
-    b_ptr,  # (N, r); this and the next five only with DS_IN_LAUNCH
+    b_ptr,  # (N, r); this and the next four only with DS_IN_LAUNCH
     s_ptr,  # (M, r), saved from forward
     db_ptr,  # (N, r) output: s dY^T S, in dY's dtype
     x_ptr,  # (M, K)
     da_ptr,  # (r, K) output in x's dtype: dS^T dropout(x)
+    y_ptr,  # (M, N) with DS_IN_LAUNCH and DORA: the forward's saved output (Z with APPLY_DROPOUT)
+    bias_ptr,  # (N,) with DS_IN_LAUNCH, DORA and HAS_BIAS
+    dm_parts_ptr,  # (cdiv(M, BLOCK_M), N) fp32 output with DS_IN_LAUNCH and DORA: the magnitude's partials
     # fp32, zero at rest: the (N, r) dB, (M, R) dS and (r, K) dA accumulators of the fp32 atomics
     work_ptr,
     # int32, zero at rest: dB per N split (dy_splits), dS per row block, dS ready per row block, dA per K tile, ticket
@@ -167,6 +170,8 @@ def _lora_bwd_dx_kernel(
     stride_bn, stride_br,
     stride_sm, stride_sr,
     stride_xm, stride_xk,
+    stride_ym, stride_yn,
+    stride_bias_n,
     drop_threshold, keep_scale, scaling,
     n_per_split,  # with DS_IN_LAUNCH: columns of N per dS / dB job, a multiple of DY_BLOCK_N
     dy_splits,  # with DS_IN_LAUNCH: dS / dB jobs per row block (N splits)
@@ -183,8 +188,8 @@ def _lora_bwd_dx_kernel(
     # dS^T dropout(x) by fp32 atomics; the last row block to arrive at a K tile stores dA.
     DS_IN_LAUNCH: tl.constexpr = False,
     DY_BLOCK_N: tl.constexpr = 64,
+    HAS_BIAS: tl.constexpr = False,  # DS_IN_LAUNCH with DORA and no APPLY_DROPOUT: the dS / dB jobs subtract b from y
 ):
-    tl.static_assert(not (DS_IN_LAUNCH and DORA), "DoRA's backward has its own dS / dB launch")
     if DS_IN_LAUNCH:
         num_pid_m = tl.cdiv(M, BLOCK_M).to(tl.int64)
         num_pid_k = tl.cdiv(K, BLOCK_K).to(tl.int64)
@@ -194,10 +199,11 @@ def _lora_bwd_dx_kernel(
         if is_part:
             pid_m = job // dy_splits
             _lora_bwd_dy_job(pid_m, job % dy_splits, num_pid_m, dy_splits, dy_ptr, b_ptr, s_ptr, ds_ptr, work_ptr,
-                             db_ptr, work_ptr, counters_ptr, dx_ptr, dx_ptr, dx_ptr, dx_ptr, dx_ptr, M, N, r,
-                             stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm,
-                             stride_dsr, 0, 0, 0, 0, scaling, n_per_split, ready_ptr + pid_m, 1 + num_pid_k, R,
-                             BLOCK_M, DY_BLOCK_N, True, True, True, False, False, INPUT_PRECISION, True)
+                             db_ptr, work_ptr, counters_ptr, mag_ptr, norm_ptr, y_ptr, bias_ptr, dm_parts_ptr, M, N,
+                             r, stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm,
+                             stride_dsr, stride_ym, stride_yn, stride_bias_n, stride_mag_n, scaling, n_per_split,
+                             ready_ptr + pid_m, 1 + num_pid_k, R, BLOCK_M, DY_BLOCK_N, True, True, True, DORA,
+                             HAS_BIAS, INPUT_PRECISION, True)
         else:
             pid_m, pid_k = _grouped_tile_of(job, num_pid_m, num_pid_k, GROUP_M)
             _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr, norm_ptr,
@@ -231,6 +237,8 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
     DORA_DROPOUT: tl.constexpr = DORA and APPLY_DROPOUT
     if DS_IN_LAUNCH:  # dS comes later: dY W first
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        if DORA_DROPOUT:
+            acc_kept = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     else:
         # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass. DoRA with dropout masks
         # dS A + (g - 1) dY W, so that sum gets its own accumulator, masked after the loop.
@@ -264,18 +272,20 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
         acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
         dy_ptrs += dy_step
         w_ptrs += w_step
-    if DORA_DROPOUT:
-        seed = tl.load(seed_ptr)
-        acc += _dropped(acc_kept, seed, offs_m, offs_k, drop_threshold) * keep_scale
     if DS_IN_LAUNCH:
         _wait_for(ready_ptr + pid_m, 1)  # the row block's dS, stored by a lower ticket
         lora = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
                                  stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION,
                                  ".cg")
-        if APPLY_DROPOUT:
-            seed = tl.load(seed_ptr)
-            lora = _dropped(lora, seed, offs_m, offs_k, drop_threshold) * keep_scale
-        acc += lora
+        if DORA_DROPOUT:  # masked with (g - 1) dY W below
+            acc_kept += lora
+        elif APPLY_DROPOUT:
+            acc += _dropped(lora, tl.load(seed_ptr), offs_m, offs_k, drop_threshold) * keep_scale
+        else:
+            acc += lora
+    if DORA_DROPOUT:
+        seed = tl.load(seed_ptr)
+        acc += _dropped(acc_kept, seed, offs_m, offs_k, drop_threshold) * keep_scale
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
     if DS_IN_LAUNCH:

@@ -25,7 +25,7 @@ from ._lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_da_db_kernel, _lora_bwd
 from ._dora import _dora_magnitude_grad_kernel, _dora_weight_norm_kernel
 from ._lora_fwd import _lora_fwd_kernel, _lora_shrink_kernel
 from .dropout_args import drop_threshold, keep_scale, seed_on
-from .plans import (ZERO_, ZEROS, Launch, find_launch, plan_dora_magnitude_grad, plan_dora_weight_norm,
+from .plans import (ZERO_, ZEROS, Launch, find_launch, plan_dora_bwd, plan_dora_magnitude_grad, plan_dora_weight_norm,
                     plan_lora_bwd, plan_lora_bwd_da, plan_lora_bwd_dx, plan_lora_bwd_dy, plan_lora_bwd_in_launch,
                     plan_lora_fwd, plan_lora_shrink)
 
@@ -274,11 +274,12 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, *, dropout_p: floa
 
 
 def dora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, magnitude, norm, *, dropout_p: float = 0.0, seed=0,
-             fuse_shrink: bool | None = None):
+             fuse_shrink: bool | None = None, shrink_in_launch: bool | None = None):
     """(y, S, Z) of DoRA with g = m / n (``magnitude`` (N,), ``norm`` (N,) fp32): y = g (x W^T + s S B^T) + b and
     Z empty; with dropout (x' = dropout(x), S = x' A^T) y = x W^T + b + (g - 1) x' W^T + g s S B^T and
     Z = x' W^T + s S B^T (M, N), both base products in one GEMM loop."""
-    y, s, z = _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, magnitude, norm)
+    y, s, z = _fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse_shrink, magnitude, norm,
+                   shrink_in_launch)
     return y, s, x.new_empty((0,)) if z is None else z
 
 
@@ -486,14 +487,15 @@ def _bwd_dx(ready, dy, weight, ds, lora_A, dropout_p, seed, magnitude=None, norm
     # dx stands in for the pointers only DS_IN_LAUNCH reads (_bwd_in_launch).
     _lora_bwd_dx_kernel[ready.launch.grid](
         dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), *_dora_ptrs(magnitude, norm, dx),
-        *(dx,) * 7, M, N, K, r, *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
-        magnitude.stride(0) if magnitude is not None else 0, *(0,) * 6, *_dropout_scalars(dropout_p), 1.0, 0, 1,
+        *(dx,) * 10, M, N, K, r, *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
+        magnitude.stride(0) if magnitude is not None else 0, *(0,) * 9, *_dropout_scalars(dropout_p), 1.0, 0, 1,
         **ready.kwargs)
     return dx
 
 
-def _bwd_in_launch(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed):
-    """(dX, dA, dB) from one DS_IN_LAUNCH _lora_bwd_dx_kernel launch (plans.plan_lora_bwd_in_launch)."""
+def _bwd_in_launch(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, dora=None):
+    """(dX, dA, dB) from one DS_IN_LAUNCH _lora_bwd_dx_kernel launch (plans.plan_lora_bwd_in_launch), and DoRA's dm
+    partials (or None) when ``dora`` = (magnitude, norm, saved y or Z, bias or None)."""
     M, N = dy.shape
     r, K = lora_A.shape
     launch = ready.launch
@@ -504,12 +506,20 @@ def _bwd_in_launch(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, 
     da = torch.empty((r, K), device=dy.device, dtype=x.dtype)
     db = torch.empty((N, r), device=dy.device, dtype=dy.dtype)
     counters, accumulator = _workspace(dy.device, splits + 2 * grid_m + grid_k + 1, N * r + M * R + r * K)
+    dm_parts = None
+    if dora is not None:
+        magnitude, norm, saved, bias = dora
+        dm_parts = _scratch(launch, "dm_parts", dy.device)
+        dora_ptrs = (magnitude, norm, saved, dx if bias is None else bias, dm_parts)
+        dora_strides = (magnitude.stride(0), *saved.stride(), 0 if bias is None else bias.stride(0))
+    else:  # dx: pointers the kernel does not touch
+        dora_ptrs, dora_strides = (dx,) * 5, (0,) * 4
     _lora_bwd_dx_kernel[launch.grid](
-        dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), dx, dx, lora_B, s, db, x, da,
-        accumulator, counters, M, N, K, r, *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(),
-        *dx.stride(), 0, *lora_B.stride(), *s.stride(), *x.stride(), *_dropout_scalars(dropout_p), float(scaling),
-        **ready.kwargs)
-    return dx, da, db
+        dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), *dora_ptrs[:2], lora_B, s, db, x, da,
+        *dora_ptrs[2:], accumulator, counters, M, N, K, r, *dy.stride(), *weight.stride(), *ds.stride(),
+        *lora_A.stride(), *dx.stride(), dora_strides[0], *lora_B.stride(), *s.stride(), *x.stride(), *dora_strides[1:],
+        *_dropout_scalars(dropout_p), float(scaling), **ready.kwargs)
+    return (dx, da, db) if dora is None else (dx, da, db, dm_parts)
 
 
 def _bwd_da(ready, ds, x, dropout_p, seed):
@@ -556,6 +566,15 @@ def dora_bwd(dy, x, weight, bias, lora_A, lora_B, magnitude, norm, s, saved, sca
     r, K = lora_A.shape
     dropout = dropout_p > 0.0
     bias = None if dropout else bias  # Z = z' needs no bias removed
+    in_launch = _dora_in_launch_ready(M, N, K, r, dy.dtype, dropout, bias is not None, deterministic, precision,
+                                      _num_sms(dy.device), need_dx)
+    if in_launch is not None:  # plan_dora_bwd: the dS / dB jobs in the dX launch, then dm's reduction
+        in_ready, dm_ready = in_launch
+        with launch_guard(dy.device):
+            dx, da, db, dm_parts = _bwd_in_launch(in_ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed,
+                                                  dora=(magnitude, norm, saved, bias))
+            dm = _dora_dm(dm_ready, dm_parts, magnitude, norm, dy, x, weight, s, lora_B, scaling) if need_dm else None
+        return dx, da if need_dA else None, db, dm
     with launch_guard(dy.device):
         seed = _seed_arg(seed, dropout_p, dy.device)
         dy_ready = _dy_ready(M, N, r, dy.dtype, deterministic, precision, _num_sms(dy.device), True, bias is not None,
@@ -568,6 +587,17 @@ def dora_bwd(dy, x, weight, bias, lora_A, lora_B, magnitude, norm, s, saved, sca
         dm = _dora_dm(_dm_ready(M, N, r, dy.dtype, precision, dropout), dm_parts, magnitude, norm, dy, x, weight, s,
                       lora_B, scaling) if need_dm else None
     return dx, da, db, dm
+
+
+@functools.lru_cache(maxsize=4096)
+def _dora_in_launch_ready(M, N, K, r, dtype, dropout, bias, deterministic, precision, num_sms, need_dx):
+    """(the dX launch's, the dm reduction's) where plans.plan_dora_bwd puts the dS / dB jobs in the dX launch, else
+    None."""
+    plan = plan_dora_bwd(M, N, K, r, dtype, dropout=dropout, bias=bias, deterministic=deterministic, num_sms=num_sms,
+                         need_dx=need_dx)
+    if not plan[0].constexprs.get("DS_IN_LAUNCH"):
+        return None
+    return _ready(plan, "_lora_bwd_dx_kernel", precision), _ready(plan, "_dora_magnitude_grad_kernel", precision)
 
 
 def _dora_dm(ready, dm_parts, magnitude, norm, dy, x, weight, s, lora_B, scaling):

@@ -150,14 +150,14 @@ def fwd_alternatives(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, drop
                      shrink_in_launch: bool | None = None) -> list[list[Launch]]:
     """Every forward plan plan_lora_fwd weighs: each (config, shrink fused or not) of configs.fwd_choices, at each K
     split count of configs.fwd_k_splits; an unfused one also with its shares made in the GEMM launch where
-    configs.fwd_shrink_in_launch allows. ``fuse_shrink=False`` means a shrink launch: not fused, not in the GEMM
+    configs.fwd_sums_shrink_parts allows. ``fuse_shrink=False`` means a shrink launch: not fused, not in the GEMM
     launch; ``shrink_in_launch=True`` forces the in-launch shares (not fused)."""
-    in_launch = (configs.fwd_shrink_in_launch(M, dtype, dora) and K > 0 and fuse_shrink is None
+    in_launch = (configs.fwd_sums_shrink_parts(M, dtype) and K > 0 and fuse_shrink is None
                  and shrink_in_launch is not False)
     if shrink_in_launch:
         if not in_launch:
             raise ValueError(f"the shrink cannot run in the forward launch at M={M}, K={K}, dtype={dtype}, "
-                             f"dora={dora}, fuse_shrink={fuse_shrink} (configs.fwd_shrink_in_launch)")
+                             f"dora={dora}, fuse_shrink={fuse_shrink} (configs.fwd_sums_shrink_parts)")
         fuse_shrink = False
     choices = configs.fwd_choices(M, N, configs.padded_rank(r), dtype, dora, dropout)
     if fuse_shrink is not None:
@@ -206,9 +206,8 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
     writes += [s_parts] if in_launch else []
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), HAS_BIAS=bias, FUSE_SHRINK=fuse, APPLY_DROPOUT=dropout,
                       DORA=dora, **_block_constexprs(cfg))
-    if sums_parts:  # wherever it may be on: the AOT report compiles both values as one job (True)
+    if sums_parts:  # wherever they may be on: the AOT report compiles both values as one job (True)
         constexprs["S_FROM_PARTS"] = s_parts is not None
-    if sums_parts and configs.fwd_shrink_in_launch(M, dtype, dora):  # the same: one job, with it on
         constexprs["SHRINK_IN_LAUNCH"] = in_launch
     if configs.fwd_may_split(M, dora, dropout):  # compiled with the split by the AOT report (WORST_CASE_FLAGS)
         constexprs["SPLIT_K_PARTIALS"] = splits > 1
@@ -368,27 +367,35 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
 
 
 def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool,
-                            num_sms: int) -> list[Launch]:
+                            num_sms: int, dora: bool = False, bias: bool = False) -> list[Launch]:
     """The backward as one _lora_bwd_dx_kernel launch with DS_IN_LAUNCH (configs.bwd_ds_in_launch): the dS / dB
     pass's jobs (plan_lora_bwd_dy's, fp32 atomics) beside the dX tiles, which wait for their row block's dS, add
     dropout'(dS A) and their share of dA = dS^T dropout(x) (fp32 atomics; the last row block to arrive at a K tile
-    stores it). The jobs take tickets in producers-first order (_common._producers_first_job)."""
+    stores it). The jobs take tickets in producers-first order (_common._producers_first_job). ``dora``: the jobs'
+    dS / dB from dZ = g dY with the magnitude's partials (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's;
+    plan_dora_magnitude_grad follows with block_m = this launch's BLOCK_M."""
     R = configs.padded_rank(r)
-    cfg = configs.bwd_dx_config(M, dtype)
+    two_products = dora and dropout
+    bias = dora and bias and not dropout  # from Z there is no bias to subtract
+    cfg = configs.bwd_dx_config(M, dtype, two_products, dora)
     # The dS / dB jobs take the dX tiles' row blocks (one counter of dS readiness per row block; at 128 rows half the
     # dB atomics of 64) and the dS / dB pass's columns.
-    dy_cfg = configs.TileConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=configs.bwd_dy_config(R, dtype).BLOCK_N)
+    dy_cfg = configs.TileConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=configs.bwd_dy_config(R, dtype, dora).BLOCK_N)
     m_blocks, n_tiles = _cdiv(M, dy_cfg.BLOCK_M), _cdiv(N, dy_cfg.BLOCK_N)
     splits, per_split = configs.dy_split(m_blocks, n_tiles, num_sms, dy_cfg.BLOCK_N, M)
     grid_m, grid_k = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
     Mp, Kp, Np = grid_m * cfg.BLOCK_M, grid_k * cfg.BLOCK_K, _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N
-    flops = (2 * Mp * Kp * (Np + R)  # dY W and dS A
+    flops = (2 * Mp * Kp * (Np * (2 if two_products else 1) + R)  # dY W (and (g - 1) dY W) and dS A
              + 4 * m_blocks * dy_cfg.BLOCK_M * n_tiles * dy_cfg.BLOCK_N * R  # dY B and dY^T S
              + 2 * Mp * Kp * R)  # dropout(x)^T dS
     reads = (Operand("dY", (M, N), dtype), Operand("W", (N, K), dtype), Operand("A", (r, K), dtype),
              Operand("B", (N, r), dtype), Operand("S", (M, r), dtype), Operand("X", (M, K), dtype))
     writes = (Operand("dX", (M, K), dtype), Operand("dS", (M, r), dtype), Operand("dB", (N, r), dtype),
               Operand("dA", (r, K), dtype))
+    if dora:
+        reads += (Operand("Z" if dropout else "Y", (M, N), dtype), *_dora_scale_operands(N, dtype))
+        reads += (Operand("bias", (N,), dtype),) if bias else ()
+        writes += (Operand("dm_parts", (m_blocks, N), torch.float32),)
     atomic = ((splits + 2) * M * R * 4  # dS over the N splits
               + (m_blocks + 2) * N * r * 4  # dB over the dS / dB row blocks
               + (grid_m + 2) * r * K * 4)  # dA over the dX row blocks
@@ -399,9 +406,8 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     tail = (split_cols * r * (4 + 4 + dtype.itemsize) + rows * R * (4 + 4) + rows * r * dtype.itemsize
             + cfg.BLOCK_K * r * (4 + 4 + dtype.itemsize))
     wait = dy_cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize  # one dS / dB job
-    constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=False,
-                      DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N,
-                      **_block_constexprs(cfg))
+    constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora,
+                      DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N, HAS_BIAS=bias, **_block_constexprs(cfg))
     return [Launch("_lora_bwd_dx_kernel", (grid_m * (grid_k + splits),), cfg, constexprs,
                    args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits), reads=reads, writes=writes,
                    flops=flops, atomic_bytes=atomic, tail_bytes=tail, wait_bytes=wait)]
@@ -467,6 +473,24 @@ def _one_launch_plan(M, N, K, r, dtype, cfg, *, dropout, need_dx) -> list[Launch
                    writes=writes, flops=flops, atomic_bytes=atomic, tail_bytes=tail)]
 
 
+def plan_dora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, bias: bool,
+                  deterministic: bool, num_sms: int, need_dx: bool = True) -> list[Launch]:
+    """DoRA's backward (dX, dA, dB, then dm): the dS / dB pass on dZ = g dY (plan_lora_bwd_dy with dora), the dX
+    (plan_lora_bwd_dx with dora) and dA launches and the magnitude's reduction; or, of the lower modeled time where
+    configs.bwd_ds_in_launch allows (dX wanted), the dX launch with the dS / dB jobs inside
+    (plan_lora_bwd_in_launch) and the reduction."""
+    separate = (plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, dora=True, bias=bias, dropout=dropout,
+                                 num_sms=num_sms)
+                + (plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=True) if need_dx else [])
+                + plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms)
+                + plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout))
+    if not (configs.bwd_ds_in_launch(M, dtype, deterministic) and need_dx and N > 0 and K > 0):
+        return separate
+    one = plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=num_sms, dora=True, bias=bias)
+    one += plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout, block_m=one[0].config.BLOCK_M)
+    return min((separate, one), key=lambda plan: cost.plan_seconds(plan, num_sms))
+
+
 def plan_dora_weight_norm(N: int, K: int, r: int, dtype: torch.dtype) -> list[Launch]:
     """n = ||W + s B A|| per row (N,) fp32 from W + s B A formed tile by tile in registers."""
     norm = Operand("norm", (N,), torch.float32)
@@ -484,14 +508,16 @@ def plan_dora_weight_norm(N: int, K: int, r: int, dtype: torch.dtype) -> list[La
                    writes=(norm,), flops=flops)]
 
 
-def plan_dora_magnitude_grad(M: int, N: int, r: int, dtype: torch.dtype, *, dropout: bool = False) -> list[Launch]:
-    """dm (N,) from the dS / dB pass's per-row-block partials (plan_lora_bwd_dy with dora), reduced in a
-    fixed order and divided by m (by n with ``dropout``, whose partials come from Z): deterministic. Modeled
-    without the m == 0 recompute (a branch no trained magnitude takes)."""
+def plan_dora_magnitude_grad(M: int, N: int, r: int, dtype: torch.dtype, *, dropout: bool = False,
+                             block_m: int | None = None) -> list[Launch]:
+    """dm (N,) from the dS / dB pass's per-row-block partials (plan_lora_bwd_dy with dora; ``block_m``: that pass's
+    rows per block when it ran inside the dX launch, plan_lora_bwd_in_launch), reduced in a fixed order and divided
+    by m (by n with ``dropout``, whose partials come from Z): deterministic. Modeled without the m == 0 recompute (a
+    branch no trained magnitude takes)."""
     dm = Operand("dm", (N,), dtype)
     if N == 0:
         return []
-    parts = _cdiv(M, configs.bwd_dy_config(configs.padded_rank(r), dtype, dora=True).BLOCK_M)
+    parts = _cdiv(M, block_m or configs.bwd_dy_config(configs.padded_rank(r), dtype, dora=True).BLOCK_M)
     if M == 0:
         return _torch_op(ZERO_, writes=[dm])
     cfg = configs.dora_magnitude_config(dtype)

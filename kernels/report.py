@@ -194,9 +194,9 @@ def _weighed_plans(M, N, K, r, dtype, *, dropout, bias, deterministic, num_sms) 
 
 
 def _dora_plans(M, N, K, r, dtype, *, dropout, bias, deterministic) -> list:
-    """The DoRA launches the LoRA plans do not make: the norm, the LoRA kernels with DORA on, the magnitude's
-    gradient (dA is the LoRA launch)."""
-    from fused_lora.kernels import plans
+    """The DoRA launches the LoRA plans do not make: the norm, the LoRA kernels with DORA on (the dX launch with the
+    dS / dB jobs inside too), the magnitude's gradient (dA is the LoRA launch)."""
+    from fused_lora.kernels import configs, plans
 
     return [*plans.plan_dora_weight_norm(N, K, r, dtype),
             *plans.plan_dora_weight_norm(N // 4, K, r, dtype),  # its row tile narrows below 4096 rows
@@ -204,7 +204,9 @@ def _dora_plans(M, N, K, r, dtype, *, dropout, bias, deterministic) -> list:
             *plans.plan_lora_bwd_dy(M, N, r, dtype, deterministic=deterministic, dora=True, bias=bias,
                                     dropout=dropout),
             *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=True),
-            *plans.plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout)]
+            *plans.plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout),
+            *(plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=_PLAN_SMS, dora=True,
+                                            bias=bias) if configs.bwd_ds_in_launch(M, dtype, deterministic) else [])]
 
 
 # 1: one row block (few-token tiles); 65: two (64- and 32-column forward tiles at N and N / 4, 64-column K slices of
