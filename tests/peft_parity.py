@@ -203,7 +203,21 @@ class Parity:
         (lo, go), (lp, gp), (lr, gr) = self.ours, self.peft, self.ref
         return {"logits_vs_peft": rel_err(lo, lp), "grads_vs_peft": worst(go, gp),
                 "logits_ours_vs_fp64": rel_err(lo, lr), "logits_peft_vs_fp64": rel_err(lp, lr),
-                "grads_ours_vs_fp64": worst(go, gr), "grads_peft_vs_fp64": worst(gp, gr)}
+                "grads_ours_vs_fp64": worst(go, gr), "grads_peft_vs_fp64": worst(gp, gr),
+                "worst_ratio": self.worst_ratio()}
+
+    def worst_ratio(self) -> tuple[float, str]:
+        """The largest (our error - half an ulp) / baseline error over the logits and every LoRA grad, each against
+        fp64 (the quantity test_peft_patch bounds by its FACTOR), and the tensor where it occurs."""
+        from numerics import atol_for, max_err
+        (lo, go), (lp, gp), (ls, gs), (lr, gr) = self.ours, self.peft, self.same_op, self.ref
+        worst = (0.0, "")
+        for name, ours, peft, same_op, ref in [("logits", lo, lp, ls, lr)] + [(k, go[k], gp[k], gs[k], gr[k])
+                                                                               for k in gr]:
+            baseline = max(max_err(peft, ref), max_err(same_op, ref))
+            if baseline:
+                worst = max(worst, ((max_err(ours, ref) - atol_for(ref, self.dtype)) / baseline, name))
+        return worst
 
 
 def _configs():
@@ -278,7 +292,7 @@ def main():
           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}")
     print("max relative error = max|a - b| / max|b|; grads: worst LoRA parameter")
     header = ("config", "dtype", "logits vs PEFT", "grads vs PEFT", "logits ours/PEFT vs fp64",
-              "grads ours/PEFT vs fp64")
+              "grads ours/PEFT vs fp64", "worst (ours - atol) / baseline")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for result in all_parities():
@@ -287,7 +301,8 @@ def main():
         baseline = "" if result.baseline == "PEFT" else f" (baseline: {result.baseline})"
         print(f"| {result.name}{baseline} | {dtype} | {f['logits_vs_peft']:.1e} | {f['grads_vs_peft']:.1e} | "
               f"{f['logits_ours_vs_fp64']:.1e} / {f['logits_peft_vs_fp64']:.1e} | "
-              f"{f['grads_ours_vs_fp64']:.1e} / {f['grads_peft_vs_fp64']:.1e} |")
+              f"{f['grads_ours_vs_fp64']:.1e} / {f['grads_peft_vs_fp64']:.1e} | "
+              f"{f['worst_ratio'][0]:.2f} ({f['worst_ratio'][1].replace('base_model.model.', '')}) |")
 
 
 if __name__ == "__main__":

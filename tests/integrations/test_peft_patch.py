@@ -24,8 +24,12 @@ ALL_LINEAR = dict(r=8, lora_alpha=16, target_modules="all-linear")
 # active adapters need 2.24x: the stacked sum rounds differently from PEFT's per-adapter sums, and plain
 # torch computing the stacked op has up to 1.3x PEFT's error (lora_A.second of layers.1.v_proj: PEFT
 # 3.2 ulp, stacked torch 4.1 ulp, ours 7.6 ulp). Worst measured (ours - atol) / baseline over every
-# tensor of every config: 1.73. A relative change of 1e-6 in lora_B fails the logits check.
-FACTOR = 2.0
+# tensor of every config: 1.73 on an AVX2 x86_64 CPU; on an AVX-512 one (AMD EPYC, numpy 2.4.6 on OpenBLAS
+# 0.3.31) 2.53 (base bias: layers.1.q_proj.lora_A, the Triton kernels in the interpreter, whose fp32 tile dots
+# are numpy matmuls) and 2.34 (two active adapters: layers.1.v_proj.lora_A.second), 1.81 at most in the other
+# configs; the C++ backend stays within 2. Errors compound through the model's layers, so 3. A relative change
+# of 1e-6 in lora_B still fails the logits check there (6.1e-7 against a bound of 5.8e-7).
+FACTOR = 3.0
 
 
 def assert_parity(result):
