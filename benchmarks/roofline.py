@@ -15,8 +15,9 @@ summed over the launches, where
 - tail bytes: what one program moves alone once the others are done (the final pass of a sum finished by the
   last program to arrive), at one SM's share of the bandwidth;
 - first-wave wait: where a launch's tiles wait for producer jobs started beside them (the forward's shrink shares,
-  SHRINK_IN_LAUNCH), one producer job's bytes at one SM's share of the bandwidth beyond a tile's share of the main
-  time (main / waves); later producers run a group of row blocks ahead of their tiles.
+  SHRINK_IN_LAUNCH; the dS / dB jobs of the dX launch, DS_IN_LAUNCH), one producer job's bytes at one SM's share of
+  the bandwidth: all of it where the tiles wait before their main loop (the dX tiles), else beyond a tile's share of
+  the main time (main / waves); later producers run a group of row blocks ahead of their tiles.
 
 Launch lists are derived, not typed in:
 - fused: from the launchers' own plans (fused_lora.kernels.plans.plan_*): grids, tiles, passes, partial
@@ -105,8 +106,9 @@ def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
                    "dB, splits x M x R x 4 into dS, SPLIT_M x r x K "
                    "x 4 into dA, plus 2 x 4 bytes per element for the last program's read and re-zeroing, at "
                    "atomic_bytes_per_s, added after the launch's main time (not overlapped)",
-        "waits": "a launch whose tiles wait for producer jobs beside them (the forward's shrink shares): "
-                 "max(0, one producer job's wait_bytes x SMs / bandwidth - main time / waves), the first wave only",
+        "waits": "a launch whose tiles wait for producer jobs beside them (the forward's shrink shares, the dX "
+                 "launch's dS / dB jobs): one producer job's wait_bytes x SMs / bandwidth, less main time / waves "
+                 "where the tiles wait after their main loop (the forward's), the first wave only",
         "tails": "a sum finished by the last program to arrive: the bytes that one program moves after the rest "
                  "of the launch (its columns' accumulator or partials, and the grad it stores), at hbm / SMs",
         "triton_efficiency": "e = 1 in the ideal table; triton_gemm_efficiency on the FLOP rate of Triton "
@@ -137,6 +139,7 @@ class ModeledLaunch:
     atomic_bytes: int = 0  # fp32 atomic adds into L2 (the plan's atomic_bytes of a USE_ATOMICS launch)
     tail_bytes: int = 0  # moved by one last-to-arrive program after the rest of the launch (its sums' final pass)
     wait_bytes: int = 0  # moved by one producer job the first wave's tiles may wait for (cost.wait_seconds)
+    wait_at_start: bool = False  # those tiles wait before their main loop
 
     @property
     def is_triton(self) -> bool:
@@ -170,7 +173,7 @@ class ModeledLaunch:
     def seconds(self, peak: float, gpu: Gpu = DEFAULT_GPU, triton_efficiency: float = 1.0) -> float:
         rate = peak * (triton_efficiency if self.is_triton else 1.0)
         return cost.launch_seconds(self.flops, self.bytes, self.programs, self.atomic_bytes, self.tail_bytes,
-                                   self.wait_bytes, peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
+                                   self.wait_bytes, self.wait_at_start, peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
 
     def bound(self, peak: float, gpu: Gpu = DEFAULT_GPU) -> str:
         return "compute" if self.flops / peak >= self.bytes / gpu.hbm_bytes_per_s else "memory"
@@ -235,7 +238,7 @@ def _from_plan(launch) -> ModeledLaunch:
         grid += f" wait={launch.wait_bytes / 2**10:.3g} KiB"
     return ModeledLaunch(launch.kernel, launch.flops, launch.hbm_bytes, f"{ops}{grid}",
                          programs=launch.programs, atomic_bytes=launch.atomic_bytes, tail_bytes=launch.tail_bytes,
-                         wait_bytes=launch.wait_bytes)
+                         wait_bytes=launch.wait_bytes, wait_at_start=launch.wait_at_start)
 
 
 def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERMINISTIC,

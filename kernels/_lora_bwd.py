@@ -229,27 +229,30 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, APPLY_DROPOUT: tl.constexpr, DORA: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, DS_IN_LAUNCH: tl.constexpr):
     """dX tile (pid_m, pid_k) of _lora_bwd_dx_kernel (its arguments). DS_IN_LAUNCH: the row block's dS is waited for
-    at ready_ptr[pid_m] after the main loop; the (r, K) dA accumulator is at da_work_ptr, its K tiles' arrival
+    at ready_ptr[pid_m] before the main loop; the (r, K) dA accumulator is at da_work_ptr, its K tiles' arrival
     counters after the num_pid_m ready counters."""
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_k = _span(pid_k * BLOCK_K, BLOCK_K)
 
     DORA_DROPOUT: tl.constexpr = DORA and APPLY_DROPOUT
-    if DS_IN_LAUNCH:  # dS comes later: dY W first
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        if DORA_DROPOUT:
-            acc_kept = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass. DoRA with dropout masks
+    # dS A + (g - 1) dY W, so that sum gets its own accumulator, masked after the loop.
+    if DS_IN_LAUNCH:
+        # Before the main loop: waiting after it, dS A took a second (BLOCK_M, BLOCK_K) fp32 accumulator beside dY W's,
+        # which spilled 8-504 B at 128 x 128 on sm_80 / sm_90 at every rank (kernel_report).
+        _wait_for(ready_ptr + pid_m, 1)  # the row block's dS, stored by a lower ticket
+        acc = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
+                                stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION,
+                                ".cg")
     else:
-        # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass. DoRA with dropout masks
-        # dS A + (g - 1) dY W, so that sum gets its own accumulator, masked after the loop.
         acc = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
                                 stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION)
-        if DORA_DROPOUT:
-            acc_kept = acc
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        elif APPLY_DROPOUT:
-            seed = tl.load(seed_ptr)
-            acc = _dropped(acc, seed, offs_m, offs_k, drop_threshold) * keep_scale
+    if DORA_DROPOUT:
+        acc_kept = acc
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    elif APPLY_DROPOUT:
+        seed = tl.load(seed_ptr)
+        acc = _dropped(acc, seed, offs_m, offs_k, drop_threshold) * keep_scale
 
     offs_n = _span(0, BLOCK_N)
     dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn  # (BLOCK_M, BLOCK_N)
@@ -272,17 +275,6 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
         acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
         dy_ptrs += dy_step
         w_ptrs += w_step
-    if DS_IN_LAUNCH:
-        _wait_for(ready_ptr + pid_m, 1)  # the row block's dS, stored by a lower ticket
-        lora = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
-                                 stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION,
-                                 ".cg")
-        if DORA_DROPOUT:  # masked with (g - 1) dY W below
-            acc_kept += lora
-        elif APPLY_DROPOUT:
-            acc += _dropped(lora, tl.load(seed_ptr), offs_m, offs_k, drop_threshold) * keep_scale
-        else:
-            acc += lora
     if DORA_DROPOUT:
         seed = tl.load(seed_ptr)
         acc += _dropped(acc_kept, seed, offs_m, offs_k, drop_threshold) * keep_scale
@@ -298,16 +290,23 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
 def _lora_da_share(pid_m, pid_k, offs_m, offs_k, ds_ptr, x_ptr, da_ptr, da_work_ptr, ready_ptr, seed_ptr, M, K, r,
                    stride_dsm, stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
+                   INPUT_PRECISION: tl.constexpr, DA_ROWS: tl.constexpr = 64):
     """A DS_IN_LAUNCH dX tile's share of dA^T = dropout(x)^T dS, (BLOCK_K, R) over its rows, added into the fp32
     accumulator; it then counts out of its row block's ready counter (the last re-zeroes it), and the last row block
     to arrive at the K tile stores dA in x's dtype (_lora_bwd_da_kernel's sum, by atomics)."""
     offs_r = _span(0, R)
-    x = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)  # (BLOCK_M, BLOCK_K)
     if APPLY_DROPOUT:
-        x = _dropped(x, tl.load(seed_ptr), offs_m, offs_k, drop_threshold)
-    ds = _load_tile(ds_ptr, offs_m, offs_r, stride_dsm, stride_dsr, M, r, ".cg")  # (BLOCK_M, R)
-    da = tl.dot(tl.trans(x), ds, input_precision=INPUT_PRECISION)
+        seed = tl.load(seed_ptr)
+    # In 64-row slices, one live at a time: the whole (128, BLOCK_K) x tile beside the (128, R) dS spilled 24-48 B on
+    # sm_90 at R = 16-32 (kernel_report).
+    da = tl.zeros((BLOCK_K, R), dtype=tl.float32)
+    for m0 in tl.range(0, BLOCK_M, DA_ROWS, num_stages=1):
+        rows = _span(pid_m * BLOCK_M + m0, DA_ROWS)
+        x = _load_tile(x_ptr, rows, offs_k, stride_xm, stride_xk, M, K)  # (DA_ROWS, BLOCK_K)
+        if APPLY_DROPOUT:
+            x = _dropped(x, seed, rows, offs_k, drop_threshold)
+        ds = _load_tile(ds_ptr, rows, offs_r, stride_dsm, stride_dsr, M, r, ".cg")  # (DA_ROWS, R)
+        da = tl.dot(tl.trans(x), ds, da, input_precision=INPUT_PRECISION)
     if APPLY_DROPOUT:
         da = da * keep_scale
     da_offs = offs_r[None, :] * K + offs_k[:, None]  # (BLOCK_K, R) of the (r, K) grad

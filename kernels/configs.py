@@ -223,10 +223,16 @@ def bwd_dx_config(M: int, dtype: torch.dtype, two_products: bool = False, dora: 
     return TileConfig(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
-def bwd_ds_in_launch(M: int, dtype: torch.dtype, deterministic: bool) -> bool:
+def bwd_ds_in_launch(M: int, R: int, dtype: torch.dtype, deterministic: bool, dora: bool = False,
+                     dropout: bool = False) -> bool:
     """Whether the backward may run as one dX launch with the dS / dB jobs and dA inside it
-    (plans.plan_lora_bwd_in_launch): fp16 / bf16 above FEW_TOKENS, not deterministic (its sums are fp32 atomics)."""
-    return M > FEW_TOKENS and not _is_fp32(dtype) and not deterministic
+    (plans.plan_lora_bwd_in_launch): fp16 / bf16 above FEW_TOKENS, not deterministic (its sums are fp32 atomics), up
+    to R = 64 on 64-row dX tiles and R = 32 on 128-row ones. The jobs take the dX tiles' rows (two (BLOCK_M, R) fp32
+    accumulators): on 128 rows R = 64 spilled 40-152 B on sm_80 (LoRA and DoRA), and R = 128-256 on either at
+    every tile (kernel_report)."""
+    if M <= FEW_TOKENS or _is_fp32(dtype) or deterministic:
+        return False
+    return R <= (ONE_LAUNCH_BWD_MAX_RANK if bwd_dx_config(M, dtype, dora and dropout, dora).BLOCK_M == 64 else 32)
 
 
 def bwd_one_launch_config(M: int, K: int, R: int, dtype: torch.dtype, deterministic: bool) -> TileConfig | None:
@@ -248,15 +254,16 @@ def bwd_one_launch_config(M: int, K: int, R: int, dtype: torch.dtype, determinis
         # recomputes its dS = dY B (R / BLOCK_K more FLOPs). 32-column slices take the few-token tiles below.
         # sm_80 (kernel_report, every BLOCK_N 32 / 64 x 4 / 8 warps x 2-4 stages tried): 128-column slices spilled
         # 24-224 B at R = 64 in every variant, and up to R = 32 all but 32-column N tiles on 8 warps with 3-4
-        # stages; 64-column slices spilled 8-80 B somewhere in R = 16-64 except 64-column N tiles on 4 warps with 2
-        # stages.
+        # stages. 64-column slices, compiled with the fp32 accumulator they add into: 64-column N tiles on 4 warps
+        # spilled 8-16 B at R = 32 / 64 (1 or 2 stages), 32-column ones on 4 warps 8 B at R = 64; 8 warps did not
+        # (64 columns, 2 stages; 32 columns, 3 stages).
         if deterministic:
             return None
         block_k = _width_to_fill(M, K, 128 if R <= 32 else 64)
         if block_k == 128:
             return TileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
         if block_k == 64:
-            return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2)
+            return TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
     # As the few-token dX launch: 32-column K slices give K / 32 programs (128 for K = 4096), every one reading
     # its W slice once. 0 spills and HGMMA on sm_90; at R = 64 4 warps spilled 16-120 B on sm_80, 8 do not
     # (kernel_report).
@@ -329,6 +336,16 @@ def fwd_sums_shrink_parts(M: int, dtype: torch.dtype) -> bool:
     warps to 128 registers (64 x 64 x 32 few-token tiles at R = 128 / 256 with the K split, DoRA with dropout at
     64 x 32 x 16); the few-token 64 x 16 x 128 tiles with the K split spilled 16 B at R = 128 / 256 on sm_80."""
     return M > FEW_TOKENS and not _is_fp32(dtype)
+
+
+def fwd_shrink_in_launch(M: int, R: int, dtype: torch.dtype, dora: bool) -> bool:
+    """Whether the forward may make the shrink's K-split shares inside its own launch (_lora_fwd_kernel's
+    SHRINK_IN_LAUNCH: share jobs beside the tiles, which wait for their row block's shares) instead of a shrink
+    launch: where the GEMM sums shares (fwd_sums_shrink_parts), up to R = 128, not DoRA. The share job's
+    (BLOCK_M, R) fp32 accumulator spilled 120-136 B at R = 256 on the 128-row tiles on sm_80, and DoRA's 128-row
+    tiles (all of its 16-bit ones above FEW_TOKENS) spilled 8 B on sm_90 at R = 32-128 with 128 or 64 columns, 3 or
+    2 stages (kernel_report)."""
+    return fwd_sums_shrink_parts(M, dtype) and R <= 128 and not dora
 
 
 def in_launch_shrink_split(k_tiles: int) -> tuple[int, int]:

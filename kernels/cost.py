@@ -58,28 +58,30 @@ def tail_seconds(tail_bytes: int, *, hbm_bytes_per_s: float, num_sms: int) -> fl
 
 
 def wait_seconds(wait_bytes: int, main: float, programs: int | None, *, hbm_bytes_per_s: float,
-                 num_sms: int) -> float:
-    """The first wave of a launch whose tiles wait for producer jobs started beside them (SHRINK_IN_LAUNCH): one
-    producer job moves ``wait_bytes`` at one SM's share of the bandwidth (the tail rate); a tile of the first wave
-    waits for it where that is longer than its own share of the main time (``main`` / waves). Later producers run
-    one group of row blocks ahead of their tiles, so only the first wave waits."""
+                 num_sms: int, at_start: bool = False) -> float:
+    """The first wave of a launch whose tiles wait for producer jobs started beside them (SHRINK_IN_LAUNCH,
+    DS_IN_LAUNCH): one producer job moves ``wait_bytes`` at one SM's share of the bandwidth (the tail rate). A tile
+    of the first wave waits for all of it when it waits before its main loop (``at_start``), else for what exceeds
+    its own share of the main time (``main`` / waves). Later producers run one group of row blocks ahead of their
+    tiles, so only the first wave waits."""
     if not wait_bytes:
         return 0.0
-    return max(0.0, tail_seconds(wait_bytes, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
-               - main / waves(programs or 1, num_sms))
+    job = tail_seconds(wait_bytes, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
+    return job if at_start else max(0.0, job - main / waves(programs or 1, num_sms))
 
 
 def launch_seconds(flops: int, nbytes: int, programs: int | None, atomic_bytes: int = 0, tail_bytes: int = 0,
-                   wait_bytes: int = 0, *, peak: float = H100_PEAK_FLOPS, hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S,
-                   num_sms: int = H100_NUM_SMS) -> float:
+                   wait_bytes: int = 0, wait_at_start: bool = False, *, peak: float = H100_PEAK_FLOPS,
+                   hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S, num_sms: int = H100_NUM_SMS) -> float:
     main = main_seconds(flops, nbytes, programs, peak=peak, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
     return (main + atomic_seconds(atomic_bytes) + tail_seconds(tail_bytes, hbm_bytes_per_s=hbm_bytes_per_s,
                                                                num_sms=num_sms)
-            + wait_seconds(wait_bytes, main, programs, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
+            + wait_seconds(wait_bytes, main, programs, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms,
+                           at_start=wait_at_start)
             + LAUNCH_OVERHEAD_S)
 
 
 def plan_seconds(plan, num_sms: int = H100_NUM_SMS) -> float:
     """A plan's launches (plans.Launch) at the H100's rates with ``num_sms`` SMs."""
     return sum(launch_seconds(launch.flops, launch.hbm_bytes, launch.programs, launch.atomic_bytes, launch.tail_bytes,
-                              launch.wait_bytes, num_sms=num_sms) for launch in plan)
+                              launch.wait_bytes, launch.wait_at_start, num_sms=num_sms) for launch in plan)

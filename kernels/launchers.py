@@ -391,10 +391,12 @@ def lora_bwd_in_launch(dy, x, weight, lora_A, lora_B, s, scaling: float, *, drop
     whether or not plan_lora_bwd would choose it): fp16 / bf16 above FEW_TOKENS, not in deterministic mode."""
     M, N = dy.shape
     r, K = lora_A.shape
-    if not configs.bwd_ds_in_launch(M, dy.dtype, torch.are_deterministic_algorithms_enabled()) or not N or not K:
-        raise ValueError(f"lora_bwd_in_launch: {M} tokens in {dy.dtype} (N={N}, K={K}) cannot run the dS / dB jobs in "
-                         f"the dX launch (configs.bwd_ds_in_launch: fp16 / bf16, more than {configs.FEW_TOKENS} "
-                         f"tokens, not deterministic; N and K > 0); use lora_bwd")
+    R = configs.padded_rank(r)
+    if not configs.bwd_ds_in_launch(M, R, dy.dtype, torch.are_deterministic_algorithms_enabled()) or not N or not K:
+        raise ValueError(f"lora_bwd_in_launch: {M} tokens at rank {r} in {dy.dtype} (N={N}, K={K}) cannot run the "
+                         f"dS / dB jobs in the dX launch (configs.bwd_ds_in_launch: fp16 / bf16, more than "
+                         f"{configs.FEW_TOKENS} tokens, rank <= 64 on 64-row dX tiles and 32 on 128-row ones, not "
+                         f"deterministic; N and K > 0); use lora_bwd")
     ready = _in_launch_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, _input_precision(dy.dtype), _num_sms(dy.device))
     with launch_guard(dy.device):
         return _bwd_in_launch(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)

@@ -49,6 +49,7 @@ class Launch:
     atomic_bytes: int = 0  # fp32 atomic adds into a zero-at-rest accumulator (resolved in L2)
     tail_bytes: int = 0  # bytes one last-to-arrive program moves after the other programs are done
     wait_bytes: int = 0  # bytes one producer job moves while the first wave's tiles wait for it (cost.wait_seconds)
+    wait_at_start: bool = False  # the tiles wait before their main loop (else after it, beside their own work)
 
     def __post_init__(self):
         if self.config is not None:
@@ -150,14 +151,14 @@ def fwd_alternatives(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, drop
                      shrink_in_launch: bool | None = None) -> list[list[Launch]]:
     """Every forward plan plan_lora_fwd weighs: each (config, shrink fused or not) of configs.fwd_choices, at each K
     split count of configs.fwd_k_splits; an unfused one also with its shares made in the GEMM launch where
-    configs.fwd_sums_shrink_parts allows. ``fuse_shrink=False`` means a shrink launch: not fused, not in the GEMM
+    configs.fwd_shrink_in_launch allows. ``fuse_shrink=False`` means a shrink launch: not fused, not in the GEMM
     launch; ``shrink_in_launch=True`` forces the in-launch shares (not fused)."""
-    in_launch = (configs.fwd_sums_shrink_parts(M, dtype) and K > 0 and fuse_shrink is None
-                 and shrink_in_launch is not False)
+    in_launch = (configs.fwd_shrink_in_launch(M, configs.padded_rank(r), dtype, dora) and K > 0
+                 and fuse_shrink is None and shrink_in_launch is not False)
     if shrink_in_launch:
         if not in_launch:
             raise ValueError(f"the shrink cannot run in the forward launch at M={M}, K={K}, dtype={dtype}, "
-                             f"dora={dora}, fuse_shrink={fuse_shrink} (configs.fwd_sums_shrink_parts)")
+                             f"dora={dora}, fuse_shrink={fuse_shrink} (configs.fwd_shrink_in_launch)")
         fuse_shrink = False
     choices = configs.fwd_choices(M, N, configs.padded_rank(r), dtype, dora, dropout)
     if fuse_shrink is not None:
@@ -206,8 +207,9 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
     writes += [s_parts] if in_launch else []
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), HAS_BIAS=bias, FUSE_SHRINK=fuse, APPLY_DROPOUT=dropout,
                       DORA=dora, **_block_constexprs(cfg))
-    if sums_parts:  # wherever they may be on: the AOT report compiles both values as one job (True)
+    if sums_parts:  # wherever it may be on: the AOT report compiles both values as one job (True)
         constexprs["S_FROM_PARTS"] = s_parts is not None
+    if sums_parts and configs.fwd_shrink_in_launch(M, R, dtype, dora):  # the same
         constexprs["SHRINK_IN_LAUNCH"] = in_launch
     if configs.fwd_may_split(M, dora, dropout):  # compiled with the split by the AOT report (WORST_CASE_FLAGS)
         constexprs["SPLIT_K_PARTIALS"] = splits > 1
@@ -405,12 +407,13 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     # tile's dA.
     tail = (split_cols * r * (4 + 4 + dtype.itemsize) + rows * R * (4 + 4) + rows * r * dtype.itemsize
             + cfg.BLOCK_K * r * (4 + 4 + dtype.itemsize))
-    wait = dy_cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize  # one dS / dB job
+    # One dS / dB job, which the first tiles wait for before their main loop (the dS A term seeds their accumulator).
+    wait = dy_cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora,
                       DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N, HAS_BIAS=bias, **_block_constexprs(cfg))
     return [Launch("_lora_bwd_dx_kernel", (grid_m * (grid_k + splits),), cfg, constexprs,
                    args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits), reads=reads, writes=writes,
-                   flops=flops, atomic_bytes=atomic, tail_bytes=tail, wait_bytes=wait)]
+                   flops=flops, atomic_bytes=atomic, tail_bytes=tail, wait_bytes=wait, wait_at_start=True)]
 
 
 def plan_lora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, deterministic: bool,
@@ -429,8 +432,8 @@ def plan_lora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout
                 + plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms))
 
     cfg = configs.bwd_one_launch_config(M, K, configs.padded_rank(r), dtype, deterministic)
-    in_launch = (configs.bwd_ds_in_launch(M, dtype, deterministic) and need_dx and N > 0 and K > 0
-                 and one_launch is None)
+    in_launch = (configs.bwd_ds_in_launch(M, configs.padded_rank(r), dtype, deterministic) and need_dx and N > 0
+                 and K > 0 and one_launch is None)
     if (cfg is None and not in_launch) or N == 0 or K == 0 or one_launch is False:
         return separate(need_dx)
     if one_launch is None and M > configs.FEW_TOKENS:
@@ -484,7 +487,8 @@ def plan_dora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout
                 + (plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=True) if need_dx else [])
                 + plan_lora_bwd_da(M, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms)
                 + plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout))
-    if not (configs.bwd_ds_in_launch(M, dtype, deterministic) and need_dx and N > 0 and K > 0):
+    R = configs.padded_rank(r)
+    if not (configs.bwd_ds_in_launch(M, R, dtype, deterministic, True, dropout) and need_dx and N > 0 and K > 0):
         return separate
     one = plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=num_sms, dora=True, bias=bias)
     one += plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout, block_m=one[0].config.BLOCK_M)

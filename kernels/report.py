@@ -188,7 +188,7 @@ def _weighed_plans(M, N, K, r, dtype, *, dropout, bias, deterministic, num_sms) 
            for plan in plans.fwd_alternatives(M, n, K, r, dtype, dropout=dropout, bias=bias) for launch in plan]
     bwd = plans.plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms,
                               one_launch=True)
-    if configs.bwd_ds_in_launch(M, dtype, deterministic):
+    if configs.bwd_ds_in_launch(M, configs.padded_rank(r), dtype, deterministic):
         bwd += plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=num_sms)
     return fwd + bwd
 
@@ -206,7 +206,8 @@ def _dora_plans(M, N, K, r, dtype, *, dropout, bias, deterministic) -> list:
             *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=True),
             *plans.plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout),
             *(plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=_PLAN_SMS, dora=True,
-                                            bias=bias) if configs.bwd_ds_in_launch(M, dtype, deterministic) else [])]
+                                            bias=bias)
+              if configs.bwd_ds_in_launch(M, configs.padded_rank(r), dtype, deterministic, True, dropout) else [])]
 
 
 # 1: one row block (few-token tiles); 65: two (64- and 32-column forward tiles at N and N / 4, 64-column K slices of

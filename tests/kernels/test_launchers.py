@@ -165,8 +165,9 @@ def _in_launch_fwd(M, N, K, r, dtype, p=0.0):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)  # fp32 keeps the shrink launch's sum
 # K = 1100: 18 K tiles of 64 give 3 share jobs of 8 tiles per row block, the last of 2 tiles, partial; N = 45: one
 # column tile (its tiles store S), N = 200: 2 of 128 (fp16 70 tokens: a wait for another tile's shares). 600 tokens:
-# 10 row blocks of 64, a first group of 8 and a last of 2 (the job order's irregular end); r = 200 pads to 256.
-@pytest.mark.parametrize("M,N,r,p", [(66, 45, 1, 0.0), (70, 200, 33, 0.2), (130, 45, 200, 0.0), (600, 200, 7, 0.2)])
+# 10 row blocks of 64, a first group of 8 and a last of 2 (the job order's irregular end); r = 100 pads to 128, the
+# largest rank configs.fwd_shrink_in_launch allows.
+@pytest.mark.parametrize("M,N,r,p", [(66, 45, 1, 0.0), (70, 200, 33, 0.2), (130, 45, 100, 0.0), (600, 200, 7, 0.2)])
 def test_fwd_makes_the_shrinks_shares_in_its_launch(dtype, M, N, r, p):
     """SHRINK_IN_LAUNCH: share jobs inside the forward launch store S's K-split fp32 shares, the tiles wait for their
     row block's and sum them in split order: S and y within torch's error, the same bits on a second run, the
@@ -238,8 +239,10 @@ def test_fwd_takes_the_shrink_into_its_launch_where_it_pays():
                                                                 "bias": False, **kwargs})
         assert launches[0].kernel == "_lora_shrink_kernel"
         assert not launches[-1].constexprs.get("SHRINK_IN_LAUNCH", False)
-    with pytest.raises(ValueError, match="shrink cannot run in the forward launch"):
-        plans.plan_lora_fwd(16, 4096, 4096, 16, torch.bfloat16, dropout=False, bias=False, shrink_in_launch=True)
+    for M, r, dora in ((16, 16, False), (8192, 256, False), (1024, 16, True)):  # few tokens, R = 256, DoRA
+        with pytest.raises(ValueError, match="shrink cannot run in the forward launch"):
+            plans.plan_lora_fwd(M, 4096, 4096, r, torch.bfloat16, dropout=False, bias=False, dora=dora,
+                                shrink_in_launch=True)
 
 
 def test_shrink_for_the_fwd_splits_k_without_a_lone_sum():
