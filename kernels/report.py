@@ -625,6 +625,10 @@ def describe_config(config: dict) -> str:
         rest.append("fused")
     if config.get("SPLIT_K_PARTIALS"):
         rest.append("splitk")
+    if config.get("SHRINK_IN_LAUNCH"):
+        rest.append("sharejobs")
+    if config.get("DS_IN_LAUNCH"):
+        rest.append("dsjobs")
     if config.get("DORA"):
         rest.append("dora-dropout" if config.get("APPLY_DROPOUT") else "dora")
     if config.get("FROM_Z"):
