@@ -448,21 +448,27 @@ def test_bwd_one_launch_with_wide_k_slices(monkeypatch):
     launchers._one_launch_ready.cache_clear()
 
 
-@pytest.mark.parametrize("M", [3, 70])
-def test_bwd_one_launch_keeps_inf_of_dy_in_its_rows(M):
-    """An inf of dY makes its row of dS inf / NaN; the padded rank columns and rows of dS stay 0 (as the separate
-    launches' masked store leaves them), so dX, dA and dB are NaN exactly where the reference is."""
+def _check_inf_of_dy_stays_in_its_row(backward, M, row):
+    """dY[row, 7] = inf through ``backward`` (a launcher taking (dy, x, W, A, B, S, scaling)): dX, dA and dB NaN / inf
+    exactly where the reference has them (bf16, N = 70, K = 90, r = 5), and the NaN sums re-zeroed in the workspace."""
     N, K, r = 70, 90, 5
     x, w, _, a, bb = make_inputs((M,), K, N, r, torch.bfloat16)
     g = torch.Generator().manual_seed(6)
     dy, s = torch.randn(M, N, generator=g).to(torch.bfloat16), torch.randn(M, r, generator=g).to(torch.bfloat16)
-    dy[1, 7] = float("inf")
-    got = launchers.lora_bwd_one_launch(dy, x, w, a, bb, s, 1.5)
+    dy[row, 7] = float("inf")
+    got = backward(dy, x, w, a, bb, s, 1.5)
     _, ref = _bwd_refs(dy, x, w, a, bb, s, 1.5, 0.0, torch.bfloat16)
     for name, g_, r_ in zip(("dX", "dA", "dB"), got, ref):
         assert torch.equal(g_.isnan(), r_.isnan()) and torch.equal(g_.isinf(), r_.isinf()), name
-    for workspace in launchers._workspaces.values():  # the NaN sums were re-zeroed too
+    for workspace in launchers._workspaces.values():
         assert not workspace.counters.any() and not workspace.accumulator.any()
+
+
+@pytest.mark.parametrize("M", [3, 70])
+def test_bwd_one_launch_keeps_inf_of_dy_in_its_rows(M):
+    """An inf of dY makes its row of dS inf / NaN; the padded rank columns and rows of dS stay 0 (as the separate
+    launches' masked store leaves them), so dX, dA and dB are NaN exactly where the reference is."""
+    _check_inf_of_dy_stays_in_its_row(launchers.lora_bwd_one_launch, M, 1)
 
 
 # 10 row blocks of 64 (a first group of 8 and a last of 2: the job order's irregular end), N = 90: 2 dS / dB jobs per
@@ -489,19 +495,9 @@ def test_bwd_in_launch(dtype, M, r, N, K, p):
 
 
 def test_bwd_in_launch_keeps_inf_of_dy_in_its_rows():
-    """An inf of dY makes its row of dS inf / NaN; dX, dA and dB are NaN / inf exactly where the reference is, and
-    the NaN sums leave the accumulators at zero."""
-    M, N, K, r = 130, 70, 90, 5
-    x, w, _, a, bb = make_inputs((M,), K, N, r, torch.bfloat16)
-    g = torch.Generator().manual_seed(6)
-    dy, s = torch.randn(M, N, generator=g).to(torch.bfloat16), torch.randn(M, r, generator=g).to(torch.bfloat16)
-    dy[70, 7] = float("inf")
-    got = launchers.lora_bwd_in_launch(dy, x, w, a, bb, s, 1.5)
-    _, ref = _bwd_refs(dy, x, w, a, bb, s, 1.5, 0.0, torch.bfloat16)
-    for name, g_, r_ in zip(("dX", "dA", "dB"), got, ref):
-        assert torch.equal(g_.isnan(), r_.isnan()) and torch.equal(g_.isinf(), r_.isinf()), name
-    for workspace in launchers._workspaces.values():
-        assert not workspace.counters.any() and not workspace.accumulator.any()
+    """An inf of dY (row 70: the second of 3 row blocks) makes its row of dS inf / NaN; dX, dA and dB are NaN / inf
+    exactly where the reference is, and the NaN sums leave the accumulators at zero."""
+    _check_inf_of_dy_stays_in_its_row(launchers.lora_bwd_in_launch, 130, 70)
 
 
 def test_bwd_takes_the_ds_jobs_into_the_dx_launch_where_it_pays():
