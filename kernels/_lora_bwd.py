@@ -281,13 +281,13 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
     if DS_IN_LAUNCH:
-        _lora_da_share(pid_m, pid_k, offs_m, offs_k, ds_ptr, x_ptr, da_ptr, da_work_ptr, ready_ptr, seed_ptr, M, K,
+        _lora_da_share(pid_m, pid_k, offs_k, ds_ptr, x_ptr, da_ptr, da_work_ptr, ready_ptr, seed_ptr, M, K,
                        r, stride_dsm, stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R, BLOCK_M,
                        BLOCK_K, APPLY_DROPOUT, INPUT_PRECISION)
 
 
 @triton.jit
-def _lora_da_share(pid_m, pid_k, offs_m, offs_k, ds_ptr, x_ptr, da_ptr, da_work_ptr, ready_ptr, seed_ptr, M, K, r,
+def _lora_da_share(pid_m, pid_k, offs_k, ds_ptr, x_ptr, da_ptr, da_work_ptr, ready_ptr, seed_ptr, M, K, r,
                    stride_dsm, stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, DA_ROWS: tl.constexpr = 64):

@@ -329,9 +329,8 @@ SHRINK_MIN_TILES_PER_PART = 8
 
 def fwd_sums_shrink_parts(M: int, dtype: torch.dtype) -> bool:
     """Whether the forward GEMM may sum the shrink's K splits (_lora_fwd_kernel's S_FROM_PARTS) instead of the
-    shrink's last split, and so whether those shares may be made by jobs of the forward launch itself
-    (SHRINK_IN_LAUNCH, the tiles waiting for them): fp16 / bf16 above FEW_TOKENS (kernel_report, every config with
-    that epilogue: 0 spills).
+    shrink's last split (fwd_shrink_in_launch narrows where those shares may be made inside the forward launch):
+    fp16 / bf16 above FEW_TOKENS (kernel_report, every config with that epilogue: 0 spills).
     In fp32 (FMA holds both operands of the S B^T dot in registers) it spilled 8-16 B on sm_90, where ptxas held 8
     warps to 128 registers (64 x 64 x 32 few-token tiles at R = 128 / 256 with the K split, DoRA with dropout at
     64 x 32 x 16); the few-token 64 x 16 x 128 tiles with the K split spilled 16 B at R = 128 / 256 on sm_80."""
