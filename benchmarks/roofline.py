@@ -140,6 +140,8 @@ class ModeledLaunch:
     tail_bytes: int = 0  # moved by one last-to-arrive program after the rest of the launch (its sums' final pass)
     wait_bytes: int = 0  # moved by one producer job the first wave's tiles may wait for (cost.wait_seconds)
     wait_at_start: bool = False  # those tiles wait before their main loop
+    last_job_bytes: int = 0  # moved by one job of the last group beside that group's tiles (cost.last_job_seconds)
+    last_job_cover: int = 0  # those tiles
 
     @property
     def is_triton(self) -> bool:
@@ -173,7 +175,8 @@ class ModeledLaunch:
     def seconds(self, peak: float, gpu: Gpu = DEFAULT_GPU, triton_efficiency: float = 1.0) -> float:
         rate = peak * (triton_efficiency if self.is_triton else 1.0)
         return cost.launch_seconds(self.flops, self.bytes, self.programs, self.atomic_bytes, self.tail_bytes,
-                                   self.wait_bytes, self.wait_at_start, peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
+                                   self.wait_bytes, self.wait_at_start, self.last_job_bytes, self.last_job_cover,
+                                   peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
 
     def bound(self, peak: float, gpu: Gpu = DEFAULT_GPU) -> str:
         return "compute" if self.flops / peak >= self.bytes / gpu.hbm_bytes_per_s else "memory"
@@ -236,9 +239,12 @@ def _from_plan(launch) -> ModeledLaunch:
         grid += f" tail={launch.tail_bytes / 2**10:.3g} KiB"
     if launch.wait_bytes:
         grid += f" wait={launch.wait_bytes / 2**10:.3g} KiB"
+    if launch.last_job_bytes:
+        grid += f" last job={launch.last_job_bytes / 2**10:.3g} KiB beside {launch.last_job_cover} tiles"
     return ModeledLaunch(launch.kernel, launch.flops, launch.hbm_bytes, f"{ops}{grid}",
                          programs=launch.programs, atomic_bytes=launch.atomic_bytes, tail_bytes=launch.tail_bytes,
-                         wait_bytes=launch.wait_bytes, wait_at_start=launch.wait_at_start)
+                         wait_bytes=launch.wait_bytes, wait_at_start=launch.wait_at_start,
+                         last_job_bytes=launch.last_job_bytes, last_job_cover=launch.last_job_cover)
 
 
 def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERMINISTIC,

@@ -47,26 +47,29 @@ def _lora_bwd_dy_kernel(
                      tl.num_programs(1), dy_ptr, b_ptr, s_ptr, ds_ptr, ds_parts_ptr, db_ptr, db_work_ptr, counters_ptr,
                      mag_ptr, norm_ptr, y_ptr, bias_ptr, dm_parts_ptr, M, N, r, stride_dym, stride_dyn, stride_bn,
                      stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr, stride_ym, stride_yn, stride_bias_n,
-                     stride_mag_n, scaling, n_per_split, counters_ptr, 0, R, BLOCK_M, BLOCK_N, SPLIT_N, REDUCE,
-                     USE_ATOMICS, DORA, HAS_BIAS, INPUT_PRECISION, False)
+                     stride_mag_n, scaling, n_per_split, counters_ptr + tl.num_programs(1), counters_ptr, 0, R, BLOCK_M,
+                     BLOCK_N, SPLIT_N, REDUCE, USE_ATOMICS, DORA, HAS_BIAS, INPUT_PRECISION, False, True)
 
 
 @triton.jit
 def _lora_bwd_dy_job(pid_m, pid_n, m_blocks, splits, dy_ptr, b_ptr, s_ptr, ds_ptr, ds_parts_ptr, db_ptr, db_work_ptr,
                      counters_ptr, mag_ptr, norm_ptr, y_ptr, bias_ptr, dm_parts_ptr, M, N, r, stride_dym, stride_dyn,
                      stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr, stride_ym, stride_yn,
-                     stride_bias_n, stride_mag_n, scaling, n_per_split, ready_ptr, ready_arrivals,
+                     stride_bias_n, stride_mag_n, scaling, n_per_split, ds_counters_ptr, ready_ptr, ready_arrivals,
                      R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
                      REDUCE: tl.constexpr, USE_ATOMICS: tl.constexpr, DORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     INPUT_PRECISION: tl.constexpr, READY: tl.constexpr):
-    """Program (pid_m, pid_n) of the (m_blocks, splits) dS / dB pass (_lora_bwd_dy_kernel's arguments). READY: the
-    program that stores row block pid_m's dS then counts in at ``ready_ptr`` (of ``ready_arrivals``), which the dX
-    tiles of a DS_IN_LAUNCH backward wait on."""
+                     INPUT_PRECISION: tl.constexpr, READY: tl.constexpr, DB: tl.constexpr):
+    """Program (pid_m, pid_n) of the (m_blocks, splits) dS / dB pass (_lora_bwd_dy_kernel's arguments; dS's
+    counters, one per row block, at ``ds_counters_ptr``, dB's per N split at ``counters_ptr``). READY: the program
+    that stores row block pid_m's dS then counts in at ``ready_ptr`` (of ``ready_arrivals``), which the dX tiles of
+    a DS_IN_LAUNCH backward wait on. Without DB only dS (the DS_IN_LAUNCH backward's dB jobs, _lora_db_group_job,
+    make dB): no S read and no dB dot."""
     n_start = pid_n * n_per_split
     n_stop = tl.minimum(n_start + n_per_split, N)
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_r = _span(0, R)
-    s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r)  # (BLOCK_M, R)
+    if DB:
+        s = _load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, M, r)  # (BLOCK_M, R)
     ds_acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     # Pointer tiles advanced by an int64 step per N block (recomputing them from int64 offsets each
     # iteration kept the offset tiles live and spilled, kernel_report).
@@ -90,14 +93,15 @@ def _lora_bwd_dy_job(pid_m, pid_n, m_blocks, splits, dy_ptr, b_ptr, s_ptr, ds_pt
             y_ptrs += tl.cast(stride_yn, tl.int64) * BLOCK_N
         b = tl.load(b_ptrs, mask=mask_n[:, None] & (offs_r[None, :] < r), other=0.0)
         ds_acc = tl.dot(dy, b, ds_acc, input_precision=INPUT_PRECISION)
-        db = tl.dot(tl.trans(dy), s, input_precision=INPUT_PRECISION) * scaling  # (BLOCK_N, R)
-        db_mask = mask_n[:, None] & (offs_r[None, :] < r)
-        if REDUCE and USE_ATOMICS:
-            tl.atomic_add(work_ptrs, db, mask=db_mask, sem="relaxed", scope="gpu")
-        elif REDUCE:
-            tl.store(work_ptrs, db, mask=db_mask)
-        else:
-            tl.store(db_ptrs, db.to(db_ptr.dtype.element_ty), mask=db_mask)
+        if DB:
+            db = tl.dot(tl.trans(dy), s, input_precision=INPUT_PRECISION) * scaling  # (BLOCK_N, R)
+            db_mask = mask_n[:, None] & (offs_r[None, :] < r)
+            if REDUCE and USE_ATOMICS:
+                tl.atomic_add(work_ptrs, db, mask=db_mask, sem="relaxed", scope="gpu")
+            elif REDUCE:
+                tl.store(work_ptrs, db, mask=db_mask)
+            else:
+                tl.store(db_ptrs, db.to(db_ptr.dtype.element_ty), mask=db_mask)
         dy_ptrs += tl.cast(stride_dyn, tl.int64) * BLOCK_N
         b_ptrs += tl.cast(stride_bn, tl.int64) * BLOCK_N
         db_ptrs += tl.cast(r, tl.int64) * BLOCK_N
@@ -111,7 +115,7 @@ def _lora_bwd_dy_job(pid_m, pid_n, m_blocks, splits, dy_ptr, b_ptr, s_ptr, ds_pt
         else:
             parts_ptrs = ds_parts_ptr + offs_m[:, None] * R + offs_r[None, :]  # (BLOCK_M, R) of split 0
             tl.store(parts_ptrs + pid_n * M * R, ds_acc, mask=in_ds)
-        if _last_to_arrive(counters_ptr + (pid_m + splits), splits):
+        if _last_to_arrive(ds_counters_ptr + pid_m, splits):
             ds_acc = _sum_of_parts(tl.zeros_like(ds_acc), parts_ptrs, tl.cast(M, tl.int64) * R, splits,
                                    in_ds, USE_ATOMICS)
             tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
@@ -125,7 +129,7 @@ def _lora_bwd_dy_job(pid_m, pid_n, m_blocks, splits, dy_ptr, b_ptr, s_ptr, ds_pt
             _last_to_arrive(ready_ptr, ready_arrivals)
     # One arrival per program (a per-tile one would stall each tile on an L2 round trip): the last row block to
     # finish this N split sums and stores all of the split's dB tiles.
-    if REDUCE:
+    if REDUCE and DB:
         if _last_to_arrive(counters_ptr + pid_n, m_blocks):
             offs_n = _span(n_start, BLOCK_N)
             for n0 in range(n_start, n_stop, BLOCK_N):
@@ -138,7 +142,7 @@ def _lora_bwd_dy_job(pid_m, pid_n, m_blocks, splits, dy_ptr, b_ptr, s_ptr, ds_pt
                 offs_n += BLOCK_N
 
 
-@triton.jit(do_not_specialize=["seed_ptr", "dy_splits"])
+@triton.jit(do_not_specialize=["seed_ptr", "dy_splits", "db_slots", "da_slots"])
 def _lora_bwd_dx_kernel(
     dy_ptr,  # (M, N)
     w_ptr,  # (N, K)
@@ -158,7 +162,7 @@ def _lora_bwd_dx_kernel(
     dm_parts_ptr,  # (cdiv(M, BLOCK_M), N) fp32 output with DS_IN_LAUNCH and DORA: the magnitude's partials
     # fp32, zero at rest: the (N, r) dB, (M, R) dS and (r, K) dA accumulators of the fp32 atomics
     work_ptr,
-    # int32, zero at rest: dB per N split (dy_splits), dS per row block, dS ready per row block, dA per K tile, ticket
+    # int32, zero at rest: dS per row block, dS ready per row block, dA and dB per JOB_COLS columns of K and N, ticket
     counters_ptr,
     M, N, K, r,
     stride_dym, stride_dyn,
@@ -174,7 +178,9 @@ def _lora_bwd_dx_kernel(
     stride_bias_n,
     drop_threshold, keep_scale, scaling,
     n_per_split,  # with DS_IN_LAUNCH: columns of N per dS / dB job, a multiple of DY_BLOCK_N
-    dy_splits,  # with DS_IN_LAUNCH: dS / dB jobs per row block (N splits)
+    dy_splits,  # with DS_IN_LAUNCH: dS jobs per row block (N splits)
+    db_slots,  # with DS_IN_LAUNCH: dB jobs per row block (_lora_db_group_job)
+    da_slots,  # with DS_IN_LAUNCH: dA jobs per row block (_lora_da_group_job)
     R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     APPLY_DROPOUT: tl.constexpr,
@@ -182,55 +188,74 @@ def _lora_bwd_dx_kernel(
     # dX = dY W + dropout'((g - 1) dY W + dS A), both products from the same W tiles.
     DORA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    # The whole backward in this launch: num_pid_m x dy_splits dS / dB jobs (_lora_bwd_dy_job on BLOCK_M rows and
-    # DY_BLOCK_N columns, fp32 atomics) take lower tickets than the dX tiles of their row block
-    # (_producers_first_job); a tile adds dropout'(dS A) once its row block's dS is stored, and its share of dA =
-    # dS^T dropout(x) by fp32 atomics; the last row block to arrive at a K tile stores dA.
+    # The whole backward in this launch (_producers_first_job's order, per row block dy_splits + db_slots parts and
+    # da_slots + cdiv(K, BLOCK_K) tiles): dS jobs (_lora_bwd_dy_job on BLOCK_M rows and DY_BLOCK_N columns, summed
+    # over the N splits by fp32 atomics) and dB jobs (_lora_db_group_job) as the parts; dA jobs
+    # (_lora_da_group_job) first among their group's tiles; a dX tile adds dropout'(dS A) once its row block's dS is
+    # stored. dB and dA are summed over the groups of GROUP_M row blocks by fp32 atomics, JOB_COLS columns a chunk.
     DS_IN_LAUNCH: tl.constexpr = False,
     DY_BLOCK_N: tl.constexpr = 64,
+    JOB_COLS: tl.constexpr = 64,  # with DS_IN_LAUNCH: the columns of N or K a dB or dA job sums at a time
     HAS_BIAS: tl.constexpr = False,  # DS_IN_LAUNCH with DORA and no APPLY_DROPOUT: the dS / dB jobs subtract b from y
 ):
     if DS_IN_LAUNCH:
         num_pid_m = tl.cdiv(M, BLOCK_M).to(tl.int64)
         num_pid_k = tl.cdiv(K, BLOCK_K).to(tl.int64)
-        ready_ptr = counters_ptr + (dy_splits + num_pid_m)  # then the dA counters, then the ticket
-        ticket = _take_ticket(ready_ptr + num_pid_m + num_pid_k, num_pid_m * (dy_splits + num_pid_k))
-        is_part, job = _producers_first_job(ticket, num_pid_m, num_pid_k, dy_splits, GROUP_M)
+        num_groups = tl.cdiv(num_pid_m, GROUP_M)
+        ready_ptr = counters_ptr + num_pid_m  # after dS's counters
+        da_counters_ptr = ready_ptr + num_pid_m
+        db_counters_ptr = da_counters_ptr + tl.cdiv(K, JOB_COLS)
+        parts, cols = dy_splits + db_slots, da_slots + num_pid_k
+        ticket = _take_ticket(db_counters_ptr + tl.cdiv(N, JOB_COLS), num_pid_m * (parts + cols))
+        is_part, job = _producers_first_job(ticket, num_pid_m, cols, parts, GROUP_M)
+        tile_m, col = _grouped_tile_of(job, num_pid_m, cols, GROUP_M)
+        pid_m, part = tl.where(is_part, job // parts, tile_m), job % parts
+        first_m = pid_m // GROUP_M * GROUP_M
+        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+        readers = 1 + num_pid_k + da_slots * group_size  # ready's arrivals: dS's count-in, then each reader's
+        da_work_ptr = work_ptr + (tl.cast(N, tl.int64) * r + tl.cast(M, tl.int64) * R)
         if is_part:
-            pid_m = job // dy_splits
-            _lora_bwd_dy_job(pid_m, job % dy_splits, num_pid_m, dy_splits, dy_ptr, b_ptr, s_ptr, ds_ptr, work_ptr,
-                             db_ptr, work_ptr, counters_ptr, mag_ptr, norm_ptr, y_ptr, bias_ptr, dm_parts_ptr, M, N,
-                             r, stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm,
-                             stride_dsr, stride_ym, stride_yn, stride_bias_n, stride_mag_n, scaling, n_per_split,
-                             ready_ptr + pid_m, 1 + num_pid_k, R, BLOCK_M, DY_BLOCK_N, True, True, True, DORA,
-                             HAS_BIAS, INPUT_PRECISION, True)
+            if part < dy_splits:
+                _lora_bwd_dy_job(pid_m, part, num_pid_m, dy_splits, dy_ptr, b_ptr, s_ptr, ds_ptr, work_ptr,
+                                 db_ptr, work_ptr, counters_ptr, mag_ptr, norm_ptr, y_ptr, bias_ptr, dm_parts_ptr, M,
+                                 N, r, stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm,
+                                 stride_dsr, stride_ym, stride_yn, stride_bias_n, stride_mag_n, scaling, n_per_split,
+                                 counters_ptr, ready_ptr + pid_m, readers, R, BLOCK_M, DY_BLOCK_N, True, False, True,
+                                 DORA, HAS_BIAS, INPUT_PRECISION, True, False)
+            else:
+                _lora_db_group_job(pid_m - first_m, part - dy_splits, db_slots, first_m, group_size, num_groups,
+                                   dy_ptr, s_ptr, db_ptr, work_ptr, db_counters_ptr, mag_ptr, norm_ptr, M, N, r,
+                                   stride_dym, stride_dyn, stride_sm, stride_sr, stride_mag_n, scaling, R, BLOCK_M,
+                                   JOB_COLS, DORA, INPUT_PRECISION)
+        elif col < da_slots:
+            _lora_da_group_job(pid_m - first_m, col, da_slots, first_m, group_size, num_groups, readers, ds_ptr,
+                               x_ptr, da_ptr, da_work_ptr, ready_ptr, da_counters_ptr, seed_ptr, M, K, r, stride_dsm,
+                               stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R, BLOCK_M, JOB_COLS,
+                               APPLY_DROPOUT, INPUT_PRECISION)
         else:
-            pid_m, pid_k = _grouped_tile_of(job, num_pid_m, num_pid_k, GROUP_M)
-            _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr, norm_ptr,
-                              x_ptr, da_ptr, work_ptr + (tl.cast(N, tl.int64) * r + tl.cast(M, tl.int64) * R),
-                              ready_ptr, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm,
-                              stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n, stride_xm,
-                              stride_xk, drop_threshold, keep_scale, R, R_CHUNK, BLOCK_M, BLOCK_K, BLOCK_N,
-                              APPLY_DROPOUT, DORA, INPUT_PRECISION, True)
+            _lora_bwd_dx_tile(pid_m, col - da_slots, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr,
+                              norm_ptr, ready_ptr, readers, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk,
+                              stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n,
+                              drop_threshold, keep_scale, R, R_CHUNK, BLOCK_M, BLOCK_K, BLOCK_N, APPLY_DROPOUT, DORA,
+                              INPUT_PRECISION, True)
     else:
         pid_m, pid_k = _grouped_tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-        _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr, norm_ptr, x_ptr,
-                          da_ptr, work_ptr, counters_ptr, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk,
-                          stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n,
-                          stride_xm, stride_xk, drop_threshold, keep_scale, R, R_CHUNK, BLOCK_M, BLOCK_K, BLOCK_N,
-                          APPLY_DROPOUT, DORA, INPUT_PRECISION, False)
+        _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr, norm_ptr,
+                          counters_ptr, 0, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm,
+                          stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n, drop_threshold,
+                          keep_scale, R, R_CHUNK, BLOCK_M, BLOCK_K, BLOCK_N, APPLY_DROPOUT, DORA, INPUT_PRECISION,
+                          False)
 
 
 @triton.jit
-def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr, norm_ptr, x_ptr, da_ptr,
-                      da_work_ptr, ready_ptr, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm,
-                      stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n, stride_xm, stride_xk,
-                      drop_threshold, keep_scale, R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, APPLY_DROPOUT: tl.constexpr, DORA: tl.constexpr,
+def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr, norm_ptr, ready_ptr,
+                      readers, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr,
+                      stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n, drop_threshold, keep_scale,
+                      R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, APPLY_DROPOUT: tl.constexpr, DORA: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, DS_IN_LAUNCH: tl.constexpr):
     """dX tile (pid_m, pid_k) of _lora_bwd_dx_kernel (its arguments). DS_IN_LAUNCH: the row block's dS is waited for
-    at ready_ptr[pid_m] before the main loop; the (r, K) dA accumulator is at da_work_ptr, its K tiles' arrival
-    counters after the num_pid_m ready counters."""
+    at ready_ptr[pid_m] before the main loop, and the tile counts out there (of ``readers``) once it has read it."""
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_k = _span(pid_k * BLOCK_K, BLOCK_K)
 
@@ -244,6 +269,7 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
         acc = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
                                 stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION,
                                 ".cg")
+        _last_to_arrive(ready_ptr + pid_m, readers)  # dS is not written again in the launch: no later hazard
     else:
         acc = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
                                 stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION)
@@ -280,43 +306,82 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
         acc += _dropped(acc_kept, seed, offs_m, offs_k, drop_threshold) * keep_scale
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
-    if DS_IN_LAUNCH:
-        _lora_da_share(pid_m, pid_k, offs_k, ds_ptr, x_ptr, da_ptr, da_work_ptr, ready_ptr, seed_ptr, M, K,
-                       r, stride_dsm, stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R, BLOCK_M,
-                       BLOCK_K, APPLY_DROPOUT, INPUT_PRECISION)
 
 
 @triton.jit
-def _lora_da_share(pid_m, pid_k, offs_k, ds_ptr, x_ptr, da_ptr, da_work_ptr, ready_ptr, seed_ptr, M, K, r,
-                   stride_dsm, stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, DA_ROWS: tl.constexpr = 64):
-    """A DS_IN_LAUNCH dX tile's share of dA^T = dropout(x)^T dS, (BLOCK_K, R) over its rows, added into the fp32
-    accumulator; it then counts out of its row block's ready counter (the last re-zeroes it), and the last row block
-    to arrive at the K tile stores dA in x's dtype (_lora_bwd_da_kernel's sum, by atomics)."""
+def _group_rows(first_m, group_size, M, BLOCK_M: tl.constexpr):
+    """The rows [start, stop) of the group of row blocks first_m .. first_m + group_size - 1."""
+    return first_m * BLOCK_M, tl.minimum((first_m + group_size) * BLOCK_M, M)
+
+
+@triton.jit
+def _lora_db_group_job(j, slot, db_slots, first_m, group_size, num_groups, dy_ptr, s_ptr, db_ptr, db_work_ptr,
+                       db_counters_ptr, mag_ptr, norm_ptr, M, N, r, stride_dym, stride_dyn, stride_sm, stride_sr,
+                       stride_mag_n, scaling, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                       DORA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROWS: tl.constexpr = 64):
+    """A DS_IN_LAUNCH dB job: dB = s dY^T S (DORA: s (g dY)^T S) over a group's rows (row blocks first_m ..
+    first_m + group_size - 1) for the chunks of BLOCK_C columns of N numbered slot x group_size + j, then every
+    db_slots x group_size further; each chunk's (BLOCK_C, R) sum is added into the fp32 (N, r) accumulator
+    ``db_work_ptr``, and the last of the num_groups groups to arrive at a chunk (its counter at db_counters_ptr)
+    stores it in dY's dtype. One add per group, not per row block: the group's rows are summed in registers."""
+    row_start, row_stop = _group_rows(first_m, group_size, M, BLOCK_M)
+    offs_r = _span(0, R)
+    for c in range(slot * group_size + j, tl.cdiv(N, BLOCK_C), db_slots * group_size):
+        cols = _span(c * BLOCK_C, BLOCK_C)
+        acc = tl.zeros((BLOCK_C, R), dtype=tl.float32)
+        for m0 in tl.range(row_start, row_stop, ROWS):
+            rows = _span(m0, ROWS)
+            dy = _load_tile(dy_ptr, rows, cols, stride_dym, stride_dyn, row_stop, N)  # (ROWS, BLOCK_C)
+            if DORA:  # rounded as _lora_bwd_dy_job rounds g dY
+                dy = (dy.to(tl.float32) * _dora_scale(mag_ptr, norm_ptr, cols, stride_mag_n, N)[None, :]).to(dy.dtype)
+            s = _load_tile(s_ptr, rows, offs_r, stride_sm, stride_sr, row_stop, r)  # (ROWS, R)
+            acc = tl.dot(tl.trans(dy), s, acc, input_precision=INPUT_PRECISION)
+        acc = acc * scaling
+        offs = cols[:, None] * r + offs_r[None, :]  # (BLOCK_C, R) of the (N, r) grad
+        mask = (cols[:, None] < N) & (offs_r[None, :] < r)
+        tl.atomic_add(db_work_ptr + offs, acc, mask=mask, sem="relaxed", scope="gpu")
+        if _last_to_arrive(db_counters_ptr + c, num_groups):
+            acc = _sum_of_parts(tl.zeros_like(acc), db_work_ptr + offs, 0, 1, mask, True)
+            tl.store(db_ptr + offs, acc.to(db_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lora_da_group_job(j, slot, da_slots, first_m, group_size, num_groups, readers, ds_ptr, x_ptr, da_ptr,
+                       da_work_ptr, ready_ptr, da_counters_ptr, seed_ptr, M, K, r, stride_dsm, stride_dsr, stride_xm,
+                       stride_xk, drop_threshold, keep_scale, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_C: tl.constexpr, APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       ROWS: tl.constexpr = 64):
+    """A DS_IN_LAUNCH dA job: once the group's dS is stored (its row blocks' ready counters), dA^T =
+    dropout(x)^T dS over the group's rows for the chunks of BLOCK_C columns of K numbered slot x group_size + j, then every
+    da_slots x group_size further; each (BLOCK_C, R) sum is added into the fp32 (r, K) accumulator ``da_work_ptr``,
+    and the last of the num_groups groups to arrive at a chunk (its counter at da_counters_ptr) stores it in x's
+    dtype. The job then counts out of each row block's ready counter (of ``readers``)."""
+    row_start, row_stop = _group_rows(first_m, group_size, M, BLOCK_M)
+    for m in range(first_m, first_m + group_size):
+        _wait_for(ready_ptr + m, 1)  # stored by lower tickets: the group's dS jobs
     offs_r = _span(0, R)
     if APPLY_DROPOUT:
         seed = tl.load(seed_ptr)
-    # In 64-row slices, one live at a time: the whole (128, BLOCK_K) x tile beside the (128, R) dS spilled 24-48 B on
-    # sm_90 at R = 16-32 (kernel_report).
-    da = tl.zeros((BLOCK_K, R), dtype=tl.float32)
-    for m0 in tl.range(0, BLOCK_M, DA_ROWS, num_stages=1):
-        rows = _span(pid_m * BLOCK_M + m0, DA_ROWS)
-        x = _load_tile(x_ptr, rows, offs_k, stride_xm, stride_xk, M, K)  # (DA_ROWS, BLOCK_K)
+    for c in range(slot * group_size + j, tl.cdiv(K, BLOCK_C), da_slots * group_size):
+        offs_k = _span(c * BLOCK_C, BLOCK_C)
+        acc = tl.zeros((BLOCK_C, R), dtype=tl.float32)
+        for m0 in tl.range(row_start, row_stop, ROWS):
+            rows = _span(m0, ROWS)
+            x = _load_tile(x_ptr, rows, offs_k, stride_xm, stride_xk, row_stop, K)  # (ROWS, BLOCK_C)
+            if APPLY_DROPOUT:
+                x = _dropped(x, seed, rows, offs_k, drop_threshold)
+            ds = _load_tile(ds_ptr, rows, offs_r, stride_dsm, stride_dsr, row_stop, r, ".cg")  # (ROWS, R)
+            acc = tl.dot(tl.trans(x), ds, acc, input_precision=INPUT_PRECISION)
         if APPLY_DROPOUT:
-            x = _dropped(x, seed, rows, offs_k, drop_threshold)
-        ds = _load_tile(ds_ptr, rows, offs_r, stride_dsm, stride_dsr, M, r, ".cg")  # (DA_ROWS, R)
-        da = tl.dot(tl.trans(x), ds, da, input_precision=INPUT_PRECISION)
-    if APPLY_DROPOUT:
-        da = da * keep_scale
-    da_offs = offs_r[None, :] * K + offs_k[:, None]  # (BLOCK_K, R) of the (r, K) grad
-    da_mask = (offs_k[:, None] < K) & (offs_r[None, :] < r)
-    tl.atomic_add(da_work_ptr + da_offs, da, mask=da_mask, sem="relaxed", scope="gpu")
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    _last_to_arrive(ready_ptr + pid_m, 1 + tl.cdiv(K, BLOCK_K))  # done with dS
-    if _last_to_arrive(ready_ptr + (pid_k + num_pid_m), num_pid_m):
-        da = _sum_of_parts(tl.zeros_like(da), da_work_ptr + da_offs, 0, 1, da_mask, True)
-        tl.store(da_ptr + da_offs, da.to(da_ptr.dtype.element_ty), mask=da_mask)
+            acc = acc * keep_scale
+        offs = offs_r[None, :] * K + offs_k[:, None]  # (BLOCK_C, R) of the (r, K) grad
+        mask = (offs_k[:, None] < K) & (offs_r[None, :] < r)
+        tl.atomic_add(da_work_ptr + offs, acc, mask=mask, sem="relaxed", scope="gpu")
+        if _last_to_arrive(da_counters_ptr + c, num_groups):
+            acc = _sum_of_parts(tl.zeros_like(acc), da_work_ptr + offs, 0, 1, mask, True)
+            tl.store(da_ptr + offs, acc.to(da_ptr.dtype.element_ty), mask=mask)
+    for m in range(first_m, first_m + group_size):
+        _last_to_arrive(ready_ptr + m, readers)  # done with the group's dS
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])

@@ -225,14 +225,13 @@ def bwd_dx_config(M: int, dtype: torch.dtype, two_products: bool = False, dora: 
 
 def bwd_ds_in_launch(M: int, R: int, dtype: torch.dtype, deterministic: bool, dora: bool = False,
                      dropout: bool = False) -> bool:
-    """Whether the backward may run as one dX launch with the dS / dB jobs and dA inside it
+    """Whether the backward may run as one dX launch with the dS, dB and dA jobs inside it
     (plans.plan_lora_bwd_in_launch): fp16 / bf16 above FEW_TOKENS, not deterministic (its sums are fp32 atomics), up
-    to R = 64 on 64-row dX tiles and R = 32 on 128-row ones. The jobs take the dX tiles' rows (two (BLOCK_M, R) fp32
-    accumulators): on 128 rows R = 64 spilled 40-152 B on sm_80 (LoRA and DoRA), and R = 128-256 on either at
-    every tile (kernel_report)."""
+    to R = 64 (ONE_LAUNCH_BWD_MAX_RANK). The dS jobs take the dX tiles' rows with one (BLOCK_M, R) fp32 accumulator;
+    with dB's beside it, 128 rows at R = 64 spilled 40-152 B on sm_80 (kernel_report), hence dB's own jobs."""
     if M <= FEW_TOKENS or _is_fp32(dtype) or deterministic:
         return False
-    return R <= (ONE_LAUNCH_BWD_MAX_RANK if bwd_dx_config(M, dtype, dora and dropout, dora).BLOCK_M == 64 else 32)
+    return R <= ONE_LAUNCH_BWD_MAX_RANK
 
 
 def bwd_one_launch_config(M: int, K: int, R: int, dtype: torch.dtype, deterministic: bool) -> TileConfig | None:

@@ -3,7 +3,8 @@
 (fused_lora.benchmarks.roofline) prints, on an H100 SXM preset.
 
 time = max(flops / peak, bytes / bandwidth) x wave factor + atomic bytes / ATOMIC_BYTES_PER_S
-       + tail bytes x SMs / bandwidth + first-wave wait (wait_seconds) + LAUNCH_OVERHEAD_S
+       + tail bytes x SMs / bandwidth + first-wave wait (wait_seconds) + last group's job (last_job_seconds)
+       + LAUNCH_OVERHEAD_S
 
 Pure arithmetic on the plans' numbers: no torch, no CUDA.
 """
@@ -70,18 +71,32 @@ def wait_seconds(wait_bytes: int, main: float, programs: int | None, *, hbm_byte
     return job if at_start else max(0.0, job - main / waves(programs or 1, num_sms))
 
 
+def last_job_seconds(job_bytes: int, cover: int, main: float, programs: int | None, *, hbm_bytes_per_s: float,
+                     num_sms: int) -> float:
+    """What one job of a launch's last group (DS_IN_LAUNCH's dA and dB jobs) adds beyond the ``cover`` programs that
+    run beside it: its ``job_bytes`` at the tail rate, less those programs' share of the main time."""
+    if not job_bytes:
+        return 0.0
+    job = tail_seconds(job_bytes, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
+    return max(0.0, job - main * cover / max(1, programs or 1))
+
+
 def launch_seconds(flops: int, nbytes: int, programs: int | None, atomic_bytes: int = 0, tail_bytes: int = 0,
-                   wait_bytes: int = 0, wait_at_start: bool = False, *, peak: float = H100_PEAK_FLOPS,
-                   hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S, num_sms: int = H100_NUM_SMS) -> float:
+                   wait_bytes: int = 0, wait_at_start: bool = False, last_job_bytes: int = 0, last_job_cover: int = 0,
+                   *, peak: float = H100_PEAK_FLOPS, hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S,
+                   num_sms: int = H100_NUM_SMS) -> float:
     main = main_seconds(flops, nbytes, programs, peak=peak, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
     return (main + atomic_seconds(atomic_bytes) + tail_seconds(tail_bytes, hbm_bytes_per_s=hbm_bytes_per_s,
                                                                num_sms=num_sms)
             + wait_seconds(wait_bytes, main, programs, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms,
                            at_start=wait_at_start)
+            + last_job_seconds(last_job_bytes, last_job_cover, main, programs, hbm_bytes_per_s=hbm_bytes_per_s,
+                               num_sms=num_sms)
             + LAUNCH_OVERHEAD_S)
 
 
 def plan_seconds(plan, num_sms: int = H100_NUM_SMS) -> float:
     """A plan's launches (plans.Launch) at the H100's rates with ``num_sms`` SMs."""
     return sum(launch_seconds(launch.flops, launch.hbm_bytes, launch.programs, launch.atomic_bytes, launch.tail_bytes,
-                              launch.wait_bytes, launch.wait_at_start, num_sms=num_sms) for launch in plan)
+                              launch.wait_bytes, launch.wait_at_start, launch.last_job_bytes, launch.last_job_cover,
+                              num_sms=num_sms) for launch in plan)

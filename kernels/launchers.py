@@ -490,7 +490,7 @@ def _bwd_dx(ready, dy, weight, ds, lora_A, dropout_p, seed, magnitude=None, norm
     _lora_bwd_dx_kernel[ready.launch.grid](
         dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), *_dora_ptrs(magnitude, norm, dx),
         *(dx,) * 10, M, N, K, r, *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
-        magnitude.stride(0) if magnitude is not None else 0, *(0,) * 9, *_dropout_scalars(dropout_p), 1.0, 0, 1,
+        magnitude.stride(0) if magnitude is not None else 0, *(0,) * 9, *_dropout_scalars(dropout_p), 1.0, 0, 1, 0, 0,
         **ready.kwargs)
     return dx
 
@@ -501,13 +501,14 @@ def _bwd_in_launch(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, 
     M, N = dy.shape
     r, K = lora_A.shape
     launch = ready.launch
-    cfg, R, splits = launch.config, launch.constexprs["R"], launch.args["dy_splits"]
-    grid_m, grid_k = -(-M // cfg.BLOCK_M), -(-K // cfg.BLOCK_K)
+    cfg, R = launch.config, launch.constexprs["R"]
+    grid_m = -(-M // cfg.BLOCK_M)
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     ds = torch.empty((M, r), device=dy.device, dtype=s.dtype)
     da = torch.empty((r, K), device=dy.device, dtype=x.dtype)
     db = torch.empty((N, r), device=dy.device, dtype=dy.dtype)
-    counters, accumulator = _workspace(dy.device, splits + 2 * grid_m + grid_k + 1, N * r + M * R + r * K)
+    cols = launch.constexprs["JOB_COLS"]  # the dA and dB jobs' chunks, a counter each
+    counters, accumulator = _workspace(dy.device, 2 * grid_m + -(-K // cols) + -(-N // cols) + 1, N * r + M * R + r * K)
     dm_parts = None
     if dora is not None:
         magnitude, norm, saved, bias = dora

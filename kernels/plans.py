@@ -50,6 +50,8 @@ class Launch:
     tail_bytes: int = 0  # bytes one last-to-arrive program moves after the other programs are done
     wait_bytes: int = 0  # bytes one producer job moves while the first wave's tiles wait for it (cost.wait_seconds)
     wait_at_start: bool = False  # the tiles wait before their main loop (else after it, beside their own work)
+    last_job_bytes: int = 0  # bytes one job of the last group moves beside that group's tiles (cost.last_job_seconds)
+    last_job_cover: int = 0  # the programs that run beside that job: the last group's tiles
 
     def __post_init__(self):
         if self.config is not None:
@@ -368,30 +370,46 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
                    reads=tuple(reads), writes=tuple(writes), flops=flops, atomic_bytes=atomic, tail_bytes=tail)]
 
 
+# The columns of N or K a DS_IN_LAUNCH dB or dA job sums at a time (over its group's rows): the last group's jobs
+# run beside its dX tiles, and at 4096 -> 1024 with 1024 tokens, r = 64, 128 columns outlasted them by 7.7 us in the
+# model (cost.last_job_seconds), 64 by 2.6 us.
+JOB_COLS = 64
+
+
 def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool,
                             num_sms: int, dora: bool = False, bias: bool = False) -> list[Launch]:
-    """The backward as one _lora_bwd_dx_kernel launch with DS_IN_LAUNCH (configs.bwd_ds_in_launch): the dS / dB
-    pass's jobs (plan_lora_bwd_dy's, fp32 atomics) beside the dX tiles, which wait for their row block's dS, add
-    dropout'(dS A) and their share of dA = dS^T dropout(x) (fp32 atomics; the last row block to arrive at a K tile
-    stores it). The jobs take tickets in producers-first order (_common._producers_first_job). ``dora``: the jobs'
-    dS / dB from dZ = g dY with the magnitude's partials (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's;
-    plan_dora_magnitude_grad follows with block_m = this launch's BLOCK_M."""
+    """The backward as one _lora_bwd_dx_kernel launch with DS_IN_LAUNCH (configs.bwd_ds_in_launch). Per row block of
+    the dX tiles: dS jobs (plan_lora_bwd_dy's pass without dB, summed over the N splits by fp32 atomics) and dB jobs,
+    which take lower tickets than the group's tiles (_common._producers_first_job); among the tiles dA jobs, which
+    wait for their group's dS, and the dX tiles, which wait for their row block's dS and add dropout'(dS A). A dB or
+    dA job sums a group of GROUP_M row blocks in registers (JOB_COLS columns of N or K at a time): dB = s dY^T
+    S and dA = dS^T dropout(x) are summed over the groups by fp32 atomics, and the last group to arrive at a chunk
+    stores it. ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with the magnitude's partials
+    (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's; plan_dora_magnitude_grad follows with block_m = this
+    launch's BLOCK_M."""
     R = configs.padded_rank(r)
     two_products = dora and dropout
     bias = dora and bias and not dropout  # from Z there is no bias to subtract
     cfg = configs.bwd_dx_config(M, dtype, two_products, dora)
-    # The dS / dB jobs take the dX tiles' row blocks (one counter of dS readiness per row block; at 128 rows half the
-    # dB atomics of 64) and the dS / dB pass's columns.
+    # The dS jobs take the dX tiles' row blocks (one counter of dS readiness per row block) and the dS / dB pass's
+    # columns.
     dy_cfg = configs.TileConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=configs.bwd_dy_config(R, dtype, dora).BLOCK_N)
     m_blocks, n_tiles = _cdiv(M, dy_cfg.BLOCK_M), _cdiv(N, dy_cfg.BLOCK_N)
     splits, per_split = configs.dy_split(m_blocks, n_tiles, num_sms, dy_cfg.BLOCK_N, M)
     grid_m, grid_k = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
+    n_chunks, k_chunks = _cdiv(N, JOB_COLS), _cdiv(K, JOB_COLS)
+    groups, group_m = _cdiv(grid_m, cfg.GROUP_M), min(grid_m, cfg.GROUP_M)
+    db_slots, da_slots = _cdiv(n_chunks, group_m), _cdiv(k_chunks, group_m)
     Mp, Kp, Np = grid_m * cfg.BLOCK_M, grid_k * cfg.BLOCK_K, _cdiv(N, cfg.BLOCK_N) * cfg.BLOCK_N
+    rows = _cdiv(M, 64) * 64  # the dB and dA jobs' 64-row slices
     flops = (2 * Mp * Kp * (Np * (2 if two_products else 1) + R)  # dY W (and (g - 1) dY W) and dS A
-             + 4 * m_blocks * dy_cfg.BLOCK_M * n_tiles * dy_cfg.BLOCK_N * R  # dY B and dY^T S
-             + 2 * Mp * Kp * R)  # dropout(x)^T dS
-    reads = (Operand("dY", (M, N), dtype), Operand("W", (N, K), dtype), Operand("A", (r, K), dtype),
-             Operand("B", (N, r), dtype), Operand("S", (M, r), dtype), Operand("X", (M, K), dtype))
+             + 2 * m_blocks * dy_cfg.BLOCK_M * n_tiles * dy_cfg.BLOCK_N * R  # dY B
+             + 2 * rows * n_chunks * JOB_COLS * R  # dY^T S
+             + 2 * rows * k_chunks * JOB_COLS * R)  # dropout(x)^T dS
+    # The dB jobs read dY again, a group's rows after its dS jobs: counted as a second read, no L2 hit credited.
+    reads = (Operand("dY", (M, N), dtype), Operand("dY, again for dB", (M, N), dtype), Operand("W", (N, K), dtype),
+             Operand("A", (r, K), dtype), Operand("B", (N, r), dtype), Operand("S", (M, r), dtype),
+             Operand("X", (M, K), dtype))
     writes = (Operand("dX", (M, K), dtype), Operand("dS", (M, r), dtype), Operand("dB", (N, r), dtype),
               Operand("dA", (r, K), dtype))
     if dora:
@@ -399,21 +417,30 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
         reads += (Operand("bias", (N,), dtype),) if bias else ()
         writes += (Operand("dm_parts", (m_blocks, N), torch.float32),)
     atomic = ((splits + 2) * M * R * 4  # dS over the N splits
-              + (m_blocks + 2) * N * r * 4  # dB over the dS / dB row blocks
-              + (grid_m + 2) * r * K * 4)  # dA over the dX row blocks
+              + (groups + 2) * N * r * 4  # dB over the groups
+              + (groups + 2) * r * K * 4)  # dA over the groups
     split_cols = min(N, per_split * dy_cfg.BLOCK_N)
-    rows = min(M, dy_cfg.BLOCK_M)
-    # The last arrivals' sums (as plan_lora_bwd_dy's and plan_lora_bwd_da's): a split's dB, a row block's dS, a K
-    # tile's dA.
-    tail = (split_cols * r * (4 + 4 + dtype.itemsize) + rows * R * (4 + 4) + rows * r * dtype.itemsize
-            + cfg.BLOCK_K * r * (4 + 4 + dtype.itemsize))
-    # One dS / dB job, which the first tiles wait for before their main loop (the dS A term seeds their accumulator).
+    rows_per_block = min(M, dy_cfg.BLOCK_M)
+    # The last arrival's sum of a row block's dS (as plan_lora_bwd_dy's).
+    tail = rows_per_block * R * (4 + 4) + rows_per_block * r * dtype.itemsize
+    # The last group's dA jobs start with its tiles, its dB jobs before them; the longer of the two (its reads over
+    # the group's rows and its chunks' final sums, which these jobs make as the last group to arrive) may outlast
+    # the group's dX tiles (cost.last_job_seconds).
+    last_m = grid_m - (groups - 1) * group_m
+    last_rows = M - (groups - 1) * group_m * cfg.BLOCK_M
+    final_sum = JOB_COLS * r * (4 + 4 + dtype.itemsize)
+    da_job = _cdiv(k_chunks, da_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
+    db_job = _cdiv(n_chunks, db_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
+    # One dS job, which the first tiles wait for before their main loop (the dS A term seeds their accumulator).
     wait = dy_cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora,
-                      DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N, HAS_BIAS=bias, **_block_constexprs(cfg))
-    return [Launch("_lora_bwd_dx_kernel", (grid_m * (grid_k + splits),), cfg, constexprs,
-                   args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits), reads=reads, writes=writes,
-                   flops=flops, atomic_bytes=atomic, tail_bytes=tail, wait_bytes=wait, wait_at_start=True)]
+                      DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N, JOB_COLS=JOB_COLS, HAS_BIAS=bias,
+                      **_block_constexprs(cfg))
+    return [Launch("_lora_bwd_dx_kernel", (grid_m * (splits + db_slots + grid_k + da_slots),), cfg, constexprs,
+                   args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits, db_slots=db_slots,
+                             da_slots=da_slots),
+                   reads=reads, writes=writes, flops=flops, atomic_bytes=atomic, tail_bytes=tail, wait_bytes=wait,
+                   wait_at_start=True, last_job_bytes=max(da_job, db_job), last_job_cover=last_m * grid_k)]
 
 
 def plan_lora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, deterministic: bool,

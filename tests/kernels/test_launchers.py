@@ -471,9 +471,10 @@ def test_bwd_one_launch_keeps_inf_of_dy_in_its_rows(M):
     _check_inf_of_dy_stays_in_its_row(launchers.lora_bwd_one_launch, M, 1)
 
 
-# 10 row blocks of 64 (a first group of 8 and a last of 2: the job order's irregular end), N = 90: 2 dS / dB jobs per
-# row block at the interpreter's 2 SMs; 130 and 150 tokens: 3 row blocks, 1 / 5 jobs; r = 33 pads to 64.
-IN_LAUNCH_CASES = [(130, 7, 75, 200), (150, 33, 300, 70), (600, 1, 90, 129), (129, 64, 70, 66)]
+# 10 row blocks of 64 (a first group of 8 and a last of 2: the job order's irregular end) and 5 chunks of 64 columns
+# of N and of K, so the last group's two dB and two dA jobs take 2 or 3 chunks each; 130 and 150 tokens: 3 row
+# blocks in one group, where at K = 200 (4 chunks) 2 of the 6 dA jobs have none; r = 33 pads to 64.
+IN_LAUNCH_CASES = [(130, 7, 75, 200), (150, 33, 300, 70), (600, 1, 270, 260), (129, 64, 70, 66)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)  # fp32 keeps the other backwards
@@ -494,6 +495,30 @@ def test_bwd_in_launch(dtype, M, r, N, K, p):
         assert not workspace.counters.any() and not workspace.accumulator.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r,p", [(64, 0.0), (20, 0.3)])
+def test_bwd_in_launch_on_128_row_tiles(monkeypatch, request, dtype, r, p):
+    """The in-launch backward on the many-token tiles (128 rows, GROUP_M 8), here at 300 tokens (3 row blocks of
+    128 rows, dA and dB jobs over two 64-row slices of each) and N, K = 200, 330: the same checks as
+    test_bwd_in_launch."""
+    many = configs.bwd_dx_config(configs.MID_TOKENS + 1, dtype)
+    assert many.BLOCK_M == 128
+    monkeypatch.setattr(configs, "bwd_dx_config", lambda M, dtype, two_products=False, dora=False: many)
+    launchers._in_launch_ready.cache_clear()
+    request.addfinalizer(launchers._in_launch_ready.cache_clear)  # no 128-row plan left for later tests
+    M, N, K = 300, 200, 330
+    x, w, _, a, bb = make_inputs((M,), K, N, r, dtype)
+    g = torch.Generator().manual_seed(7)
+    dy, s = torch.randn(M, N, generator=g).to(dtype), torch.randn(M, r, generator=g).to(dtype)
+    launch = plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=p > 0, num_sms=launchers._num_sms(x.device))[0]
+    assert launch.config.BLOCK_M == 128 and launch.constexprs["DS_IN_LAUNCH"]
+    dx, da, db = launchers.lora_bwd_in_launch(dy, x, w, a, bb, s, 0.75, dropout_p=p, seed=SEED)
+    for name, got, low, ref in zip(("dX", "dA", "dB"), (dx, da, db), *_bwd_refs(dy, x, w, a, bb, s, 0.75, p, dtype)):
+        _check(name, got, low, ref, dtype)
+    for workspace in launchers._workspaces.values():
+        assert not workspace.counters.any() and not workspace.accumulator.any()
+
+
 def test_bwd_in_launch_keeps_inf_of_dy_in_its_rows():
     """An inf of dY (row 70: the second of 3 row blocks) makes its row of dS inf / NaN; dX, dA and dB are NaN / inf
     exactly where the reference is, and the NaN sums leave the accumulators at zero."""
@@ -501,11 +526,13 @@ def test_bwd_in_launch_keeps_inf_of_dy_in_its_rows():
 
 
 def test_bwd_takes_the_ds_jobs_into_the_dx_launch_where_it_pays():
-    """At 8192 tokens (4096 -> 4096, r = 16, bf16): one dX launch of 64 row blocks x (32 K tiles + 13 dS / dB jobs),
-    none of the dS / dB or dA launches; deterministic mode, fp32 and an input without grad keep other plans; 1-64
+    """At 8192 tokens (4096 -> 4096, r = 16, bf16): one dX launch of 64 row blocks x (32 K tiles + 13 dS jobs + 8 dB
+    jobs + 8 dA jobs: 64 chunks of 64 columns of N and of K over groups of 8 row blocks), none of the dS / dB or dA
+    launches; deterministic mode, fp32 and an input without grad keep other plans; 1-64
     tokens and fp32 cannot take it."""
     plan = plans.plan_lora_bwd(8192, 4096, 4096, 16, torch.bfloat16, dropout=False, deterministic=False, num_sms=132)
-    assert [(l.kernel, l.grid) for l in plan] == [("_lora_bwd_dx_kernel", (64 * (32 + 13),))]
+    assert [(l.kernel, l.grid) for l in plan] == [("_lora_bwd_dx_kernel", (64 * (32 + 13 + 8 + 8),))]
+    assert plan[0].args == dict(n_per_split=320, dy_splits=13, db_slots=8, da_slots=8)
     assert plan[0].constexprs["DS_IN_LAUNCH"] and plan[0].atomic_bytes > 0
     assert {op.name for op in plan[0].writes} == {"dX", "dS", "dA", "dB"}
     for kwargs in (dict(deterministic=True), dict(dtype=torch.float32), dict(need_dx=False)):
@@ -526,7 +553,7 @@ def test_bwd_plan_is_one_launch_where_it_pays():
     assert [op.dtype for op in one[0].writes] == [torch.bfloat16] * 3
     assert one[0].atomic_bytes == 0 and one[0].constexprs["REDUCE"] is False
     several, = plans.plan_lora_bwd(256, 4096, 4096, 16, torch.bfloat16, dropout=True, deterministic=False,
-                                   num_sms=132)
+                                   num_sms=132, one_launch=True)
     assert several.grid == (4 * 32,) and several.constexprs["REDUCE"] is True and several.atomic_bytes > 0
     assert [op.dtype for op in several.writes] == [torch.bfloat16] * 3
     for M, r, dtype, deterministic in ((1, 128, torch.float16, False), (1, 64, torch.float32, False),
