@@ -47,8 +47,8 @@ def _lora_bwd_dy_kernel(
                      tl.num_programs(1), dy_ptr, b_ptr, s_ptr, ds_ptr, ds_parts_ptr, db_ptr, db_work_ptr, counters_ptr,
                      mag_ptr, norm_ptr, y_ptr, bias_ptr, dm_parts_ptr, M, N, r, stride_dym, stride_dyn, stride_bn,
                      stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr, stride_ym, stride_yn, stride_bias_n,
-                     stride_mag_n, scaling, n_per_split, counters_ptr + tl.num_programs(1), counters_ptr, 0, R, BLOCK_M,
-                     BLOCK_N, SPLIT_N, REDUCE, USE_ATOMICS, DORA, HAS_BIAS, INPUT_PRECISION, False, True)
+                     stride_mag_n, scaling, n_per_split, counters_ptr + tl.num_programs(1).to(tl.int64), counters_ptr,
+                     0, R, BLOCK_M, BLOCK_N, SPLIT_N, REDUCE, USE_ATOMICS, DORA, HAS_BIAS, INPUT_PRECISION, False, True)
 
 
 @triton.jit
@@ -195,6 +195,7 @@ def _lora_bwd_dx_kernel(
     # stored. dB and dA are summed over the groups of GROUP_M row blocks by fp32 atomics, JOB_COLS columns a chunk.
     DS_IN_LAUNCH: tl.constexpr = False,
     DY_BLOCK_N: tl.constexpr = 64,
+    DS_ROWS: tl.constexpr = 64,  # with DS_IN_LAUNCH: the rows a dS job sums at a time (dm's partials' rows with DORA)
     JOB_COLS: tl.constexpr = 64,  # with DS_IN_LAUNCH: the columns of N or K a dB or dA job sums at a time
     HAS_BIAS: tl.constexpr = False,  # DS_IN_LAUNCH with DORA and no APPLY_DROPOUT: the dS / dB jobs subtract b from y
 ):
@@ -202,26 +203,32 @@ def _lora_bwd_dx_kernel(
         num_pid_m = tl.cdiv(M, BLOCK_M).to(tl.int64)
         num_pid_k = tl.cdiv(K, BLOCK_K).to(tl.int64)
         num_groups = tl.cdiv(num_pid_m, GROUP_M)
-        ready_ptr = counters_ptr + num_pid_m  # after dS's counters
+        DS_HALVES: tl.constexpr = BLOCK_M // DS_ROWS
+        ready_ptr = counters_ptr + num_pid_m * DS_HALVES  # after dS's counters, one per DS_ROWS rows
         da_counters_ptr = ready_ptr + num_pid_m
-        db_counters_ptr = da_counters_ptr + tl.cdiv(K, JOB_COLS)
+        db_counters_ptr = da_counters_ptr + tl.cdiv(K, JOB_COLS).to(tl.int64)
         parts, cols = dy_splits + db_slots, da_slots + num_pid_k
-        ticket = _take_ticket(db_counters_ptr + tl.cdiv(N, JOB_COLS), num_pid_m * (parts + cols))
+        ticket = _take_ticket(db_counters_ptr + tl.cdiv(N, JOB_COLS).to(tl.int64), num_pid_m * (parts + cols))
         is_part, job = _producers_first_job(ticket, num_pid_m, cols, parts, GROUP_M)
         tile_m, col = _grouped_tile_of(job, num_pid_m, cols, GROUP_M)
         pid_m, part = tl.where(is_part, job // parts, tile_m), job % parts
         first_m = pid_m // GROUP_M * GROUP_M
         group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-        readers = 1 + num_pid_k + da_slots * group_size  # ready's arrivals: dS's count-in, then each reader's
+        # ready's arrivals: dS's count-ins (one per DS_ROWS rows), then each reader's count-out
+        readers = DS_HALVES + num_pid_k + da_slots * group_size
         da_work_ptr = work_ptr + (tl.cast(N, tl.int64) * r + tl.cast(M, tl.int64) * R)
         if is_part:
             if part < dy_splits:
-                _lora_bwd_dy_job(pid_m, part, num_pid_m, dy_splits, dy_ptr, b_ptr, s_ptr, ds_ptr, work_ptr,
-                                 db_ptr, work_ptr, counters_ptr, mag_ptr, norm_ptr, y_ptr, bias_ptr, dm_parts_ptr, M,
-                                 N, r, stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm,
-                                 stride_dsr, stride_ym, stride_yn, stride_bias_n, stride_mag_n, scaling, n_per_split,
-                                 counters_ptr, ready_ptr + pid_m, readers, R, BLOCK_M, DY_BLOCK_N, True, False, True,
-                                 DORA, HAS_BIAS, INPUT_PRECISION, True, False)
+                # DS_ROWS at a time: one (128, 64) fp32 dS accumulator beside the 128 x 128 tiles' code spilled
+                # 8-32 B on sm_80 at R = 64 (kernel_report).
+                for h in tl.static_range(DS_HALVES):
+                    _lora_bwd_dy_job(pid_m * DS_HALVES + h, part, num_pid_m, dy_splits, dy_ptr, b_ptr, s_ptr, ds_ptr,
+                                     work_ptr, db_ptr, work_ptr, counters_ptr, mag_ptr, norm_ptr, y_ptr, bias_ptr,
+                                     dm_parts_ptr, M, N, r, stride_dym, stride_dyn, stride_bn, stride_br, stride_sm,
+                                     stride_sr, stride_dsm, stride_dsr, stride_ym, stride_yn, stride_bias_n,
+                                     stride_mag_n, scaling, n_per_split, counters_ptr, ready_ptr + pid_m, readers, R,
+                                     DS_ROWS, DY_BLOCK_N, True, False, True, DORA, HAS_BIAS, INPUT_PRECISION, True,
+                                     False)
             else:
                 _lora_db_group_job(pid_m - first_m, part - dy_splits, db_slots, first_m, group_size, num_groups,
                                    dy_ptr, s_ptr, db_ptr, work_ptr, db_counters_ptr, mag_ptr, norm_ptr, M, N, r,
@@ -231,13 +238,13 @@ def _lora_bwd_dx_kernel(
             _lora_da_group_job(pid_m - first_m, col, da_slots, first_m, group_size, num_groups, readers, ds_ptr,
                                x_ptr, da_ptr, da_work_ptr, ready_ptr, da_counters_ptr, seed_ptr, M, K, r, stride_dsm,
                                stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R, BLOCK_M, JOB_COLS,
-                               APPLY_DROPOUT, INPUT_PRECISION)
+                               APPLY_DROPOUT, INPUT_PRECISION, DS_ROWS)
         else:
             _lora_bwd_dx_tile(pid_m, col - da_slots, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr,
                               norm_ptr, ready_ptr, readers, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk,
                               stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n,
                               drop_threshold, keep_scale, R, R_CHUNK, BLOCK_M, BLOCK_K, BLOCK_N, APPLY_DROPOUT, DORA,
-                              INPUT_PRECISION, True)
+                              INPUT_PRECISION, True, DS_ROWS)
     else:
         pid_m, pid_k = _grouped_tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
         _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr, norm_ptr,
@@ -253,9 +260,10 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
                       stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n, drop_threshold, keep_scale,
                       R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_N: tl.constexpr, APPLY_DROPOUT: tl.constexpr, DORA: tl.constexpr,
-                      INPUT_PRECISION: tl.constexpr, DS_IN_LAUNCH: tl.constexpr):
+                      INPUT_PRECISION: tl.constexpr, DS_IN_LAUNCH: tl.constexpr, DS_ROWS: tl.constexpr = 64):
     """dX tile (pid_m, pid_k) of _lora_bwd_dx_kernel (its arguments). DS_IN_LAUNCH: the row block's dS is waited for
-    at ready_ptr[pid_m] before the main loop, and the tile counts out there (of ``readers``) once it has read it."""
+    at ready_ptr[pid_m] (BLOCK_M / DS_ROWS count-ins) before the main loop, and the tile counts out there (of
+    ``readers``) once it has read it."""
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_k = _span(pid_k * BLOCK_K, BLOCK_K)
 
@@ -265,7 +273,7 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
     if DS_IN_LAUNCH:
         # Before the main loop: waiting after it, dS A took a second (BLOCK_M, BLOCK_K) fp32 accumulator beside dY W's,
         # which spilled 8-504 B at 128 x 128 on sm_80 / sm_90 at every rank (kernel_report).
-        _wait_for(ready_ptr + pid_m, 1)  # the row block's dS, stored by a lower ticket
+        _wait_for(ready_ptr + pid_m, BLOCK_M // DS_ROWS)  # the row block's dS, stored by lower tickets
         acc = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
                                 stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION,
                                 ".cg")
@@ -350,7 +358,7 @@ def _lora_da_group_job(j, slot, da_slots, first_m, group_size, num_groups, reade
                        da_work_ptr, ready_ptr, da_counters_ptr, seed_ptr, M, K, r, stride_dsm, stride_dsr, stride_xm,
                        stride_xk, drop_threshold, keep_scale, R: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_C: tl.constexpr, APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                       ROWS: tl.constexpr = 64):
+                       DS_ROWS: tl.constexpr, ROWS: tl.constexpr = 64):
     """A DS_IN_LAUNCH dA job: once the group's dS is stored (its row blocks' ready counters), dA^T =
     dropout(x)^T dS over the group's rows for the chunks of BLOCK_C columns of K numbered slot x group_size + j, then every
     da_slots x group_size further; each (BLOCK_C, R) sum is added into the fp32 (r, K) accumulator ``da_work_ptr``,
@@ -358,7 +366,7 @@ def _lora_da_group_job(j, slot, da_slots, first_m, group_size, num_groups, reade
     dtype. The job then counts out of each row block's ready counter (of ``readers``)."""
     row_start, row_stop = _group_rows(first_m, group_size, M, BLOCK_M)
     for m in range(first_m, first_m + group_size):
-        _wait_for(ready_ptr + m, 1)  # stored by lower tickets: the group's dS jobs
+        _wait_for(ready_ptr + m, BLOCK_M // DS_ROWS)  # stored by lower tickets: the group's dS jobs
     offs_r = _span(0, R)
     if APPLY_DROPOUT:
         seed = tl.load(seed_ptr)

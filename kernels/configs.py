@@ -227,11 +227,12 @@ def bwd_ds_in_launch(M: int, R: int, dtype: torch.dtype, deterministic: bool, do
                      dropout: bool = False) -> bool:
     """Whether the backward may run as one dX launch with the dS, dB and dA jobs inside it
     (plans.plan_lora_bwd_in_launch): fp16 / bf16 above FEW_TOKENS, not deterministic (its sums are fp32 atomics), up
-    to R = 64 (ONE_LAUNCH_BWD_MAX_RANK). The dS jobs take the dX tiles' rows with one (BLOCK_M, R) fp32 accumulator;
-    with dB's beside it, 128 rows at R = 64 spilled 40-152 B on sm_80 (kernel_report), hence dB's own jobs."""
+    to R = 64 (ONE_LAUNCH_BWD_MAX_RANK), DoRA to R = 32. The dS jobs sum 64 rows at a time with one (64, R) fp32
+    accumulator: with dB's beside it, 128 rows at R = 64 spilled 40-152 B on sm_80, with one (128, R) 8-32 B, and
+    DoRA's 128-row tiles without dropout still spill 8 B at R = 64 on sm_80 in bf16 (kernel_report)."""
     if M <= FEW_TOKENS or _is_fp32(dtype) or deterministic:
         return False
-    return R <= ONE_LAUNCH_BWD_MAX_RANK
+    return R <= (32 if dora else ONE_LAUNCH_BWD_MAX_RANK)
 
 
 def bwd_one_launch_config(M: int, K: int, R: int, dtype: torch.dtype, deterministic: bool) -> TileConfig | None:

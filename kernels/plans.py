@@ -374,6 +374,8 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
 # run beside its dX tiles, and at 4096 -> 1024 with 1024 tokens, r = 64, 128 columns outlasted them by 7.7 us in the
 # model (cost.last_job_seconds), 64 by 2.6 us.
 JOB_COLS = 64
+# The rows a DS_IN_LAUNCH dS job sums at a time (the dm partials' rows with DoRA): 128-row dX tiles take two.
+DS_ROWS = 64
 
 
 def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool,
@@ -385,18 +387,18 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     dA job sums a group of GROUP_M row blocks in registers (JOB_COLS columns of N or K at a time): dB = s dY^T
     S and dA = dS^T dropout(x) are summed over the groups by fp32 atomics, and the last group to arrive at a chunk
     stores it. ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with the magnitude's partials
-    (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's; plan_dora_magnitude_grad follows with block_m = this
-    launch's BLOCK_M."""
+    (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's; plan_dora_magnitude_grad follows with block_m =
+    DS_ROWS."""
     R = configs.padded_rank(r)
     two_products = dora and dropout
     bias = dora and bias and not dropout  # from Z there is no bias to subtract
     cfg = configs.bwd_dx_config(M, dtype, two_products, dora)
-    # The dS jobs take the dX tiles' row blocks (one counter of dS readiness per row block) and the dS / dB pass's
-    # columns.
-    dy_cfg = configs.TileConfig(BLOCK_M=cfg.BLOCK_M, BLOCK_N=configs.bwd_dy_config(R, dtype, dora).BLOCK_N)
-    m_blocks, n_tiles = _cdiv(M, dy_cfg.BLOCK_M), _cdiv(N, dy_cfg.BLOCK_N)
-    splits, per_split = configs.dy_split(m_blocks, n_tiles, num_sms, dy_cfg.BLOCK_N, M)
+    # A dS job covers a dX row block (one counter of dS readiness per row block) DS_ROWS rows at a time, and the
+    # dS / dB pass's columns.
+    dy_cfg = configs.TileConfig(BLOCK_M=DS_ROWS, BLOCK_N=configs.bwd_dy_config(R, dtype, dora).BLOCK_N)
     grid_m, grid_k = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
+    m_blocks, n_tiles = grid_m * (cfg.BLOCK_M // DS_ROWS), _cdiv(N, dy_cfg.BLOCK_N)
+    splits, per_split = configs.dy_split(m_blocks, n_tiles, num_sms, dy_cfg.BLOCK_N, M)
     n_chunks, k_chunks = _cdiv(N, JOB_COLS), _cdiv(K, JOB_COLS)
     groups, group_m = _cdiv(grid_m, cfg.GROUP_M), min(grid_m, cfg.GROUP_M)
     db_slots, da_slots = _cdiv(n_chunks, group_m), _cdiv(k_chunks, group_m)
@@ -432,9 +434,9 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     da_job = _cdiv(k_chunks, da_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
     db_job = _cdiv(n_chunks, db_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
     # One dS job, which the first tiles wait for before their main loop (the dS A term seeds their accumulator).
-    wait = dy_cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize
+    wait = cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora,
-                      DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N, JOB_COLS=JOB_COLS, HAS_BIAS=bias,
+                      DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N, DS_ROWS=DS_ROWS, JOB_COLS=JOB_COLS, HAS_BIAS=bias,
                       **_block_constexprs(cfg))
     return [Launch("_lora_bwd_dx_kernel", (grid_m * (splits + db_slots + grid_k + da_slots),), cfg, constexprs,
                    args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits, db_slots=db_slots,
@@ -518,7 +520,7 @@ def plan_dora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout
     if not (configs.bwd_ds_in_launch(M, R, dtype, deterministic, True, dropout) and need_dx and N > 0 and K > 0):
         return separate
     one = plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=num_sms, dora=True, bias=bias)
-    one += plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout, block_m=one[0].config.BLOCK_M)
+    one += plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout, block_m=one[0].constexprs["DS_ROWS"])
     return min((separate, one), key=lambda plan: cost.plan_seconds(plan, num_sms))
 
 
