@@ -359,11 +359,12 @@ def _lora_da_group_job(j, slot, da_slots, first_m, group_size, num_groups, reade
                        stride_xk, drop_threshold, keep_scale, R: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_C: tl.constexpr, APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                        DS_ROWS: tl.constexpr, ROWS: tl.constexpr = 64):
-    """A DS_IN_LAUNCH dA job: once the group's dS is stored (its row blocks' ready counters), dA^T =
-    dropout(x)^T dS over the group's rows for the chunks of BLOCK_C columns of K numbered slot x group_size + j, then every
-    da_slots x group_size further; each (BLOCK_C, R) sum is added into the fp32 (r, K) accumulator ``da_work_ptr``,
-    and the last of the num_groups groups to arrive at a chunk (its counter at da_counters_ptr) stores it in x's
-    dtype. The job then counts out of each row block's ready counter (of ``readers``)."""
+    """A DS_IN_LAUNCH dA job: once the group's dS is stored (its row blocks' ready counters, BLOCK_M / DS_ROWS
+    count-ins each), dA^T = dropout(x)^T dS over the group's rows for the chunks of BLOCK_C columns of K numbered
+    slot x group_size + j, then every da_slots x group_size further; each (BLOCK_C, R) sum is added into the fp32
+    (r, K) accumulator ``da_work_ptr``, and the last of the num_groups groups to arrive at a chunk (its counter at
+    da_counters_ptr) stores it in x's dtype. The job then counts out of each row block's ready counter (of
+    ``readers``)."""
     row_start, row_stop = _group_rows(first_m, group_size, M, BLOCK_M)
     for m in range(first_m, first_m + group_size):
         _wait_for(ready_ptr + m, BLOCK_M // DS_ROWS)  # stored by lower tickets: the group's dS jobs

@@ -398,7 +398,6 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     dy_cfg = configs.TileConfig(BLOCK_M=DS_ROWS, BLOCK_N=configs.bwd_dy_config(R, dtype, dora).BLOCK_N)
     grid_m, grid_k = _cdiv(M, cfg.BLOCK_M), _cdiv(K, cfg.BLOCK_K)
     m_blocks, n_tiles = grid_m * (cfg.BLOCK_M // DS_ROWS), _cdiv(N, dy_cfg.BLOCK_N)
-    splits, per_split = configs.dy_split(m_blocks, n_tiles, num_sms, dy_cfg.BLOCK_N, M)
     n_chunks, k_chunks = _cdiv(N, JOB_COLS), _cdiv(K, JOB_COLS)
     groups, group_m = _cdiv(grid_m, cfg.GROUP_M), min(grid_m, cfg.GROUP_M)
     db_slots, da_slots = _cdiv(n_chunks, group_m), _cdiv(k_chunks, group_m)
@@ -418,31 +417,40 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
         reads += (Operand("Z" if dropout else "Y", (M, N), dtype), *_dora_scale_operands(N, dtype))
         reads += (Operand("bias", (N,), dtype),) if bias else ()
         writes += (Operand("dm_parts", (m_blocks, N), torch.float32),)
-    atomic = ((splits + 2) * M * R * 4  # dS over the N splits
-              + (groups + 2) * N * r * 4  # dB over the groups
-              + (groups + 2) * r * K * 4)  # dA over the groups
-    split_cols = min(N, per_split * dy_cfg.BLOCK_N)
-    rows_per_block = min(M, dy_cfg.BLOCK_M)
-    # The last arrival's sum of a row block's dS (as plan_lora_bwd_dy's).
-    tail = rows_per_block * R * (4 + 4) + rows_per_block * r * dtype.itemsize
-    # The last group's dA jobs start with its tiles, its dB jobs before them; the longer of the two (its reads over
-    # the group's rows and its chunks' final sums, which these jobs make as the last group to arrive) may outlast
-    # the group's dX tiles (cost.last_job_seconds).
-    last_m = grid_m - (groups - 1) * group_m
-    last_rows = M - (groups - 1) * group_m * cfg.BLOCK_M
-    final_sum = JOB_COLS * r * (4 + 4 + dtype.itemsize)
-    da_job = _cdiv(k_chunks, da_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
-    db_job = _cdiv(n_chunks, db_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
-    # One dS job, which the first tiles wait for before their main loop (the dS A term seeds their accumulator).
-    wait = cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize
-    constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora,
-                      DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N, DS_ROWS=DS_ROWS, JOB_COLS=JOB_COLS, HAS_BIAS=bias,
-                      **_block_constexprs(cfg))
-    return [Launch("_lora_bwd_dx_kernel", (grid_m * (splits + db_slots + grid_k + da_slots),), cfg, constexprs,
-                   args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits, db_slots=db_slots,
-                             da_slots=da_slots),
-                   reads=reads, writes=writes, flops=flops, atomic_bytes=atomic, tail_bytes=tail, wait_bytes=wait,
-                   wait_at_start=True, last_job_bytes=max(da_job, db_job), last_job_cover=last_m * grid_k)]
+
+    def launch(per_split: int) -> Launch:
+        splits = _cdiv(n_tiles, per_split)
+        atomic = ((splits + 2) * M * R * 4  # dS over the N splits
+                  + (groups + 2) * N * r * 4  # dB over the groups
+                  + (groups + 2) * r * K * 4)  # dA over the groups
+        split_cols = min(N, per_split * dy_cfg.BLOCK_N)
+        rows_per_block = min(M, dy_cfg.BLOCK_M)
+        # The last arrival's sum of a row block's dS (as plan_lora_bwd_dy's).
+        tail = rows_per_block * R * (4 + 4) + rows_per_block * r * dtype.itemsize
+        # The last group's dA jobs start with its tiles, its dB jobs before them; the longer of the two (its reads
+        # over the group's rows and its chunks' final sums, which these jobs make as the last group to arrive) may
+        # outlast the group's dX tiles (cost.last_job_seconds).
+        last_m = grid_m - (groups - 1) * group_m
+        last_rows = M - (groups - 1) * group_m * cfg.BLOCK_M
+        final_sum = JOB_COLS * r * (4 + 4 + dtype.itemsize)
+        da_job = _cdiv(k_chunks, da_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
+        db_job = _cdiv(n_chunks, db_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
+        # One dS job, which the first tiles wait for before their main loop (dS A seeds their accumulator).
+        wait = cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize
+        constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora,
+                          DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N, DS_ROWS=DS_ROWS, JOB_COLS=JOB_COLS,
+                          HAS_BIAS=bias, **_block_constexprs(cfg))
+        return Launch("_lora_bwd_dx_kernel", (grid_m * (splits + db_slots + grid_k + da_slots),), cfg, constexprs,
+                      args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits, db_slots=db_slots,
+                                da_slots=da_slots),
+                      reads=reads, writes=writes, flops=flops, atomic_bytes=atomic, tail_bytes=tail, wait_bytes=wait,
+                      wait_at_start=True, last_job_bytes=max(da_job, db_job), last_job_cover=last_m * grid_k)
+
+    # The N split of the dS jobs trades dS's atomics (one (M, R) fp32 add per split) against the first tiles' wait
+    # (one job's columns) and the grid's waves: every split count is weighed by its modeled time.
+    candidates = {_cdiv(n_tiles, splits) for splits in range(1, n_tiles + 1)}
+    return [min((launch(per_split) for per_split in sorted(candidates)),
+                key=lambda planned: cost.plan_seconds([planned], num_sms))]
 
 
 def plan_lora_bwd(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool, deterministic: bool,

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from fused_lora import reference
-from fused_lora.kernels import configs, launchers, plans
+from fused_lora.kernels import configs, cost, launchers, plans
 from fused_lora.kernels._common import _producers_first_job
 from numerics import assert_within_torch_error, make_inputs
 
@@ -526,13 +526,25 @@ def test_bwd_in_launch_keeps_inf_of_dy_in_its_rows():
 
 
 def test_bwd_takes_the_ds_jobs_into_the_dx_launch_where_it_pays():
-    """At 8192 tokens (4096 -> 4096, r = 16, bf16): one dX launch of 64 row blocks x (32 K tiles + 13 dS jobs + 8 dB
-    jobs + 8 dA jobs: 64 chunks of 64 columns of N and of K over groups of 8 row blocks), none of the dS / dB or dA
-    launches; deterministic mode, fp32 and an input without grad keep other plans; 1-64
+    """At 8192 tokens (4096 -> 4096, r = 16, bf16): one dX launch of 64 row blocks x (32 K tiles + the dS jobs' N
+    splits + 8 dB jobs + 8 dA jobs: 64 chunks of 64 columns of N and of K over groups of 8 row blocks), none of the
+    dS / dB or dA launches, its N split the fastest modeled one (no slower than the dS / dB launch's own split); deterministic mode, fp32 and an input without grad keep other plans; 1-64
     tokens and fp32 cannot take it."""
     plan = plans.plan_lora_bwd(8192, 4096, 4096, 16, torch.bfloat16, dropout=False, deterministic=False, num_sms=132)
-    assert [(l.kernel, l.grid) for l in plan] == [("_lora_bwd_dx_kernel", (64 * (32 + 13 + 8 + 8),))]
-    assert plan[0].args == dict(n_per_split=320, dy_splits=13, db_slots=8, da_slots=8)
+    splits = plan[0].args["dy_splits"]
+    assert [(l.kernel, l.grid) for l in plan] == [("_lora_bwd_dx_kernel", (64 * (32 + splits + 8 + 8),))]
+    assert plan[0].args == dict(n_per_split=-(-64 // splits) * 64, dy_splits=splits, db_slots=8, da_slots=8)
+    default_splits = configs.dy_split(128, 64, 132, 64, 8192)[0]  # 128 dS row blocks of 64, 64 N tiles of 64
+    spy = []
+    real = plans.Launch
+    def recording(*args, **kwargs):
+        spy.append(real(*args, **kwargs))
+        return spy[-1]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plans, "Launch", recording)
+        plans.plan_lora_bwd_in_launch(8192, 4096, 4096, 16, torch.bfloat16, dropout=False, num_sms=132)
+    assert {launch.args["dy_splits"] for launch in spy} >= {1, default_splits, 64}
+    assert cost.plan_seconds(plan) == min(cost.plan_seconds([launch]) for launch in spy)
     assert plan[0].constexprs["DS_IN_LAUNCH"] and plan[0].atomic_bytes > 0
     assert {op.name for op in plan[0].writes} == {"dX", "dS", "dA", "dB"}
     for kwargs in (dict(deterministic=True), dict(dtype=torch.float32), dict(need_dx=False)):
