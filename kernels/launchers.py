@@ -507,8 +507,10 @@ def _bwd_in_launch(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, 
     ds = torch.empty((M, r), device=dy.device, dtype=s.dtype)
     da = torch.empty((r, K), device=dy.device, dtype=x.dtype)
     db = torch.empty((N, r), device=dy.device, dtype=dy.dtype)
-    cols = launch.constexprs["JOB_COLS"]  # the dA and dB jobs' chunks, a counter each
-    counters, accumulator = _workspace(dy.device, 2 * grid_m + -(-K // cols) + -(-N // cols) + 1, N * r + M * R + r * K)
+    # Counters: dS per DS_ROWS rows, ready per row block, dA and dB per chunk of JOB_COLS columns, the ticket.
+    cols, halves = launch.constexprs["JOB_COLS"], cfg.BLOCK_M // launch.constexprs["DS_ROWS"]
+    counters, accumulator = _workspace(dy.device, grid_m * (halves + 1) + -(-K // cols) + -(-N // cols) + 1,
+                                       N * r + M * R + r * K)
     dm_parts = None
     if dora is not None:
         magnitude, norm, saved, bias = dora

@@ -9,6 +9,9 @@ from fused_lora.kernels import launchers, plans
 from numerics import assert_within_torch_error, make_inputs
 from spies import spy_on_kernels
 
+# Every workspace a launcher makes is checked for writes past its end (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("guarded_workspaces")
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SEED = 31
 DORA_KERNELS = ("_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_dy_kernel", "_lora_bwd_dx_kernel",

@@ -9,6 +9,9 @@ from fused_lora.kernels import configs, cost, launchers, plans
 from fused_lora.kernels._common import _producers_first_job
 from numerics import assert_within_torch_error, make_inputs
 
+# Every workspace a launcher makes is checked for writes past its end (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("guarded_workspaces")
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RANKS = [1, 7, 16, 64, 256]
 SEED = 31
