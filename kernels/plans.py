@@ -371,8 +371,8 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
 
 
 # The columns of N or K a DS_IN_LAUNCH dB or dA job sums at a time (over its group's rows): the last group's jobs
-# run beside its dX tiles, and at 4096 -> 1024 with 1024 tokens, r = 64, 128 columns outlasted them by 7.7 us in the
-# model (cost.last_job_seconds), 64 by 2.6 us.
+# run beside its dX tiles, and at 4096 -> 1024 with 1024 tokens, r = 64 (bf16) 128 columns outlast them by 7.0 us in
+# the model (cost.last_job_seconds), 64 by 3.3 us.
 JOB_COLS = 64
 # The rows a DS_IN_LAUNCH dS job sums at a time (the dm partials' rows with DoRA): 128-row dX tiles take two.
 DS_ROWS = 64
