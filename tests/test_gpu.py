@@ -64,16 +64,18 @@ def test_shrink_shares_summed_by_the_forward_are_repeatable_on_gpu(cuda):
 
 
 @pytest.mark.parametrize("M", [130, 8192])
-def test_producer_jobs_in_the_launch_on_gpu(cuda, M):
-    """The shrink's shares made in the forward launch and the dS / dB jobs in the dX launch, whose tiles wait for them
-    (spin on a counter): within torch's error (forced, whichever plan the model picks), the forward the same bits in
-    20 runs, every counter back at zero after each."""
+@pytest.mark.parametrize("r", [16, 64])
+def test_producer_jobs_in_the_launch_on_gpu(cuda, guarded_workspaces, M, r):
+    """The shrink's shares made in the forward launch and the dS, dB and dA jobs in the dX launch, whose tiles and dA
+    jobs wait for dS (spin on a counter): within torch's error (forced, whichever plan the model picks; 8192 tokens
+    take the 128-row tiles, two dS jobs per row block), the forward the same bits in 20 runs, every counter back at
+    zero after each and nothing written past the workspaces."""
     from fused_lora import reference
     from fused_lora.kernels import launchers
     from numerics import assert_within_torch_error
 
     dtype = torch.bfloat16
-    x, w, b, a, bb = make_inputs((M,), 4096, 1024, 16, dtype, device=cuda)
+    x, w, b, a, bb = make_inputs((M,), 4096, 1024, r, dtype, device=cuda)
     g = torch.Generator(device=cuda).manual_seed(3)
     dy = torch.randn(M, 1024, device=cuda, generator=g).to(dtype)
     y, s = launchers.lora_fwd(x, w, b, a, bb, 0.5, dropout_p=0.1, seed=7, shrink_in_launch=True)
