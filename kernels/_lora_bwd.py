@@ -323,6 +323,17 @@ def _group_rows(first_m, group_size, M, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _add_to_sum_over_groups(acc, offs, mask, work_ptr, out_ptr, counter_ptr, num_groups):
+    """Adds a group's fp32 share ``acc`` into the zero-at-rest accumulator at work_ptr + offs; the last of the
+    num_groups groups to arrive at ``counter_ptr`` stores the sum at out_ptr + offs in out_ptr's dtype and re-zeroes
+    the accumulator (_last_to_arrive, _sum_of_parts)."""
+    tl.atomic_add(work_ptr + offs, acc, mask=mask, sem="relaxed", scope="gpu")
+    if _last_to_arrive(counter_ptr, num_groups):
+        total = _sum_of_parts(tl.zeros_like(acc), work_ptr + offs, 0, 1, mask, True)
+        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _lora_db_group_job(j, slot, db_slots, first_m, group_size, num_groups, dy_ptr, s_ptr, db_ptr, db_work_ptr,
                        db_counters_ptr, mag_ptr, norm_ptr, M, N, r, stride_dym, stride_dyn, stride_sm, stride_sr,
                        stride_mag_n, scaling, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -331,7 +342,7 @@ def _lora_db_group_job(j, slot, db_slots, first_m, group_size, num_groups, dy_pt
     first_m + group_size - 1) for the chunks of BLOCK_C columns of N numbered slot x group_size + j, then every
     db_slots x group_size further; each chunk's (BLOCK_C, R) sum is added into the fp32 (N, r) accumulator
     ``db_work_ptr``, and the last of the num_groups groups to arrive at a chunk (its counter at db_counters_ptr)
-    stores it in dY's dtype. One add per group, not per row block: the group's rows are summed in registers."""
+    stores it in dY's dtype (_add_to_sum_over_groups). One add per group, not per row block: the group's rows are summed in registers."""
     row_start, row_stop = _group_rows(first_m, group_size, M, BLOCK_M)
     offs_r = _span(0, R)
     for c in range(slot * group_size + j, tl.cdiv(N, BLOCK_C), db_slots * group_size):
@@ -346,11 +357,8 @@ def _lora_db_group_job(j, slot, db_slots, first_m, group_size, num_groups, dy_pt
             acc = tl.dot(tl.trans(dy), s, acc, input_precision=INPUT_PRECISION)
         acc = acc * scaling
         offs = cols[:, None] * r + offs_r[None, :]  # (BLOCK_C, R) of the (N, r) grad
-        mask = (cols[:, None] < N) & (offs_r[None, :] < r)
-        tl.atomic_add(db_work_ptr + offs, acc, mask=mask, sem="relaxed", scope="gpu")
-        if _last_to_arrive(db_counters_ptr + c, num_groups):
-            acc = _sum_of_parts(tl.zeros_like(acc), db_work_ptr + offs, 0, 1, mask, True)
-            tl.store(db_ptr + offs, acc.to(db_ptr.dtype.element_ty), mask=mask)
+        _add_to_sum_over_groups(acc, offs, (cols[:, None] < N) & (offs_r[None, :] < r), db_work_ptr, db_ptr,
+                                db_counters_ptr + c, num_groups)
 
 
 @triton.jit
@@ -384,11 +392,8 @@ def _lora_da_group_job(j, slot, da_slots, first_m, group_size, num_groups, reade
         if APPLY_DROPOUT:
             acc = acc * keep_scale
         offs = offs_r[None, :] * K + offs_k[:, None]  # (BLOCK_C, R) of the (r, K) grad
-        mask = (offs_k[:, None] < K) & (offs_r[None, :] < r)
-        tl.atomic_add(da_work_ptr + offs, acc, mask=mask, sem="relaxed", scope="gpu")
-        if _last_to_arrive(da_counters_ptr + c, num_groups):
-            acc = _sum_of_parts(tl.zeros_like(acc), da_work_ptr + offs, 0, 1, mask, True)
-            tl.store(da_ptr + offs, acc.to(da_ptr.dtype.element_ty), mask=mask)
+        _add_to_sum_over_groups(acc, offs, (offs_k[:, None] < K) & (offs_r[None, :] < r), da_work_ptr, da_ptr,
+                                da_counters_ptr + c, num_groups)
     for m in range(first_m, first_m + group_size):
         _last_to_arrive(ready_ptr + m, readers)  # done with the group's dS
 
