@@ -179,7 +179,7 @@ def _lora_bwd_dx_kernel(
     drop_threshold, keep_scale, scaling,
     n_per_split,  # with DS_IN_LAUNCH: columns of N per dS / dB job, a multiple of DY_BLOCK_N
     dy_splits,  # with DS_IN_LAUNCH: dS jobs per row block (N splits)
-    db_slots,  # with DS_IN_LAUNCH: dB jobs per row block (_lora_db_group_job)
+    db_slots,  # with DS_IN_LAUNCH: dB jobs per row block (_lora_db_group_job), after its dA jobs
     da_slots,  # with DS_IN_LAUNCH: dA jobs per row block (_lora_da_group_job)
     R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
@@ -188,11 +188,12 @@ def _lora_bwd_dx_kernel(
     # dX = dY W + dropout'((g - 1) dY W + dS A), both products from the same W tiles.
     DORA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    # The whole backward in this launch (_producers_first_job's order, per row block dy_splits + db_slots parts and
-    # da_slots + cdiv(K, BLOCK_K) tiles): dS jobs (_lora_bwd_dy_job on BLOCK_M rows and DY_BLOCK_N columns, summed
-    # over the N splits by fp32 atomics) and dB jobs (_lora_db_group_job) as the parts; dA jobs
-    # (_lora_da_group_job) first among their group's tiles; a dX tile adds dropout'(dS A) once its row block's dS is
-    # stored. dB and dA are summed over the groups of GROUP_M row blocks by fp32 atomics, JOB_COLS columns a chunk.
+    # The whole backward in this launch (_producers_first_job's order, per row block dy_splits parts and
+    # da_slots + db_slots + cdiv(K, BLOCK_K) tiles): dS jobs (_lora_bwd_dy_job on DS_ROWS rows at a time and
+    # DY_BLOCK_N columns, summed over the N splits by fp32 atomics) as the parts; dA jobs (_lora_da_group_job), then
+    # dB jobs (_lora_db_group_job) first among their group's tiles; a dX tile adds dropout'(dS A) once its row
+    # block's dS is stored. dB and dA are summed over the groups of GROUP_M row blocks by fp32 atomics, JOB_COLS
+    # columns a chunk. Only dS jobs run ahead of a group's tiles: nothing waits on dB.
     DS_IN_LAUNCH: tl.constexpr = False,
     DY_BLOCK_N: tl.constexpr = 64,
     DS_ROWS: tl.constexpr = 64,  # with DS_IN_LAUNCH: the rows a dS job sums at a time (dm's partials' rows with DORA)
@@ -207,40 +208,39 @@ def _lora_bwd_dx_kernel(
         ready_ptr = counters_ptr + num_pid_m * DS_HALVES  # after dS's counters, one per DS_ROWS rows
         da_counters_ptr = ready_ptr + num_pid_m
         db_counters_ptr = da_counters_ptr + tl.cdiv(K, JOB_COLS).to(tl.int64)
-        parts, cols = dy_splits + db_slots, da_slots + num_pid_k
-        ticket = _take_ticket(db_counters_ptr + tl.cdiv(N, JOB_COLS).to(tl.int64), num_pid_m * (parts + cols))
-        is_part, job = _producers_first_job(ticket, num_pid_m, cols, parts, GROUP_M)
-        tile_m, col = _grouped_tile_of(job, num_pid_m, cols, GROUP_M)
-        pid_m, part = tl.where(is_part, job // parts, tile_m), job % parts
+        jobs = da_slots + db_slots  # per row block, ahead of its dX tiles
+        ticket = _take_ticket(db_counters_ptr + tl.cdiv(N, JOB_COLS).to(tl.int64),
+                              num_pid_m * (dy_splits + jobs + num_pid_k))
+        is_part, job = _producers_first_job(ticket, num_pid_m, jobs + num_pid_k, dy_splits, GROUP_M)
+        tile_m, col = _grouped_tile_of(job, num_pid_m, jobs + num_pid_k, GROUP_M)
+        pid_m = tl.where(is_part, job // dy_splits, tile_m)
         first_m = pid_m // GROUP_M * GROUP_M
         group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
         # ready's arrivals: dS's count-ins (one per DS_ROWS rows), then each reader's count-out
         readers = DS_HALVES + num_pid_k + da_slots * group_size
         da_work_ptr = work_ptr + (tl.cast(N, tl.int64) * r + tl.cast(M, tl.int64) * R)
         if is_part:
-            if part < dy_splits:
-                # DS_ROWS at a time: one (128, 64) fp32 dS accumulator beside the 128 x 128 tiles' code spilled
-                # 8-32 B on sm_80 at R = 64 (kernel_report).
-                for h in tl.static_range(DS_HALVES):
-                    _lora_bwd_dy_job(pid_m * DS_HALVES + h, part, num_pid_m, dy_splits, dy_ptr, b_ptr, s_ptr, ds_ptr,
-                                     work_ptr, db_ptr, work_ptr, counters_ptr, mag_ptr, norm_ptr, y_ptr, bias_ptr,
-                                     dm_parts_ptr, M, N, r, stride_dym, stride_dyn, stride_bn, stride_br, stride_sm,
-                                     stride_sr, stride_dsm, stride_dsr, stride_ym, stride_yn, stride_bias_n,
-                                     stride_mag_n, scaling, n_per_split, counters_ptr, ready_ptr + pid_m, readers, R,
-                                     DS_ROWS, DY_BLOCK_N, True, False, True, DORA, HAS_BIAS, INPUT_PRECISION, True,
-                                     False)
-            else:
-                _lora_db_group_job(pid_m - first_m, part - dy_splits, db_slots, first_m, group_size, num_groups,
-                                   dy_ptr, s_ptr, db_ptr, work_ptr, db_counters_ptr, mag_ptr, norm_ptr, M, N, r,
-                                   stride_dym, stride_dyn, stride_sm, stride_sr, stride_mag_n, scaling, R, BLOCK_M,
-                                   JOB_COLS, DORA, INPUT_PRECISION)
+            # DS_ROWS at a time: one (128, 64) fp32 dS accumulator beside the 128 x 128 tiles' code spilled 8-32 B
+            # on sm_80 at R = 64 (kernel_report).
+            for h in tl.static_range(DS_HALVES):
+                _lora_bwd_dy_job(pid_m * DS_HALVES + h, job % dy_splits, num_pid_m, dy_splits, dy_ptr, b_ptr, s_ptr,
+                                 ds_ptr, work_ptr, db_ptr, work_ptr, counters_ptr, mag_ptr, norm_ptr, y_ptr, bias_ptr,
+                                 dm_parts_ptr, M, N, r, stride_dym, stride_dyn, stride_bn, stride_br, stride_sm,
+                                 stride_sr, stride_dsm, stride_dsr, stride_ym, stride_yn, stride_bias_n, stride_mag_n,
+                                 scaling, n_per_split, counters_ptr, ready_ptr + pid_m, readers, R, DS_ROWS,
+                                 DY_BLOCK_N, True, False, True, DORA, HAS_BIAS, INPUT_PRECISION, True, False)
         elif col < da_slots:
             _lora_da_group_job(pid_m - first_m, col, da_slots, first_m, group_size, num_groups, readers, ds_ptr,
                                x_ptr, da_ptr, da_work_ptr, ready_ptr, da_counters_ptr, seed_ptr, M, K, r, stride_dsm,
                                stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R, BLOCK_M, JOB_COLS,
                                APPLY_DROPOUT, INPUT_PRECISION, DS_ROWS)
+        elif col < jobs:
+            _lora_db_group_job(pid_m - first_m, col - da_slots, db_slots, first_m, group_size, num_groups, dy_ptr,
+                               s_ptr, db_ptr, work_ptr, db_counters_ptr, mag_ptr, norm_ptr, M, N, r, stride_dym,
+                               stride_dyn, stride_sm, stride_sr, stride_mag_n, scaling, R, BLOCK_M, JOB_COLS, DORA,
+                               INPUT_PRECISION)
         else:
-            _lora_bwd_dx_tile(pid_m, col - da_slots, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr,
+            _lora_bwd_dx_tile(pid_m, col - jobs, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr,
                               norm_ptr, ready_ptr, readers, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk,
                               stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_mag_n,
                               drop_threshold, keep_scale, R, R_CHUNK, BLOCK_M, BLOCK_K, BLOCK_N, APPLY_DROPOUT, DORA,

@@ -381,10 +381,10 @@ DS_ROWS = 64
 def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool,
                             num_sms: int, dora: bool = False, bias: bool = False) -> list[Launch]:
     """The backward as one _lora_bwd_dx_kernel launch with DS_IN_LAUNCH (configs.bwd_ds_in_launch). Per row block of
-    the dX tiles: dS jobs (plan_lora_bwd_dy's pass without dB, summed over the N splits by fp32 atomics) and dB jobs,
-    which take lower tickets than the group's tiles (_common._producers_first_job); among the tiles dA jobs, which
-    wait for their group's dS, and the dX tiles, which wait for their row block's dS and add dropout'(dS A). A dB or
-    dA job sums a group of GROUP_M row blocks in registers (JOB_COLS columns of N or K at a time): dB = s dY^T
+    the dX tiles: dS jobs (plan_lora_bwd_dy's pass without dB, summed over the N splits by fp32 atomics), which take
+    lower tickets than the group's tiles (_common._producers_first_job); first among the tiles dA jobs, which wait
+    for their group's dS, then dB jobs, then the dX tiles, which wait for their row block's dS and add
+    dropout'(dS A). A dB or dA job sums a group of GROUP_M row blocks in registers (JOB_COLS columns of N or K at a time): dB = s dY^T
     S and dA = dS^T dropout(x) are summed over the groups by fp32 atomics, and the last group to arrive at a chunk
     stores it. ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with the magnitude's partials
     (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's; plan_dora_magnitude_grad follows with block_m =
@@ -427,9 +427,9 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
         rows_per_block = min(M, dy_cfg.BLOCK_M)
         # The last arrival's sum of a row block's dS (as plan_lora_bwd_dy's).
         tail = rows_per_block * R * (4 + 4) + rows_per_block * r * dtype.itemsize
-        # The last group's dA jobs start with its tiles, its dB jobs before them; the longer of the two (its reads
-        # over the group's rows and its chunks' final sums, which these jobs make as the last group to arrive) may
-        # outlast the group's dX tiles (cost.last_job_seconds).
+        # The last group's dA and dB jobs start with its dX tiles; the longer of the two (its reads over the group's
+        # rows and its chunks' final sums, which these jobs make as the last group to arrive) may outlast them
+        # (cost.last_job_seconds).
         last_m = grid_m - (groups - 1) * group_m
         last_rows = M - (groups - 1) * group_m * cfg.BLOCK_M
         final_sum = JOB_COLS * r * (4 + 4 + dtype.itemsize)
