@@ -384,9 +384,9 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     the dX tiles: dS jobs (plan_lora_bwd_dy's pass without dB, summed over the N splits by fp32 atomics), which take
     lower tickets than the group's tiles (_common._producers_first_job); first among the tiles dA jobs, which wait
     for their group's dS, then dB jobs, then the dX tiles, which wait for their row block's dS and add
-    dropout'(dS A). A dB or dA job sums a group of GROUP_M row blocks in registers (JOB_COLS columns of N or K at a time): dB = s dY^T
-    S and dA = dS^T dropout(x) are summed over the groups by fp32 atomics, and the last group to arrive at a chunk
-    stores it. ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with the magnitude's partials
+    dropout'(dS A). A dB or dA job sums a group of GROUP_M row blocks in registers (JOB_COLS columns of N or K at a
+    time): dB = s dY^T S and dA = dS^T dropout(x) are summed over the groups by fp32 atomics, and the last group to
+    arrive at a chunk stores it. ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with the magnitude's partials
     (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's; plan_dora_magnitude_grad follows with block_m =
     DS_ROWS."""
     R = configs.padded_rank(r)
@@ -417,6 +417,19 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
         reads += (Operand("Z" if dropout else "Y", (M, N), dtype), *_dora_scale_operands(N, dtype))
         reads += (Operand("bias", (N,), dtype),) if bias else ()
         writes += (Operand("dm_parts", (m_blocks, N), torch.float32),)
+    # The last arrival's sum of a row block's dS (as plan_lora_bwd_dy's).
+    tail = min(M, DS_ROWS) * (R * (4 + 4) + r * dtype.itemsize)
+    # The last group's dA and dB jobs start with its dX tiles; the longer of the two (its reads over the group's rows
+    # and its chunks' final sums, which these jobs make as the last group to arrive) may outlast them
+    # (cost.last_job_seconds).
+    last_m = grid_m - (groups - 1) * group_m
+    last_rows = M - (groups - 1) * group_m * cfg.BLOCK_M
+    final_sum = JOB_COLS * r * (4 + 4 + dtype.itemsize)
+    da_job = _cdiv(k_chunks, da_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
+    db_job = _cdiv(n_chunks, db_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
+    constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora, DS_IN_LAUNCH=True,
+                      DY_BLOCK_N=dy_cfg.BLOCK_N, DS_ROWS=DS_ROWS, JOB_COLS=JOB_COLS, HAS_BIAS=bias,
+                      **_block_constexprs(cfg))
 
     def launch(per_split: int) -> Launch:
         splits = _cdiv(n_tiles, per_split)
@@ -424,22 +437,8 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
                   + (groups + 2) * N * r * 4  # dB over the groups
                   + (groups + 2) * r * K * 4)  # dA over the groups
         split_cols = min(N, per_split * dy_cfg.BLOCK_N)
-        rows_per_block = min(M, dy_cfg.BLOCK_M)
-        # The last arrival's sum of a row block's dS (as plan_lora_bwd_dy's).
-        tail = rows_per_block * R * (4 + 4) + rows_per_block * r * dtype.itemsize
-        # The last group's dA and dB jobs start with its dX tiles; the longer of the two (its reads over the group's
-        # rows and its chunks' final sums, which these jobs make as the last group to arrive) may outlast them
-        # (cost.last_job_seconds).
-        last_m = grid_m - (groups - 1) * group_m
-        last_rows = M - (groups - 1) * group_m * cfg.BLOCK_M
-        final_sum = JOB_COLS * r * (4 + 4 + dtype.itemsize)
-        da_job = _cdiv(k_chunks, da_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
-        db_job = _cdiv(n_chunks, db_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
         # One dS job, which the first tiles wait for before their main loop (dS A seeds their accumulator).
         wait = cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize
-        constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora,
-                          DS_IN_LAUNCH=True, DY_BLOCK_N=dy_cfg.BLOCK_N, DS_ROWS=DS_ROWS, JOB_COLS=JOB_COLS,
-                          HAS_BIAS=bias, **_block_constexprs(cfg))
         return Launch("_lora_bwd_dx_kernel", (grid_m * (splits + db_slots + grid_k + da_slots),), cfg, constexprs,
                       args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits, db_slots=db_slots,
                                 da_slots=da_slots),
