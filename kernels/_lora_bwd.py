@@ -159,7 +159,7 @@ def _lora_bwd_dx_kernel(
     da_ptr,  # (r, K) output in x's dtype: dS^T dropout(x)
     y_ptr,  # (M, N) with DS_IN_LAUNCH and DORA: the forward's saved output (Z with APPLY_DROPOUT)
     bias_ptr,  # (N,) with DS_IN_LAUNCH, DORA and HAS_BIAS
-    dm_parts_ptr,  # (cdiv(M, BLOCK_M), N) fp32 output with DS_IN_LAUNCH and DORA: the magnitude's partials
+    dm_parts_ptr,  # (cdiv(M, BLOCK_M) x BLOCK_M / DS_ROWS, N) fp32 output with DS_IN_LAUNCH and DORA: dm's partials
     # fp32, zero at rest: the (N, r) dB, (M, R) dS and (r, K) dA accumulators of the fp32 atomics
     work_ptr,
     # int32, zero at rest: dS per row block, dS ready per row block, dA and dB per JOB_COLS columns of K and N, ticket
@@ -342,7 +342,8 @@ def _lora_db_group_job(j, slot, db_slots, first_m, group_size, num_groups, dy_pt
     first_m + group_size - 1) for the chunks of BLOCK_C columns of N numbered slot x group_size + j, then every
     db_slots x group_size further; each chunk's (BLOCK_C, R) sum is added into the fp32 (N, r) accumulator
     ``db_work_ptr``, and the last of the num_groups groups to arrive at a chunk (its counter at db_counters_ptr)
-    stores it in dY's dtype (_add_to_sum_over_groups). One add per group, not per row block: the group's rows are summed in registers."""
+    stores it in dY's dtype (_add_to_sum_over_groups). One add per group, not per row block: the group's rows are
+    summed in registers."""
     row_start, row_stop = _group_rows(first_m, group_size, M, BLOCK_M)
     offs_r = _span(0, R)
     for c in range(slot * group_size + j, tl.cdiv(N, BLOCK_C), db_slots * group_size):

@@ -395,8 +395,8 @@ def lora_bwd_in_launch(dy, x, weight, lora_A, lora_B, s, scaling: float, *, drop
     if not configs.bwd_ds_in_launch(M, R, dy.dtype, torch.are_deterministic_algorithms_enabled()) or not N or not K:
         raise ValueError(f"lora_bwd_in_launch: {M} tokens at rank {r} in {dy.dtype} (N={N}, K={K}) cannot run the "
                          f"dS / dB jobs in the dX launch (configs.bwd_ds_in_launch: fp16 / bf16, more than "
-                         f"{configs.FEW_TOKENS} tokens, rank <= 64 on 64-row dX tiles and 32 on 128-row ones, not "
-                         f"deterministic; N and K > 0); use lora_bwd")
+                         f"{configs.FEW_TOKENS} tokens, rank <= 64, not deterministic; N and K > 0); use "
+                         f"lora_bwd")
     ready = _in_launch_ready(M, N, K, r, dy.dtype, dropout_p > 0.0, _input_precision(dy.dtype), _num_sms(dy.device))
     with launch_guard(dy.device):
         return _bwd_in_launch(ready, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed)

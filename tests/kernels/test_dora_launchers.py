@@ -100,13 +100,13 @@ def test_fwd_sums_the_shrinks_k_splits(dtype, M, r, p):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 # 130 tokens: 3 row blocks of 64; 600: 10 (a first group of 8 and a last of 2); K = 200 and N = 70 / 45 give
-# several K tiles and N splits at the interpreter's 2 SMs; r = 17 pads to 32 (with dropout DoRA's dX tiles have 128 rows,
-# where configs.bwd_ds_in_launch allows up to R = 32).
+# several K tiles and N splits at the interpreter's 2 SMs; r = 17 pads to 32 (DoRA's dX tiles have 128 rows, where
+# configs.bwd_ds_in_launch allows it up to R = 32).
 @pytest.mark.parametrize("M,r,bias,p", [(130, 5, True, 0.0), (130, 17, False, 0.3), (600, 1, True, 0.0),
                                         (600, 7, False, 0.2)])
 def test_in_launch_bwd(dtype, M, r, bias, p):
-    """DoRA with the dS / dB jobs in the dX launch (dA summed from the tiles, dm's partials from the jobs): dX, dA,
-    dB and dm within torch's error of the chained formulas, m = 0 and n = 0 columns in; the workspace back at zero.
+    """DoRA with the dS, dB and dA jobs in the dX launch (dm's partials from the dS jobs): dX, dA, dB and dm within
+    torch's error of the chained formulas, m = 0 and n = 0 columns in; the workspace back at zero.
     Its forward keeps the shrink launch (configs.fwd_shrink_in_launch)."""
     N, K = 70 if p else 45, 200
     x, w, b, a, bb, m = _inputs(M, K, N, r, dtype, bias)

@@ -531,8 +531,8 @@ def test_bwd_in_launch_keeps_inf_of_dy_in_its_rows():
 def test_bwd_takes_the_ds_jobs_into_the_dx_launch_where_it_pays():
     """At 8192 tokens (4096 -> 4096, r = 16, bf16): one dX launch of 64 row blocks x (32 K tiles + the dS jobs' N
     splits + 8 dB jobs + 8 dA jobs: 64 chunks of 64 columns of N and of K over groups of 8 row blocks), none of the
-    dS / dB or dA launches, its N split the fastest modeled one (no slower than the dS / dB launch's own split); deterministic mode, fp32 and an input without grad keep other plans; 1-64
-    tokens and fp32 cannot take it."""
+    dS / dB or dA launches, its N split the fastest modeled one (no slower than the dS / dB launch's own split);
+    deterministic mode, fp32 and an input without grad keep other plans; 1-64 tokens and fp32 cannot take it."""
     plan = plans.plan_lora_bwd(8192, 4096, 4096, 16, torch.bfloat16, dropout=False, deterministic=False, num_sms=132)
     splits = plan[0].args["dy_splits"]
     assert [(l.kernel, l.grid) for l in plan] == [("_lora_bwd_dx_kernel", (64 * (32 + splits + 8 + 8),))]
