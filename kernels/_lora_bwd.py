@@ -326,11 +326,15 @@ def _group_rows(first_m, group_size, M, BLOCK_M: tl.constexpr):
 def _add_to_sum_over_groups(acc, offs, mask, work_ptr, out_ptr, counter_ptr, num_groups):
     """Adds a group's fp32 share ``acc`` into the zero-at-rest accumulator at work_ptr + offs; the last of the
     num_groups groups to arrive at ``counter_ptr`` stores the sum at out_ptr + offs in out_ptr's dtype and re-zeroes
-    the accumulator (_last_to_arrive, _sum_of_parts)."""
-    tl.atomic_add(work_ptr + offs, acc, mask=mask, sem="relaxed", scope="gpu")
-    if _last_to_arrive(counter_ptr, num_groups):
-        total = _sum_of_parts(tl.zeros_like(acc), work_ptr + offs, 0, 1, mask, True)
-        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+    the accumulator (_last_to_arrive, _sum_of_parts). One group (up to GROUP_M row blocks) stores its share as the
+    sum: no atomics, the counter untouched."""
+    if num_groups == 1:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(work_ptr + offs, acc, mask=mask, sem="relaxed", scope="gpu")
+        if _last_to_arrive(counter_ptr, num_groups):
+            total = _sum_of_parts(tl.zeros_like(acc), work_ptr + offs, 0, 1, mask, True)
+            tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -19,8 +19,8 @@ MID_TOKENS = 2048
 # Programs a W-bound few-token grid should have: an H100 has 132 SMs (an A100 108).
 FILL_PROGRAMS = 128
 # Fusing the shrink into the forward GEMM re-reads A once per N tile (R / BLOCK_N of W's bytes, from L2) and
-# recomputes S there (R / BLOCK_N more FLOPs): up to this rank where the GEMM is compute-bound (65-2048 tokens,
-# 128 columns: 1/4); few-token tiles allow up to 2 BLOCK_N (fwd_config).
+# recomputes S there (R / BLOCK_N more FLOPs): up to this rank in fp32 and in DoRA's tiles (fwd_choices); 16-bit
+# LoRA tiles fuse up to ONE_LAUNCH_BWD_MAX_RANK where the plan's modeled time says it wins.
 FUSE_SHRINK_MAX_RANK = 32
 # The one-launch backward (_lora_bwd_dx_da_db_kernel) re-reads B (N x R) in every program to recompute dS: R /
 # BLOCK_K of the program's W bytes from L2, which the roofline does not count. With one row block's 32-column K
@@ -118,18 +118,14 @@ def fwd_choices(M: int, N: int, R: int, dtype: torch.dtype, dora: bool = False, 
         # Between the regimes 128-row tiles leave the SMs idle (256 tokens at N = 4096: 64 programs); 64 rows give
         # twice the programs (the smallest M tile of one warpgroup's wgmma), and narrower columns more still
         # (mid_fwd_block_n). Fusing the shrink recomputes S per N tile (R / BLOCK_N more FLOPs); a separate shrink
-        # launch of cdiv(M, 64) row blocks fills no GPU either, so the plan weighs both. A rank too large to fuse at
-        # those columns (mid_fwd_max_fused_rank) fuses at narrower ones (R = 64: 64 columns).
+        # launch of cdiv(M, 64) row blocks fills no GPU either, so the plan weighs both, the shrink fused up to
+        # ONE_LAUNCH_BWD_MAX_RANK.
         # 8 warps: 4 spilled 80-176 B at R = 64 (r % 16 != 0) on sm_80 / sm_90 (kernel_report).
         block_n = mid_fwd_block_n(M, N)
         unfused = TileConfig(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False
-        narrower = block_n
-        while narrower > 32 and R > mid_fwd_max_fused_rank(narrower):
-            narrower //= 2
-        if R > mid_fwd_max_fused_rank(narrower):
+        if R > ONE_LAUNCH_BWD_MAX_RANK:
             return unfused,
-        return unfused, (TileConfig(BLOCK_M=64, BLOCK_N=narrower, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-                         True)
+        return unfused, (mid_fwd_fused_config(block_n, R), True)
     # Many tokens: compute-bound GEMM. 128 x 128 x 64 with 8 warps and 3 stages compiles to
     # HGMMA with no spills on sm_90; 128 x 256 spilled there (kernel_report).
     return (TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3), False),
@@ -150,11 +146,13 @@ def _width_to_fill(M: int, cols: int, widest: int) -> int:
     return width
 
 
-def mid_fwd_max_fused_rank(block_n: int) -> int:
-    """The largest padded rank the 65-2048-token forward may fuse the shrink into at ``block_n`` columns: 32 at 128
-    columns, where R = 64 spilled 32-56 B on sm_80 (kernel_report); as the few-token tiles, 2 x BLOCK_N up to 64,
-    for narrower ones."""
-    return FUSE_SHRINK_MAX_RANK if block_n == 128 else min(2 * block_n, ONE_LAUNCH_BWD_MAX_RANK)
+def mid_fwd_fused_config(block_n: int, R: int) -> TileConfig:
+    """The 65-2048-token forward's tiles with the shrink fused (R <= ONE_LAUNCH_BWD_MAX_RANK). At 128 columns and
+    R = 64, 64 x 128 x 64 in 3 stages spilled 32-56 B on sm_80 (255 registers; 40-48 B in 2 stages); 64 x 128 x 32
+    in 4 stages takes 180-224 registers there and 127-160 with wgmma on sm_90, 0 spills (kernel_report)."""
+    block_k = 32 if block_n == 128 and R > FUSE_SHRINK_MAX_RANK else 64
+    return TileConfig(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=8,
+                      num_stages=4 if block_k == 32 else 3)
 
 
 def shrink_config(R: int, dtype: torch.dtype) -> TileConfig:

@@ -424,7 +424,8 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     # (cost.last_job_seconds).
     last_m = grid_m - (groups - 1) * group_m
     last_rows = M - (groups - 1) * group_m * cfg.BLOCK_M
-    final_sum = JOB_COLS * r * (4 + 4 + dtype.itemsize)
+    # One group stores its sums as the grads (_add_to_sum_over_groups): no atomics, no final read.
+    final_sum = JOB_COLS * r * ((4 + 4 if groups > 1 else 0) + dtype.itemsize)
     da_job = _cdiv(k_chunks, da_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
     db_job = _cdiv(n_chunks, db_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora, DS_IN_LAUNCH=True,
@@ -434,8 +435,7 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     def launch(per_split: int) -> Launch:
         splits = _cdiv(n_tiles, per_split)
         atomic = ((splits + 2) * M * R * 4  # dS over the N splits
-                  + (groups + 2) * N * r * 4  # dB over the groups
-                  + (groups + 2) * r * K * 4)  # dA over the groups
+                  + (groups + 2 if groups > 1 else 0) * (N * r + r * K) * 4)  # dB and dA over the groups
         split_cols = min(N, per_split * dy_cfg.BLOCK_N)
         # One dS job, which the first tiles wait for before their main loop (dS A seeds their accumulator).
         wait = cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize

@@ -90,6 +90,22 @@ def _check_fwd_twice(M, N, K, r, dtype, p, fuse, given_s=False, in_launch=None):
         assert not workspace.counters.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r,p", [(64, 0.0), (33, 0.2), (64, 0.2)])
+def test_fwd_fuses_rank_64_on_128_column_tiles(monkeypatch, request, dtype, r, p):
+    """The 65-2048-token forward with the shrink fused at R = 64 on 128-column tiles (configs.mid_fwd_fused_config:
+    64 x 128 x 32, 4 stages), forced here at 130 tokens (3 row blocks), N = 150 (a partial second column tile) and
+    K = 100 (4 K tiles of 32, the last partial); r = 33 pads to 64: the same checks as test_fwd_split_k."""
+    monkeypatch.setattr(configs, "mid_fwd_block_n", lambda M, N: 128)
+    launchers._fwd_ready.cache_clear()
+    request.addfinalizer(launchers._fwd_ready.cache_clear)  # no forced plan left for later tests
+    M, N, K = 130, 150, 100
+    launch = _fwd_launch(M, N, K, r, dtype, p, fuse=True)
+    assert (launch.config.BLOCK_N, launch.config.BLOCK_K, launch.config.num_stages) == (128, 32, 4)
+    assert launch.constexprs["FUSE_SHRINK"] and launch.constexprs["R"] == 64
+    _check_fwd_twice(M, N, K, r, dtype, p, True, given_s=True)
+
+
 def _check_inf_of_x_stays_in_its_row(M, N, K, r, col, fuse, in_launch=None):
     """x[1, col] = inf: NaN and inf in y and S exactly where the fp64 reference has them (bf16)."""
     x, w, b, a, bb = make_inputs((M,), K, N, r, torch.bfloat16)
@@ -291,7 +307,7 @@ def test_weighed_plans_take_the_lower_modeled_time():
                for f in (False, True)]
         fwd += [plans.plan_lora_fwd(M, N, 4096, r, torch.bfloat16, dropout=True, bias=True, shrink_in_launch=True)]
         chosen = plans.plan_lora_fwd(M, N, 4096, r, torch.bfloat16, dropout=True, bias=True)
-        if configs.padded_rank(r) <= configs.mid_fwd_max_fused_rank(32):
+        if configs.padded_rank(r) <= configs.ONE_LAUNCH_BWD_MAX_RANK:
             assert cost.plan_seconds(chosen) == min(cost.plan_seconds(p) for p in fwd)
         bwd = [plans.plan_lora_bwd(M, N, 4096, r, torch.bfloat16, dropout=True, deterministic=False, num_sms=132,
                                    one_launch=o) for o in (False, True)]
