@@ -15,9 +15,12 @@ summed over the launches, where
 - tail bytes: what one program moves alone once the others are done (the final pass of a sum finished by the
   last program to arrive), at one SM's share of the bandwidth;
 - first-wave wait: where a launch's tiles wait for producer jobs started beside them (the forward's shrink shares,
-  SHRINK_IN_LAUNCH; the dS / dB jobs of the dX launch, DS_IN_LAUNCH), one producer job's bytes at one SM's share of
-  the bandwidth: all of it where the tiles wait before their main loop (the dX tiles), else beyond a tile's share of
-  the main time (main / waves); later producers run a group of row blocks ahead of their tiles.
+  SHRINK_IN_LAUNCH; the dS jobs of the dX launch, DS_IN_LAUNCH), one producer job's bytes at one SM's share of
+  the bandwidth: all of it where the tiles wait before their main loop (the dX tiles with LoRA's dropout), else
+  beyond a tile's share of the main time (main / waves); later producers run a group of row blocks ahead of their
+  tiles;
+- last group's job: the DS_IN_LAUNCH dA / dB job of the last group of row blocks, where it outlasts that group's
+  dX tiles (kernels/cost.py last_job_seconds).
 
 Launch lists are derived, not typed in:
 - fused: from the launchers' own plans (fused_lora.kernels.plans.plan_*): grids, tiles, passes, partial
@@ -107,8 +110,9 @@ def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
                    "x 4 into dA, plus 2 x 4 bytes per element for the last program's read and re-zeroing, at "
                    "atomic_bytes_per_s, added after the launch's main time (not overlapped)",
         "waits": "a launch whose tiles wait for producer jobs beside them (the forward's shrink shares, the dX "
-                 "launch's dS / dB jobs): one producer job's wait_bytes x SMs / bandwidth, less main time / waves "
-                 "where the tiles wait after their main loop (the forward's), the first wave only",
+                 "launch's dS jobs): one producer job's wait_bytes x SMs / bandwidth, less main time / waves "
+                 "where the tiles wait after their main loop (the forward's; the dX tiles' but with LoRA's "
+                 "dropout), the first wave only",
         "tails": "a sum finished by the last program to arrive: the bytes that one program moves after the rest "
                  "of the launch (its columns' accumulator or partials, and the grad it stores), at hbm / SMs",
         "triton_efficiency": "e = 1 in the ideal table; triton_gemm_efficiency on the FLOP rate of Triton "

@@ -216,6 +216,10 @@ def _lora_bwd_dx_kernel(
         pid_m = tl.where(is_part, job // dy_splits, tile_m)
         first_m = pid_m // GROUP_M * GROUP_M
         group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+        # A lone group's dA / dB jobs store their sums without atomics. With LoRA's dropout on 128-row tiles that
+        # store beside the atomic path spilled 16 B on sm_80 (kernel_report); those tiles start above MID_TOKENS
+        # (more than 16 row blocks: never one group of IN_LAUNCH_GROUP_M), so they keep the atomics.
+        LONE_GROUP_STORES: tl.constexpr = BLOCK_M == DS_ROWS or DORA or not APPLY_DROPOUT
         # ready's arrivals: dS's count-ins (one per DS_ROWS rows), then each reader's count-out
         readers = DS_HALVES + num_pid_k + da_slots * group_size
         da_work_ptr = work_ptr + (tl.cast(N, tl.int64) * r + tl.cast(M, tl.int64) * R)
@@ -233,12 +237,12 @@ def _lora_bwd_dx_kernel(
             _lora_da_group_job(pid_m - first_m, col, da_slots, first_m, group_size, num_groups, readers, ds_ptr,
                                x_ptr, da_ptr, da_work_ptr, ready_ptr, da_counters_ptr, seed_ptr, M, K, r, stride_dsm,
                                stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R, BLOCK_M, JOB_COLS,
-                               APPLY_DROPOUT, INPUT_PRECISION, DS_ROWS)
+                               APPLY_DROPOUT, INPUT_PRECISION, DS_ROWS, LONE_GROUP_STORES)
         elif col < jobs:
             _lora_db_group_job(pid_m - first_m, col - da_slots, db_slots, first_m, group_size, num_groups, dy_ptr,
                                s_ptr, db_ptr, work_ptr, db_counters_ptr, mag_ptr, norm_ptr, M, N, r, stride_dym,
                                stride_dyn, stride_sm, stride_sr, stride_mag_n, scaling, R, BLOCK_M, JOB_COLS, DORA,
-                               INPUT_PRECISION)
+                               INPUT_PRECISION, LONE_GROUP_STORES)
         else:
             _lora_bwd_dx_tile(pid_m, col - jobs, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr,
                               norm_ptr, ready_ptr, readers, M, N, K, r, stride_dym, stride_dyn, stride_wn, stride_wk,
@@ -262,17 +266,22 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
                       BLOCK_N: tl.constexpr, APPLY_DROPOUT: tl.constexpr, DORA: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, DS_IN_LAUNCH: tl.constexpr, DS_ROWS: tl.constexpr = 64):
     """dX tile (pid_m, pid_k) of _lora_bwd_dx_kernel (its arguments). DS_IN_LAUNCH: the row block's dS is waited for
-    at ready_ptr[pid_m] (BLOCK_M / DS_ROWS count-ins) before the main loop, and the tile counts out there (of
-    ``readers``) once it has read it."""
+    at ready_ptr[pid_m] (BLOCK_M / DS_ROWS count-ins), before the main loop with LoRA's dropout and after it
+    otherwise (DS_LATE), and the tile counts out there (of ``readers``) once it has read it."""
     offs_m = _span(pid_m * BLOCK_M, BLOCK_M)
     offs_k = _span(pid_k * BLOCK_K, BLOCK_K)
 
     DORA_DROPOUT: tl.constexpr = DORA and APPLY_DROPOUT
     # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass. DoRA with dropout masks
     # dS A + (g - 1) dY W, so that sum gets its own accumulator, masked after the loop.
-    if DS_IN_LAUNCH:
-        # Before the main loop: waiting after it, dS A took a second (BLOCK_M, BLOCK_K) fp32 accumulator beside dY W's,
-        # which spilled 8-504 B at 128 x 128 on sm_80 / sm_90 at every rank (kernel_report).
+    # DS_LATE: dS A is added after the main loop into an accumulator the loop keeps anyway (dX's, or DoRA's masked
+    # one), so the first wave's tiles run their main loop while the dS jobs make dS. LoRA's dropout masks dS A
+    # alone: after the loop that took a second (BLOCK_M, BLOCK_K) fp32 accumulator beside dY W's, which spilled
+    # 8-504 B at 128 x 128 on sm_80 / sm_90 at every rank (kernel_report), so there it waits before the loop.
+    DS_LATE: tl.constexpr = DS_IN_LAUNCH and (DORA or not APPLY_DROPOUT)
+    if DS_LATE:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    elif DS_IN_LAUNCH:
         _wait_for(ready_ptr + pid_m, BLOCK_M // DS_ROWS)  # the row block's dS, stored by lower tickets
         acc = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
                                 stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION,
@@ -309,6 +318,15 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
         acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
         dy_ptrs += dy_step
         w_ptrs += w_step
+    if DS_LATE:
+        _wait_for(ready_ptr + pid_m, BLOCK_M // DS_ROWS)  # the row block's dS, stored by lower tickets
+        if DORA_DROPOUT:
+            acc_kept = _rank_chunked_dot(acc_kept, ds_ptr, a_ptr, offs_m, offs_k, stride_dsm, stride_dsr, stride_ar,
+                                         stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION, ".cg")
+        else:
+            acc = _rank_chunked_dot(acc, ds_ptr, a_ptr, offs_m, offs_k, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                                    M, K, r, R, R_CHUNK, INPUT_PRECISION, ".cg")
+        _last_to_arrive(ready_ptr + pid_m, readers)  # dS is not written again in the launch: no later hazard
     if DORA_DROPOUT:
         seed = tl.load(seed_ptr)
         acc += _dropped(acc_kept, seed, offs_m, offs_k, drop_threshold) * keep_scale
@@ -323,12 +341,13 @@ def _group_rows(first_m, group_size, M, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _add_to_sum_over_groups(acc, offs, mask, work_ptr, out_ptr, counter_ptr, num_groups):
+def _add_to_sum_over_groups(acc, offs, mask, work_ptr, out_ptr, counter_ptr, num_groups,
+                            LONE_GROUP_STORES: tl.constexpr):
     """Adds a group's fp32 share ``acc`` into the zero-at-rest accumulator at work_ptr + offs; the last of the
     num_groups groups to arrive at ``counter_ptr`` stores the sum at out_ptr + offs in out_ptr's dtype and re-zeroes
-    the accumulator (_last_to_arrive, _sum_of_parts). One group (up to GROUP_M row blocks) stores its share as the
-    sum: no atomics, the counter untouched."""
-    if num_groups == 1:
+    the accumulator (_last_to_arrive, _sum_of_parts). LONE_GROUP_STORES: a lone group (num_groups == 1) stores its
+    share as the sum: no atomics, the counter untouched."""
+    if LONE_GROUP_STORES and num_groups == 1:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(work_ptr + offs, acc, mask=mask, sem="relaxed", scope="gpu")
@@ -341,7 +360,8 @@ def _add_to_sum_over_groups(acc, offs, mask, work_ptr, out_ptr, counter_ptr, num
 def _lora_db_group_job(j, slot, db_slots, first_m, group_size, num_groups, dy_ptr, s_ptr, db_ptr, db_work_ptr,
                        db_counters_ptr, mag_ptr, norm_ptr, M, N, r, stride_dym, stride_dyn, stride_sm, stride_sr,
                        stride_mag_n, scaling, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                       DORA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROWS: tl.constexpr = 64):
+                       DORA: tl.constexpr, INPUT_PRECISION: tl.constexpr, LONE_GROUP_STORES: tl.constexpr,
+                       ROWS: tl.constexpr = 64):
     """A DS_IN_LAUNCH dB job: dB = s dY^T S (DORA: s (g dY)^T S) over a group's rows (row blocks first_m ..
     first_m + group_size - 1) for the chunks of BLOCK_C columns of N numbered slot x group_size + j, then every
     db_slots x group_size further; each chunk's (BLOCK_C, R) sum is added into the fp32 (N, r) accumulator
@@ -363,7 +383,7 @@ def _lora_db_group_job(j, slot, db_slots, first_m, group_size, num_groups, dy_pt
         acc = acc * scaling
         offs = cols[:, None] * r + offs_r[None, :]  # (BLOCK_C, R) of the (N, r) grad
         _add_to_sum_over_groups(acc, offs, (cols[:, None] < N) & (offs_r[None, :] < r), db_work_ptr, db_ptr,
-                                db_counters_ptr + c, num_groups)
+                                db_counters_ptr + c, num_groups, LONE_GROUP_STORES)
 
 
 @triton.jit
@@ -371,7 +391,7 @@ def _lora_da_group_job(j, slot, da_slots, first_m, group_size, num_groups, reade
                        da_work_ptr, ready_ptr, da_counters_ptr, seed_ptr, M, K, r, stride_dsm, stride_dsr, stride_xm,
                        stride_xk, drop_threshold, keep_scale, R: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_C: tl.constexpr, APPLY_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                       DS_ROWS: tl.constexpr, ROWS: tl.constexpr = 64):
+                       DS_ROWS: tl.constexpr, LONE_GROUP_STORES: tl.constexpr, ROWS: tl.constexpr = 64):
     """A DS_IN_LAUNCH dA job: once the group's dS is stored (its row blocks' ready counters, BLOCK_M / DS_ROWS
     count-ins each), dA^T = dropout(x)^T dS over the group's rows for the chunks of BLOCK_C columns of K numbered
     slot x group_size + j, then every da_slots x group_size further; each (BLOCK_C, R) sum is added into the fp32
@@ -398,7 +418,7 @@ def _lora_da_group_job(j, slot, da_slots, first_m, group_size, num_groups, reade
             acc = acc * keep_scale
         offs = offs_r[None, :] * K + offs_k[:, None]  # (BLOCK_C, R) of the (r, K) grad
         _add_to_sum_over_groups(acc, offs, (offs_k[:, None] < K) & (offs_r[None, :] < r), da_work_ptr, da_ptr,
-                                da_counters_ptr + c, num_groups)
+                                da_counters_ptr + c, num_groups, LONE_GROUP_STORES)
     for m in range(first_m, first_m + group_size):
         _last_to_arrive(ready_ptr + m, readers)  # done with the group's dS
 

@@ -22,6 +22,12 @@ FILL_PROGRAMS = 128
 # recomputes S there (R / BLOCK_N more FLOPs): up to this rank in fp32 and in DoRA's tiles (fwd_choices); 16-bit
 # LoRA tiles fuse up to ONE_LAUNCH_BWD_MAX_RANK where the plan's modeled time says it wins.
 FUSE_SHRINK_MAX_RANK = 32
+# The group sizes (row blocks) the dX launch with the dS jobs inside is weighed at (plans.plan_lora_bwd_in_launch):
+# its dA and dB jobs sum a group's rows in registers, so a larger group means fewer fp32 adds over the groups and
+# a longer last job. Its tiles take the same grouped order: per step along N a wave of 132 programs reads GROUP_M
+# row slabs of dY and 132 / GROUP_M column slabs of W, 24.5 at 8 and 24.25 at 16 (the least is 2 sqrt(132) = 23);
+# 32 would read 36.
+IN_LAUNCH_GROUP_M = (8, 16)
 # The one-launch backward (_lora_bwd_dx_da_db_kernel) re-reads B (N x R) in every program to recompute dS: R /
 # BLOCK_K of the program's W bytes from L2, which the roofline does not count. With one row block's 32-column K
 # slices that is at most 2x at R = 64, the same as the program's re-read of dY at 64 tokens, which the separate dX

@@ -11,7 +11,7 @@ every config change. No tensors, no CUDA, and no triton: importing this imports 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -379,7 +379,8 @@ DS_ROWS = 64
 
 
 def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, dropout: bool,
-                            num_sms: int, dora: bool = False, bias: bool = False) -> list[Launch]:
+                            num_sms: int, dora: bool = False, bias: bool = False,
+                            group_m: int | None = None) -> list[Launch]:
     """The backward as one _lora_bwd_dx_kernel launch with DS_IN_LAUNCH (configs.bwd_ds_in_launch). Per row block of
     the dX tiles: dS jobs (plan_lora_bwd_dy's pass without dB, summed over the N splits by fp32 atomics), which take
     lower tickets than the group's tiles (_common._producers_first_job); first among the tiles dA jobs, which wait
@@ -388,11 +389,19 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     time): dB = s dY^T S and dA = dS^T dropout(x) are summed over the groups by fp32 atomics, and the last group to
     arrive at a chunk stores it. ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with the magnitude's partials
     (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's; plan_dora_magnitude_grad follows with block_m =
-    DS_ROWS."""
+    DS_ROWS. Of every group size of configs.IN_LAUNCH_GROUP_M (``group_m`` forces one) and every N split of the dS
+    jobs, the lowest modeled time (kernels/cost.py) at ``num_sms``."""
+    cfg = configs.bwd_dx_config(M, dtype, dora and dropout, dora)
+    sizes = configs.IN_LAUNCH_GROUP_M if group_m is None else (group_m,)
+    return min((_in_launch_plan(M, N, K, r, dtype, replace(cfg, GROUP_M=size), dropout=dropout, num_sms=num_sms,
+                                dora=dora, bias=bias) for size in sizes),
+               key=lambda plan: cost.plan_seconds(plan, num_sms))
+
+
+def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> list[Launch]:
     R = configs.padded_rank(r)
     two_products = dora and dropout
     bias = dora and bias and not dropout  # from Z there is no bias to subtract
-    cfg = configs.bwd_dx_config(M, dtype, two_products, dora)
     # A dS job covers a dX row block (one counter of dS readiness per row block) DS_ROWS rows at a time, and the
     # dS / dB pass's columns.
     dy_cfg = configs.TileConfig(BLOCK_M=DS_ROWS, BLOCK_N=configs.bwd_dy_config(R, dtype, dora).BLOCK_N)
@@ -417,15 +426,16 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
         reads += (Operand("Z" if dropout else "Y", (M, N), dtype), *_dora_scale_operands(N, dtype))
         reads += (Operand("bias", (N,), dtype),) if bias else ()
         writes += (Operand("dm_parts", (m_blocks, N), torch.float32),)
-    # The last arrival's sum of a row block's dS (as plan_lora_bwd_dy's).
-    tail = min(M, DS_ROWS) * (R * (4 + 4) + r * dtype.itemsize)
+    # The last arrival's sum of a row block's dS (as plan_lora_bwd_dy's): part of what the first tiles wait for.
+    ds_sum = min(M, DS_ROWS) * (R * (4 + 4) + r * dtype.itemsize)
     # The last group's dA and dB jobs start with its dX tiles; the longer of the two (its reads over the group's rows
     # and its chunks' final sums, which these jobs make as the last group to arrive) may outlast them
     # (cost.last_job_seconds).
     last_m = grid_m - (groups - 1) * group_m
     last_rows = M - (groups - 1) * group_m * cfg.BLOCK_M
-    # One group stores its sums as the grads (_add_to_sum_over_groups): no atomics, no final read.
-    final_sum = JOB_COLS * r * ((4 + 4 if groups > 1 else 0) + dtype.itemsize)
+    # A lone group stores its sums as the grads (the kernel's LONE_GROUP_STORES): no atomics, no final read.
+    lone = groups == 1 and (cfg.BLOCK_M == DS_ROWS or dora or not dropout)
+    final_sum = JOB_COLS * r * ((0 if lone else 4 + 4) + dtype.itemsize)
     da_job = _cdiv(k_chunks, da_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
     db_job = _cdiv(n_chunks, db_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora, DS_IN_LAUNCH=True,
@@ -435,15 +445,17 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     def launch(per_split: int) -> Launch:
         splits = _cdiv(n_tiles, per_split)
         atomic = ((splits + 2) * M * R * 4  # dS over the N splits
-                  + (groups + 2 if groups > 1 else 0) * (N * r + r * K) * 4)  # dB and dA over the groups
+                  + (0 if lone else groups + 2) * (N * r + r * K) * 4)  # dB and dA over the groups
         split_cols = min(N, per_split * dy_cfg.BLOCK_N)
-        # One dS job, which the first tiles wait for before their main loop (dS A seeds their accumulator).
-        wait = cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize
+        # One dS job and its sum, which the first tiles wait for: before their main loop with LoRA's dropout
+        # (dropout'(dS A) seeds their accumulator), after it otherwise (_lora_bwd_dx_tile's DS_LATE).
+        wait = cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize + ds_sum
         return Launch("_lora_bwd_dx_kernel", (grid_m * (splits + db_slots + grid_k + da_slots),), cfg, constexprs,
                       args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits, db_slots=db_slots,
                                 da_slots=da_slots),
-                      reads=reads, writes=writes, flops=flops, atomic_bytes=atomic, tail_bytes=tail, wait_bytes=wait,
-                      wait_at_start=True, last_job_bytes=max(da_job, db_job), last_job_cover=last_m * grid_k)
+                      reads=reads, writes=writes, flops=flops, atomic_bytes=atomic, wait_bytes=wait,
+                      wait_at_start=dropout and not dora, last_job_bytes=max(da_job, db_job),
+                      last_job_cover=last_m * grid_k)
 
     # The N split of the dS jobs trades dS's atomics (one (M, R) fp32 add per split) against the first tiles' wait
     # (one job's columns) and the grid's waves: every split count is weighed by its modeled time.

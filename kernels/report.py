@@ -181,7 +181,7 @@ def _weighed_plans(M, N, K, r, dtype, *, dropout, bias, deterministic, num_sms) 
     """Every alternative a plan weighs by its modeled time (which depends on sizes beyond these), the chosen ones
     among them: the forward's (plans.fwd_alternatives: the shrink fused or not, K split or not, the shrink in the
     launch or not; at N and at N / 4, whose tiles narrow), the one-launch backward wherever it has tiles, and the
-    backward with the dS / dB jobs in the dX launch wherever it may run."""
+    backward with the dS / dB jobs in the dX launch wherever it may run, at each group size."""
     from fused_lora.kernels import configs, plans
 
     fwd = [launch for n in (N, N // 4)
@@ -189,7 +189,9 @@ def _weighed_plans(M, N, K, r, dtype, *, dropout, bias, deterministic, num_sms) 
     bwd = plans.plan_lora_bwd(M, N, K, r, dtype, dropout=dropout, deterministic=deterministic, num_sms=num_sms,
                               one_launch=True)
     if configs.bwd_ds_in_launch(M, configs.padded_rank(r), dtype, deterministic):
-        bwd += plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=num_sms)
+        bwd += [launch for size in configs.IN_LAUNCH_GROUP_M
+                for launch in plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=num_sms,
+                                                            group_m=size)]
     return fwd + bwd
 
 
@@ -205,9 +207,10 @@ def _dora_plans(M, N, K, r, dtype, *, dropout, bias, deterministic) -> list:
                                     dropout=dropout),
             *plans.plan_lora_bwd_dx(M, N, K, r, dtype, dropout=dropout, dora=True),
             *plans.plan_dora_magnitude_grad(M, N, r, dtype, dropout=dropout),
-            *(plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=_PLAN_SMS, dora=True,
-                                            bias=bias)
-              if configs.bwd_ds_in_launch(M, configs.padded_rank(r), dtype, deterministic, True, dropout) else [])]
+            *(launch for size in configs.IN_LAUNCH_GROUP_M
+              if configs.bwd_ds_in_launch(M, configs.padded_rank(r), dtype, deterministic, True, dropout)
+              for launch in plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=dropout, num_sms=_PLAN_SMS,
+                                                          dora=True, bias=bias, group_m=size))]
 
 
 # 1: one row block (few-token tiles); 65: two (64- and 32-column forward tiles at N and N / 4, 64-column K slices of
@@ -231,11 +234,19 @@ def launch_config(launch) -> dict:
     flags (WORST_CASE_FLAGS), and its launch options.
 
     A DoRA launch keeps its APPLY_DROPOUT: with DORA on, dropout selects another loop (two base products) and
-    another tile config, so each value is its own launch.
+    another tile config, so each value is its own launch. So does the dX launch with the dS jobs inside
+    (DS_IN_LAUNCH): without LoRA's dropout its tiles add dS A after the main loop, with it before (DS_LATE).
+    Its group size is not a job of its own: GROUP_M enters only the ticket-to-job integer arithmetic, and 8 and 16
+    compiled to the same registers, spills, shared memory and MMA kind at all 64 fp16 / bf16 DS_IN_LAUNCH configs on
+    sm_80 and sm_90 (aligned), so each is compiled once at the first of configs.IN_LAUNCH_GROUP_M.
     """
+    from fused_lora.kernels import configs
+
     worst = {k: v for k, v in WORST_CASE_FLAGS.items() if k in launch.constexprs}
-    if launch.constexprs.get("DORA"):
+    if launch.constexprs.get("DORA") or launch.constexprs.get("DS_IN_LAUNCH"):
         worst.pop("APPLY_DROPOUT", None)
+    if launch.constexprs.get("DS_IN_LAUNCH"):
+        worst["GROUP_M"] = configs.IN_LAUNCH_GROUP_M[0]
     return {**launch.constexprs, **worst, **launch.config.launch_options()}
 
 
@@ -629,6 +640,8 @@ def describe_config(config: dict) -> str:
         rest.append("sharejobs")
     if config.get("DS_IN_LAUNCH"):
         rest.append("dsjobs")
+        if not config.get("DORA"):  # LoRA's dropout keeps its tiles' wait before the main loop (DS_LATE off)
+            rest.append("dropout" if config.get("APPLY_DROPOUT") else "dslate")
     if config.get("DORA"):
         rest.append("dora-dropout" if config.get("APPLY_DROPOUT") else "dora")
     if config.get("FROM_Z"):

@@ -502,6 +502,28 @@ IN_LAUNCH_CASES = [(130, 7, 75, 200), (150, 33, 300, 70), (600, 1, 270, 260), (1
 def test_bwd_in_launch(dtype, M, r, N, K, p):
     """The backward as one dX launch with the dS / dB jobs inside (DS_IN_LAUNCH) against the chained dS / dB, dX and
     dA formulas: dA and dB in the inputs' dtype, the workspace (counters, tickets, accumulators) back at zero."""
+    _check_bwd_in_launch(dtype, M, r, N, K, p)
+
+
+@pytest.mark.parametrize("group_m,M", [(8, 600), (16, 600), (16, 1100)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bwd_in_launch_at_each_group_size(monkeypatch, request, group_m, M, p):
+    """The in-launch backward at each group size the plan weighs (configs.IN_LAUNCH_GROUP_M), forced: 600 tokens
+    (10 row blocks of 64: groups of 8 and 2, or one lone group, whose dA and dB jobs store their sums without
+    atomics) and 1100 (18: groups of 16 and 2); bf16, r = 33, N = 70, K = 200: test_bwd_in_launch's checks."""
+    monkeypatch.setattr(configs, "IN_LAUNCH_GROUP_M", (group_m,))
+    launchers._in_launch_ready.cache_clear()
+    request.addfinalizer(launchers._in_launch_ready.cache_clear)  # no forced plan left for later tests
+    M, r, N, K, dtype = M, 33, 70, 200, torch.bfloat16
+    launch = plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=p > 0,
+                                           num_sms=launchers._num_sms(torch.device("cpu")))[0]
+    assert launch.config.GROUP_M == group_m
+    lone = -(-M // 64) <= group_m
+    assert (launch.atomic_bytes == (launch.args["dy_splits"] + 2) * M * 64 * 4) == lone  # dS's atomics alone
+    _check_bwd_in_launch(dtype, M, r, N, K, p)
+
+
+def _check_bwd_in_launch(dtype, M, r, N, K, p):
     x, w, _, a, bb = make_inputs((M,), K, N, r, dtype)
     g = torch.Generator().manual_seed(6)
     dy = torch.randn(M, N, generator=g).to(dtype)
@@ -517,8 +539,9 @@ def test_bwd_in_launch(dtype, M, r, N, K, p):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("r,p", [(64, 0.0), (20, 0.3)])
 def test_bwd_in_launch_on_128_row_tiles(monkeypatch, request, dtype, r, p):
-    """The in-launch backward on the many-token tiles (128 rows, GROUP_M 8), here at 300 tokens (3 row blocks of
-    128 rows, dA and dB jobs over two 64-row slices of each) and N, K = 200, 330: the same checks as
+    """The in-launch backward on the many-token tiles (128 rows), here at 300 tokens (3 row blocks of 128 rows in one
+    group, dA and dB jobs over two 64-row slices of each; that lone group stores dA and dB directly without dropout,
+    and adds them by atomics with it, LONE_GROUP_STORES) and N, K = 200, 330: the same checks as
     test_bwd_in_launch."""
     many = configs.bwd_dx_config(configs.MID_TOKENS + 1, dtype)
     assert many.BLOCK_M == 128
@@ -546,13 +569,14 @@ def test_bwd_in_launch_keeps_inf_of_dy_in_its_rows():
 
 def test_bwd_takes_the_ds_jobs_into_the_dx_launch_where_it_pays():
     """At 8192 tokens (4096 -> 4096, r = 16, bf16): one dX launch of 64 row blocks x (32 K tiles + the dS jobs' N
-    splits + 8 dB jobs + 8 dA jobs: 64 chunks of 64 columns of N and of K over groups of 8 row blocks), none of the
-    dS / dB or dA launches, its N split the fastest modeled one (no slower than the dS / dB launch's own split);
-    deterministic mode, fp32 and an input without grad keep other plans; 1-64 tokens and fp32 cannot take it."""
+    splits + 64 / G dB jobs + 64 / G dA jobs: 64 chunks of 64 columns of N and of K over groups of G = 8 or 16 row
+    blocks), none of the dS / dB or dA launches, its group size and N split the fastest modeled ones (no slower
+    than the dS / dB launch's own split); deterministic mode, fp32 and an input without grad keep other plans;
+    1-64 tokens and fp32 cannot take it."""
     plan = plans.plan_lora_bwd(8192, 4096, 4096, 16, torch.bfloat16, dropout=False, deterministic=False, num_sms=132)
-    splits = plan[0].args["dy_splits"]
-    assert [(l.kernel, l.grid) for l in plan] == [("_lora_bwd_dx_kernel", (64 * (32 + splits + 8 + 8),))]
-    assert plan[0].args == dict(n_per_split=-(-64 // splits) * 64, dy_splits=splits, db_slots=8, da_slots=8)
+    splits, slots = plan[0].args["dy_splits"], 64 // plan[0].config.GROUP_M
+    assert [(l.kernel, l.grid) for l in plan] == [("_lora_bwd_dx_kernel", (64 * (32 + splits + 2 * slots),))]
+    assert plan[0].args == dict(n_per_split=-(-64 // splits) * 64, dy_splits=splits, db_slots=slots, da_slots=slots)
     default_splits = configs.dy_split(128, 64, 132, 64, 8192)[0]  # 128 dS row blocks of 64, 64 N tiles of 64
     spy = []
     real = plans.Launch
@@ -563,6 +587,7 @@ def test_bwd_takes_the_ds_jobs_into_the_dx_launch_where_it_pays():
         patch.setattr(plans, "Launch", recording)
         plans.plan_lora_bwd_in_launch(8192, 4096, 4096, 16, torch.bfloat16, dropout=False, num_sms=132)
     assert {launch.args["dy_splits"] for launch in spy} >= {1, default_splits, 64}
+    assert {launch.config.GROUP_M for launch in spy} == set(configs.IN_LAUNCH_GROUP_M)
     assert cost.plan_seconds(plan) == min(cost.plan_seconds([launch]) for launch in spy)
     assert plan[0].constexprs["DS_IN_LAUNCH"] and plan[0].atomic_bytes > 0
     assert {op.name for op in plan[0].writes} == {"dX", "dS", "dA", "dB"}
