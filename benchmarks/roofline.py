@@ -11,7 +11,7 @@ summed over the launches, where
   waves = ceil(G / slots): a grid below one wave gets G / slots of the peaks, 133 programs on 132 SMs take
   two waves, the second one nearly empty;
 - atomic bytes: the fp32 atomic adds a plan's USE_ATOMICS launch makes into dB or dA (0 otherwise), and the
-  last program's read and re-zeroing of the accumulator;
+  last program's read and re-zeroing of the accumulator (one atomic exchange with 0);
 - tail bytes: what one program moves alone once the others are done (the final pass of a sum finished by the
   last program to arrive), at one SM's share of the bandwidth;
 - first-wave wait: where a launch's tiles wait for producer jobs started beside them (the forward's shrink shares,
@@ -107,7 +107,8 @@ def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
                  "torch ops: 1",
         "atomics": "fp32 atomic adds of a USE_ATOMICS launch (plans' atomic_bytes): m_blocks x N x r x 4 bytes into "
                    "dB, splits x M x R x 4 into dS, SPLIT_M x r x K "
-                   "x 4 into dA, plus 2 x 4 bytes per element for the last program's read and re-zeroing, at "
+                   "x 4 into dA, plus 4 bytes per element for the last program's read and re-zeroing (one "
+                   "atomic exchange with 0), at "
                    "atomic_bytes_per_s, added after the launch's main time (not overlapped)",
         "waits": "a launch whose tiles wait for producer jobs beside them (the forward's shrink shares, the dX "
                  "launch's dS jobs): one producer job's wait_bytes x SMs / bandwidth, less main time / waves "

@@ -123,15 +123,16 @@ def _sum_of_parts(zeros, work_ptrs, part_step, parts, mask, USE_ATOMICS: tl.cons
     """In the last program to arrive (_last_to_arrive), the sum of the fp32 tiles that ``parts`` programs left at
     ``work_ptrs`` (``zeros`` gives the tile's shape).
 
-    USE_ATOMICS: ``work_ptrs`` is a zero-at-rest accumulator the parts added into; it is read by an atomic add of 0
-    (at L2, where the parts' atomics landed) and zeroed again. Otherwise part p stored its tile at
+    USE_ATOMICS: ``work_ptrs`` is a zero-at-rest accumulator the parts added into; one atomic exchange with 0 reads
+    it (at L2, where the parts' atomics landed) and zeroes it again. Otherwise part p stored its tile at
     ``work_ptrs + p * part_step``, and the tiles are summed in the order p = 0, 1, ...: the same bits whichever
     program arrives last.
     """
     if USE_ATOMICS:
-        # Not one atomic exchange: the interpreter has no fp32 xchg.
-        total = tl.atomic_add(work_ptrs, zeros, mask=mask, sem="relaxed", scope="gpu")
-        tl.store(work_ptrs, zeros, mask=mask)
+        # On the fp32 words' int32 bits: the interpreter has no fp32 xchg.
+        bits = tl.atomic_xchg(work_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros_like(zeros).to(tl.int32), mask=mask,
+                              sem="relaxed", scope="gpu")
+        total = bits.to(tl.float32, bitcast=True)
     else:
         total = zeros
         for p in range(0, parts):

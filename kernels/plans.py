@@ -298,17 +298,18 @@ def plan_lora_bwd_dy(M: int, N: int, r: int, dtype: torch.dtype, *, deterministi
     split_cols = min(N, per_split * cfg.BLOCK_N)
     atomic = tail = 0
     # The last program to arrive finishes a sum: a row block's dS (over the N splits), an N split's dB (over the
-    # row blocks). From atomics it reads and re-zeroes the accumulator's tile; from partials it reads all of them.
+    # row blocks). From atomics it reads and re-zeroes the accumulator's tile in one atomic exchange
+    # (_common._sum_of_parts); from partials it reads all of them.
     if split_n and use_atomics:
-        atomic += splits * M * R * 4 + 2 * M * R * 4
-        tail += rows * R * (4 + 4) + rows * r * dtype.itemsize
+        atomic += splits * M * R * 4 + M * R * 4
+        tail += rows * R * 4 + rows * r * dtype.itemsize
     elif split_n:
         parts = Operand("dS_partials", (splits, M, R), torch.float32)
         reads, writes = reads + [parts], writes + [parts]
         tail += rows * (R * 4 * splits + r * dtype.itemsize)
     if reduce and use_atomics:
-        atomic += m_blocks * N * r * 4 + 2 * N * r * 4
-        tail += split_cols * r * (4 + 4 + dtype.itemsize)
+        atomic += m_blocks * N * r * 4 + N * r * 4
+        tail += split_cols * r * (4 + dtype.itemsize)
     elif reduce:
         parts = Operand("dB_partials", (m_blocks, N, r), torch.float32)
         reads, writes = reads + [parts], writes + [parts]
@@ -359,8 +360,8 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
     reads, writes = [Operand("dS", (M, r), dtype), Operand("X", (M, K), dtype)], [dA]
     atomic = tail = 0
     if use_atomics:
-        atomic = splits * r * K * 4 + 2 * r * K * 4
-        tail = cfg.BLOCK_K * r * (4 + 4 + dtype.itemsize)
+        atomic = splits * r * K * 4 + r * K * 4
+        tail = cfg.BLOCK_K * r * (4 + dtype.itemsize)
     elif reduce:
         parts = Operand("dA_partials", (splits, r, K), torch.float32)
         reads, writes = reads + [parts], [parts] + writes
@@ -427,7 +428,7 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
         reads += (Operand("bias", (N,), dtype),) if bias else ()
         writes += (Operand("dm_parts", (m_blocks, N), torch.float32),)
     # The last arrival's sum of a row block's dS (as plan_lora_bwd_dy's): part of what the first tiles wait for.
-    ds_sum = min(M, DS_ROWS) * (R * (4 + 4) + r * dtype.itemsize)
+    ds_sum = min(M, DS_ROWS) * (R * 4 + r * dtype.itemsize)
     # The last group's dA and dB jobs start with its dX tiles; the longer of the two (its reads over the group's rows
     # and its chunks' final sums, which these jobs make as the last group to arrive) may outlast them
     # (cost.last_job_seconds).
@@ -435,7 +436,7 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
     last_rows = M - (groups - 1) * group_m * cfg.BLOCK_M
     # A lone group stores its sums as the grads (the kernel's LONE_GROUP_STORES): no atomics, no final read.
     lone = groups == 1 and (cfg.BLOCK_M == DS_ROWS or dora or not dropout)
-    final_sum = JOB_COLS * r * ((0 if lone else 4 + 4) + dtype.itemsize)
+    final_sum = JOB_COLS * r * ((0 if lone else 4) + dtype.itemsize)
     da_job = _cdiv(k_chunks, da_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
     db_job = _cdiv(n_chunks, db_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora, DS_IN_LAUNCH=True,
@@ -444,8 +445,8 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
 
     def launch(per_split: int) -> Launch:
         splits = _cdiv(n_tiles, per_split)
-        atomic = ((splits + 2) * M * R * 4  # dS over the N splits
-                  + (0 if lone else groups + 2) * (N * r + r * K) * 4)  # dB and dA over the groups
+        atomic = ((splits + 1) * M * R * 4  # dS over the N splits, and the last split's exchange with 0
+                  + (0 if lone else groups + 1) * (N * r + r * K) * 4)  # dB and dA over the groups
         split_cols = min(N, per_split * dy_cfg.BLOCK_N)
         # One dS job and its sum, which the first tiles wait for: before their main loop with LoRA's dropout
         # (dropout'(dS A) seeds their accumulator), after it otherwise (_lora_bwd_dx_tile's DS_LATE).
@@ -516,8 +517,8 @@ def _one_launch_plan(M, N, K, r, dtype, cfg, *, dropout, need_dx) -> list[Launch
     if reduce:
         # Every row block adds its dA and dB shares; the last of a K slice's programs (one per row block) to arrive
         # reads, re-zeroes and stores that slice's dA and dB tiles.
-        atomic = (m_blocks + 2) * (r * K + N * r) * 4
-        tail = (_cdiv(da_tiles, k_blocks) + _cdiv(db_tiles, k_blocks)) * side * R * (4 + 4 + dtype.itemsize)
+        atomic = (m_blocks + 1) * (r * K + N * r) * 4
+        tail = (_cdiv(da_tiles, k_blocks) + _cdiv(db_tiles, k_blocks)) * side * R * (4 + dtype.itemsize)
     constexprs = dict(R=R, BLOCK_SIDE=side, COMPUTE_DX=need_dx, REDUCE=reduce, APPLY_DROPOUT=dropout,
                       **_block_constexprs(cfg))
     return [Launch("_lora_bwd_dx_da_db_kernel", (m_blocks * k_blocks,), cfg, constexprs, reads=reads,

@@ -24,15 +24,16 @@ def _launch(plan, kernel):
 # --- fp32 atomics -------------------------------------------------------------------------------
 
 def test_db_atomic_bytes_are_m_blocks_times_n_times_r_fp32():
-    """Each row block adds its (N, r) fp32 share; the last to arrive per N split reads and re-zeroes it."""
+    """Each row block adds its (N, r) fp32 share; the last to arrive per N split reads and re-zeroes it in one
+    atomic exchange with 0."""
     M, N, r = 8192, 4096, 16
     launch = _launch(plans.plan_lora_bwd_dy(M, N, r, torch.bfloat16, deterministic=False), "_lora_bwd_dy_kernel")
     assert launch.constexprs["USE_ATOMICS"] and launch.constexprs["REDUCE"]
     m_blocks = -(-M // configs.bwd_dy_config(configs.padded_rank(r), torch.bfloat16).BLOCK_M)
     splits, R = launch.grid[1], launch.constexprs["R"]
     assert launch.grid[0] == m_blocks and splits > 1 and launch.constexprs["SPLIT_N"]
-    # dB over the row blocks, dS over the N splits; each read and re-zeroed once by the last program
-    assert launch.atomic_bytes == (m_blocks * N * r * 4 + 2 * N * r * 4) + (splits * M * R * 4 + 2 * M * R * 4)
+    # dB over the row blocks, dS over the N splits; each exchanged with 0 once by the last program
+    assert launch.atomic_bytes == (m_blocks * N * r * 4 + N * r * 4) + (splits * M * R * 4 + M * R * 4)
     assert roofline._from_plan(launch).atomic_bytes == launch.atomic_bytes
 
 
@@ -42,7 +43,7 @@ def test_da_atomic_bytes_are_splits_times_r_times_k_fp32():
                                             num_sms=roofline.NUM_SMS), "_lora_bwd_da_kernel")
     splits = launch.grid[1]
     assert launch.constexprs["USE_ATOMICS"] and splits > 1
-    assert launch.atomic_bytes == splits * r * K * 4 + 2 * r * K * 4
+    assert launch.atomic_bytes == splits * r * K * 4 + r * K * 4
 
 
 def test_a_plan_with_atomics_models_slower_than_the_same_without():
