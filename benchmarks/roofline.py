@@ -18,7 +18,7 @@ summed over the launches, where
   SHRINK_IN_LAUNCH; the dS jobs of the dX launch, DS_IN_LAUNCH), one producer job's bytes at one SM's share of
   the bandwidth: all of it where the tiles wait before their main loop (the dX tiles with LoRA's dropout), else
   beyond a tile's share of the main time (main / waves); later producers run a group of row blocks ahead of their
-  tiles;
+  tiles, and of the first wave only the programs after the leading producer jobs wait (wait_lead);
 - last group's job: the DS_IN_LAUNCH dA / dB job of the last group of row blocks, where it outlasts that group's
   dX tiles (kernels/cost.py last_job_seconds).
 
@@ -113,7 +113,8 @@ def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
         "waits": "a launch whose tiles wait for producer jobs beside them (the forward's shrink shares, the dX "
                  "launch's dS jobs): one producer job's wait_bytes x SMs / bandwidth, less main time / waves "
                  "where the tiles wait after their main loop (the forward's; the dX tiles' but with LoRA's "
-                 "dropout), the first wave only",
+                 "dropout), the first wave only: all of it in a one-wave launch where a program waits, else x the "
+                 "share of the first wave's slots whose programs wait (after the plan's wait_lead producer jobs)",
         "tails": "a sum finished by the last program to arrive: the bytes that one program moves after the rest "
                  "of the launch (its columns' accumulator or partials, and the grad it stores), at hbm / SMs",
         "triton_efficiency": "e = 1 in the ideal table; triton_gemm_efficiency on the FLOP rate of Triton "
@@ -147,6 +148,7 @@ class ModeledLaunch:
     wait_at_start: bool = False  # those tiles wait before their main loop
     last_job_bytes: int = 0  # moved by one job of the last group beside that group's tiles (cost.last_job_seconds)
     last_job_cover: int = 0  # those tiles
+    wait_lead: int = 0  # producer jobs ahead of the first program that waits, in ticket order
 
     @property
     def is_triton(self) -> bool:
@@ -181,7 +183,7 @@ class ModeledLaunch:
         rate = peak * (triton_efficiency if self.is_triton else 1.0)
         return cost.launch_seconds(self.flops, self.bytes, self.programs, self.atomic_bytes, self.tail_bytes,
                                    self.wait_bytes, self.wait_at_start, self.last_job_bytes, self.last_job_cover,
-                                   peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
+                                   self.wait_lead, peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
 
     def bound(self, peak: float, gpu: Gpu = DEFAULT_GPU) -> str:
         return "compute" if self.flops / peak >= self.bytes / gpu.hbm_bytes_per_s else "memory"
@@ -243,13 +245,14 @@ def _from_plan(launch) -> ModeledLaunch:
     if launch.tail_bytes:
         grid += f" tail={launch.tail_bytes / 2**10:.3g} KiB"
     if launch.wait_bytes:
-        grid += f" wait={launch.wait_bytes / 2**10:.3g} KiB"
+        grid += f" wait={launch.wait_bytes / 2**10:.3g} KiB after {launch.wait_lead} producer jobs"
     if launch.last_job_bytes:
         grid += f" last job={launch.last_job_bytes / 2**10:.3g} KiB beside {launch.last_job_cover} tiles"
     return ModeledLaunch(launch.kernel, launch.flops, launch.hbm_bytes, f"{ops}{grid}",
                          programs=launch.programs, atomic_bytes=launch.atomic_bytes, tail_bytes=launch.tail_bytes,
                          wait_bytes=launch.wait_bytes, wait_at_start=launch.wait_at_start,
-                         last_job_bytes=launch.last_job_bytes, last_job_cover=launch.last_job_cover)
+                         last_job_bytes=launch.last_job_bytes, last_job_cover=launch.last_job_cover,
+                         wait_lead=launch.wait_lead)
 
 
 def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERMINISTIC,

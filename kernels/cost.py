@@ -59,16 +59,26 @@ def tail_seconds(tail_bytes: int, *, hbm_bytes_per_s: float, num_sms: int) -> fl
 
 
 def wait_seconds(wait_bytes: int, main: float, programs: int | None, *, hbm_bytes_per_s: float,
-                 num_sms: int, at_start: bool = False) -> float:
+                 num_sms: int, at_start: bool = False, lead: int = 0) -> float:
     """The first wave of a launch whose tiles wait for producer jobs started beside them (SHRINK_IN_LAUNCH,
     DS_IN_LAUNCH): one producer job moves ``wait_bytes`` at one SM's share of the bandwidth (the tail rate). A tile
     of the first wave waits for all of it when it waits before its main loop (``at_start``), else for what exceeds
     its own share of the main time (``main`` / waves). Later producers run one group of row blocks ahead of their
-    tiles, so only the first wave waits."""
+    tiles, so only the first wave waits.
+
+    Who waits in the first wave: its programs hold the first SMs x PROGRAMS_PER_SM tickets (_take_ticket: a
+    program's ticket is its place in the order programs started), of which the first ``lead`` are producer jobs,
+    which wait on nothing. In a one-wave launch any waiting program delays the end by the wait; in a longer one the
+    waiting programs' idle time is shared by all slots, as the wave factor shares the work."""
     if not wait_bytes:
         return 0.0
     job = tail_seconds(wait_bytes, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
-    return job if at_start else max(0.0, job - main / waves(programs or 1, num_sms))
+    job = job if at_start else max(0.0, job - main / waves(programs or 1, num_sms))
+    slots = num_sms * PROGRAMS_PER_SM
+    waiting = max(0, min(slots, programs or 1) - lead)
+    if waves(programs or 1, num_sms) == 1:
+        return job if waiting else 0.0
+    return job * waiting / slots
 
 
 def last_job_seconds(job_bytes: int, cover: int, main: float, programs: int | None, *, hbm_bytes_per_s: float,
@@ -83,13 +93,13 @@ def last_job_seconds(job_bytes: int, cover: int, main: float, programs: int | No
 
 def launch_seconds(flops: int, nbytes: int, programs: int | None, atomic_bytes: int = 0, tail_bytes: int = 0,
                    wait_bytes: int = 0, wait_at_start: bool = False, last_job_bytes: int = 0, last_job_cover: int = 0,
-                   *, peak: float = H100_PEAK_FLOPS, hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S,
+                   wait_lead: int = 0, *, peak: float = H100_PEAK_FLOPS, hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S,
                    num_sms: int = H100_NUM_SMS) -> float:
     main = main_seconds(flops, nbytes, programs, peak=peak, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
     return (main + atomic_seconds(atomic_bytes) + tail_seconds(tail_bytes, hbm_bytes_per_s=hbm_bytes_per_s,
                                                                num_sms=num_sms)
             + wait_seconds(wait_bytes, main, programs, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms,
-                           at_start=wait_at_start)
+                           at_start=wait_at_start, lead=wait_lead)
             + last_job_seconds(last_job_bytes, last_job_cover, main, programs, hbm_bytes_per_s=hbm_bytes_per_s,
                                num_sms=num_sms)
             + LAUNCH_OVERHEAD_S)
@@ -99,4 +109,4 @@ def plan_seconds(plan, num_sms: int = H100_NUM_SMS) -> float:
     """A plan's launches (plans.Launch) at the H100's rates with ``num_sms`` SMs."""
     return sum(launch_seconds(launch.flops, launch.hbm_bytes, launch.programs, launch.atomic_bytes, launch.tail_bytes,
                               launch.wait_bytes, launch.wait_at_start, launch.last_job_bytes, launch.last_job_cover,
-                              num_sms=num_sms) for launch in plan)
+                              launch.wait_lead, num_sms=num_sms) for launch in plan)

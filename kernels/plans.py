@@ -50,6 +50,7 @@ class Launch:
     tail_bytes: int = 0  # bytes one last-to-arrive program moves after the other programs are done
     wait_bytes: int = 0  # bytes one producer job moves while the first wave's tiles wait for it (cost.wait_seconds)
     wait_at_start: bool = False  # the tiles wait before their main loop (else after it, beside their own work)
+    wait_lead: int = 0  # producer jobs ahead of the first program that waits, in ticket order (cost.wait_seconds)
     last_job_bytes: int = 0  # bytes one job of the last group moves beside that group's tiles (cost.last_job_seconds)
     last_job_cover: int = 0  # the programs that run beside that job: the last group's tiles
 
@@ -230,8 +231,10 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
     if in_launch:
         grid = (grid_m * (grid_n + shares),)
         args["k_per_split"] = share_tiles * cfg.BLOCK_K  # the share jobs' columns (the tiles walk all of K)
+    # The share jobs of the first two groups of row blocks take the first tickets (producers_first_order).
+    lead = shares * min(grid_m, 2 * cfg.GROUP_M) if in_launch else 0
     return launches + [Launch("_lora_fwd_kernel", grid, cfg, constexprs, args=args, reads=tuple(reads),
-                              writes=tuple(writes), flops=flops, tail_bytes=tail, wait_bytes=wait)]
+                              writes=tuple(writes), flops=flops, tail_bytes=tail, wait_bytes=wait, wait_lead=lead)]
 
 
 def producers_first_order(num_pid_m: int, num_pid_n: int, parts: int, group_m: int) -> list[tuple[str, int]]:
@@ -456,7 +459,7 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
                                 da_slots=da_slots),
                       reads=reads, writes=writes, flops=flops, atomic_bytes=atomic, wait_bytes=wait,
                       wait_at_start=dropout and not dora, last_job_bytes=max(da_job, db_job),
-                      last_job_cover=last_m * grid_k)
+                      last_job_cover=last_m * grid_k, wait_lead=splits * min(grid_m, 2 * cfg.GROUP_M))
 
     # The N split of the dS jobs trades dS's atomics (one (M, R) fp32 add per split) against the first tiles' wait
     # (one job's columns) and the grid's waves: every split count is weighed by its modeled time.

@@ -98,6 +98,38 @@ def test_133_programs_on_132_sms_take_two_waves():
     assert full_two.waves() == 2 and full_two.wave_factor() == 1.0
 
 
+# --- the first wave's wait for producer jobs ------------------------------------------------------
+
+def test_only_first_wave_programs_after_the_producers_wait():
+    """The first wave's wait is one producer job (here all of it: before the main loop), charged in a one-wave launch
+    wherever a program of it waits; in a longer one by the share of the slots whose programs wait, the first
+    ``lead`` tickets being producer jobs; nothing once the producers alone fill the first wave."""
+    from fused_lora.kernels import cost
+    job = cost.tail_seconds(10**5, hbm_bytes_per_s=roofline.HBM_BYTES_PER_S, num_sms=132)
+    def wait(programs, lead):
+        return cost.wait_seconds(10**5, 1e-5, programs, hbm_bytes_per_s=roofline.HBM_BYTES_PER_S, num_sms=132,
+                                 at_start=True, lead=lead)
+    assert wait(100, 0) == wait(100, 99) == job and wait(100, 100) == 0.0
+    assert wait(1000, 0) == job and wait(1000, 32) == pytest.approx(job * 100 / 132)
+    assert wait(1000, 132) == wait(1000, 500) == 0.0
+
+
+@pytest.mark.parametrize("M,N,r,dropout", [(1024, 1024, 64, False), (8192, 4096, 64, True), (300, 4096, 16, True)])
+def test_wait_lead_is_the_producers_ahead_of_the_first_tile(M, N, r, dropout):
+    """A plan's wait_lead is the number of producer jobs before the first job that waits in the kernel's ticket
+    order (plans.producers_first_order, _producers_first_job's twin): the forward's share jobs, the backward's dS
+    jobs (its dA jobs, first among a group's tiles, wait)."""
+    fwd = plans.plan_lora_fwd(M, N, 4096, r, torch.bfloat16, dropout=dropout, bias=False, shrink_in_launch=True)[-1]
+    grid_m, grid_n = -(-M // fwd.config.BLOCK_M), -(-N // fwd.config.BLOCK_N)
+    order = plans.producers_first_order(grid_m, grid_n, fwd.args["s_splits"], fwd.config.GROUP_M)
+    assert fwd.wait_lead == [kind for kind, _ in order].index("tile") > 0
+    bwd = plans.plan_lora_bwd_in_launch(M, N, 4096, r, torch.bfloat16, dropout=dropout, num_sms=132)[0]
+    grid_m, grid_k = -(-M // bwd.config.BLOCK_M), -(-4096 // bwd.config.BLOCK_K)
+    jobs = bwd.args["da_slots"] + bwd.args["db_slots"]
+    order = plans.producers_first_order(grid_m, jobs + grid_k, bwd.args["dy_splits"], bwd.config.GROUP_M)
+    assert bwd.wait_lead == [kind for kind, _ in order].index("tile") > 0
+
+
 def test_torch_ops_have_no_waves():
     op = roofline.ModeledLaunch("aten.mm", flops=10**12, bytes=10**9)
     assert op.waves() is None and op.wave_factor() == 1.0
