@@ -129,10 +129,10 @@ def _sum_of_parts(zeros, work_ptrs, part_step, parts, mask, USE_ATOMICS: tl.cons
     program arrives last.
     """
     if USE_ATOMICS:
-        # On the fp32 words' int32 bits: the interpreter has no fp32 xchg.
-        bits = tl.atomic_xchg(work_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros_like(zeros).to(tl.int32), mask=mask,
-                              sem="relaxed", scope="gpu")
-        total = bits.to(tl.float32, bitcast=True)
+        # fp32 itself: through an int32 view of the pointers it spilled 16-32 B (the dy kernel at R = 64 on sm_80,
+        # DS_IN_LAUNCH's 128-row tiles with dropout on sm_90; kernel_report). The interpreter's xchg is patched
+        # (_interpreter.install_fixes).
+        total = tl.atomic_xchg(work_ptrs, zeros, mask=mask, sem="relaxed", scope="gpu")
     else:
         total = zeros
         for p in range(0, parts):

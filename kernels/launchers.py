@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from . import configs
-from ._interpreter import install_bf16_fixes, interpreting
+from ._interpreter import install_fixes, interpreting
 from ._lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_da_db_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
 from ._dora import _dora_magnitude_grad_kernel, _dora_weight_norm_kernel
 from ._lora_fwd import _lora_fwd_kernel, _lora_shrink_kernel
@@ -61,7 +61,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 # triton decides at import whether @triton.jit interprets, so this module's kernels keep that mode.
 if interpreting():
-    install_bf16_fixes()
+    install_fixes()
 
 
 class _Ready(NamedTuple):

@@ -351,5 +351,5 @@ def _interpreting() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _install_interpreter_fixes() -> None:
-    from ._interpreter import install_bf16_fixes
-    install_bf16_fixes()
+    from ._interpreter import install_fixes
+    install_fixes()

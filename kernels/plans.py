@@ -391,7 +391,8 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     for their group's dS, then dB jobs, then the dX tiles, which wait for their row block's dS and add
     dropout'(dS A). A dB or dA job sums a group of GROUP_M row blocks in registers (JOB_COLS columns of N or K at a
     time): dB = s dY^T S and dA = dS^T dropout(x) are summed over the groups by fp32 atomics, and the last group to
-    arrive at a chunk stores it. ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with the magnitude's partials
+    arrive at a chunk stores it (a lone group stores its sums). The dX tiles wait for dS after their main loop but
+    with LoRA's dropout (_lora_bwd_dx_tile's DS_LATE). ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with the magnitude's partials
     (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's; plan_dora_magnitude_grad follows with block_m =
     DS_ROWS. Of every group size of configs.IN_LAUNCH_GROUP_M (``group_m`` forces one) and every N split of the dS
     jobs, the lowest modeled time (kernels/cost.py) at ``num_sms``."""
