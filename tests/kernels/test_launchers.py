@@ -514,7 +514,7 @@ def test_bwd_in_launch_at_each_group_size(monkeypatch, request, group_m, M, p):
     monkeypatch.setattr(configs, "IN_LAUNCH_GROUP_M", (group_m,))
     launchers._in_launch_ready.cache_clear()
     request.addfinalizer(launchers._in_launch_ready.cache_clear)  # no forced plan left for later tests
-    M, r, N, K, dtype = M, 33, 70, 200, torch.bfloat16
+    r, N, K, dtype = 33, 70, 200, torch.bfloat16
     launch = plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=p > 0,
                                            num_sms=launchers._num_sms(torch.device("cpu")))[0]
     assert launch.config.GROUP_M == group_m
