@@ -231,8 +231,7 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
     if in_launch:
         grid = (grid_m * (grid_n + shares),)
         args["k_per_split"] = share_tiles * cfg.BLOCK_K  # the share jobs' columns (the tiles walk all of K)
-    # The share jobs of the first two groups of row blocks take the first tickets (producers_first_order).
-    lead = shares * min(grid_m, 2 * cfg.GROUP_M) if in_launch else 0
+    lead = producers_ahead_of_tiles(grid_m, shares, cfg.GROUP_M) if in_launch else 0
     return launches + [Launch("_lora_fwd_kernel", grid, cfg, constexprs, args=args, reads=tuple(reads),
                               writes=tuple(writes), flops=flops, tail_bytes=tail, wait_bytes=wait, wait_lead=lead)]
 
@@ -254,6 +253,11 @@ def producers_first_order(num_pid_m: int, num_pid_n: int, parts: int, group_m: i
         first = g * group_m * num_pid_n
         order += [("tile", first + i) for i in range(len(rows(g)) * num_pid_n)]
     return order
+
+
+def producers_ahead_of_tiles(num_pid_m: int, parts: int, group_m: int) -> int:
+    """The producer jobs before the first tile in producers_first_order: the parts of its first two groups."""
+    return parts * min(num_pid_m, 2 * max(1, group_m))
 
 
 def _s_partials(shrink: list[Launch]) -> Operand | None:
@@ -392,8 +396,8 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
     dropout'(dS A). A dB or dA job sums a group of GROUP_M row blocks in registers (JOB_COLS columns of N or K at a
     time): dB = s dY^T S and dA = dS^T dropout(x) are summed over the groups by fp32 atomics, and the last group to
     arrive at a chunk stores it (a lone group stores its sums). The dX tiles wait for dS after their main loop but
-    with LoRA's dropout (_lora_bwd_dx_tile's DS_LATE). ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with the magnitude's partials
-    (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's; plan_dora_magnitude_grad follows with block_m =
+    with LoRA's dropout (_lora_bwd_dx_tile's DS_LATE). ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with
+    the magnitude's partials (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's; plan_dora_magnitude_grad follows with block_m =
     DS_ROWS. Of every group size of configs.IN_LAUNCH_GROUP_M (``group_m`` forces one) and every N split of the dS
     jobs, the lowest modeled time (kernels/cost.py) at ``num_sms``."""
     cfg = configs.bwd_dx_config(M, dtype, dora and dropout, dora)
@@ -460,7 +464,8 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
                                 da_slots=da_slots),
                       reads=reads, writes=writes, flops=flops, atomic_bytes=atomic, wait_bytes=wait,
                       wait_at_start=dropout and not dora, last_job_bytes=max(da_job, db_job),
-                      last_job_cover=last_m * grid_k, wait_lead=splits * min(grid_m, 2 * cfg.GROUP_M))
+                      last_job_cover=last_m * grid_k,
+                      wait_lead=producers_ahead_of_tiles(grid_m, splits, cfg.GROUP_M))
 
     # The N split of the dS jobs trades dS's atomics (one (M, R) fp32 add per split) against the first tiles' wait
     # (one job's columns) and the grid's waves: every split count is weighed by its modeled time.
