@@ -1,8 +1,8 @@
 """A modeled (not measured) roofline of every provider, launch by launch, on an H100 SXM or H200 SXM preset.
 
 modeled time of a launch = max(flops / (peak x e), compulsory bytes / bandwidth) x wave factor
+                             (or, with producer jobs in the launch, the end of its schedule)
                            + atomic bytes / ATOMIC_BYTES_PER_S + tail bytes x SMs / bandwidth
-                           + first-wave wait (kernels/cost.py wait_seconds)
                            + per-launch overhead,
 summed over the launches, where
 - e = 1 for torch ops; for a Triton launch e = 1 in the ideal table and TRITON_GEMM_EFFICIENCY in the second one;
@@ -14,13 +14,12 @@ summed over the launches, where
   last program's read and re-zeroing of the accumulator (one atomic exchange with 0);
 - tail bytes: what one program moves alone once the others are done (the final pass of a sum finished by the
   last program to arrive), at one SM's share of the bandwidth;
-- first-wave wait: where a launch's tiles wait for producer jobs started beside them (the forward's shrink shares,
-  SHRINK_IN_LAUNCH; the dS jobs of the dX launch, DS_IN_LAUNCH), one producer job's bytes at one SM's share of
-  the bandwidth: all of it where the tiles wait before their main loop (the dX tiles with LoRA's dropout), else
-  beyond a tile's share of the main time (main / waves); later producers run a group of row blocks ahead of their
-  tiles, and of the first wave only the programs after the leading producer jobs wait (wait_lead);
-- last group's job: the DS_IN_LAUNCH dA / dB job of the last group of row blocks, where it outlasts that group's
-  dX tiles (kernels/cost.py last_job_seconds).
+- schedule (kernels/cost.py schedule_seconds): where a launch's tiles wait for producer jobs of the same launch
+  (the forward's shrink shares, SHRINK_IN_LAUNCH; the dS jobs of the dX launch, DS_IN_LAUNCH, with its dA / dB
+  jobs), its programs in the kernel's ticket order, each on the first free slot: producer and side jobs move their
+  bytes at one SM's share of the bandwidth, the tiles share the rest of the launch's evenly spread time, and the
+  tiles and dA jobs wait for their row block's or group's producer jobs as the kernel makes them wait. This replaces
+  the wave factor, which counted a short job as a program as long as a tile.
 
 Launch lists are derived, not typed in:
 - fused: from the launchers' own plans (fused_lora.kernels.plans.plan_*): grids, tiles, passes, partial
@@ -100,8 +99,9 @@ def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
         "programs_per_sm": PROGRAMS_PER_SM,
         "atomic_bytes_per_s": ATOMIC_BYTES_PER_S,
         "triton_gemm_efficiency": TRITON_GEMM_EFFICIENCY,
-        "formula": "sum over launches of max(flops / (peak x e), bytes / bandwidth) x wave factor "
-                   "+ atomic bytes / atomic rate + tail bytes x SMs / bandwidth + first-wave wait + launch overhead",
+        "formula": "sum over launches of max(flops / (peak x e), bytes / bandwidth) x wave factor (or the "
+                   "schedule's end, see schedule) + atomic bytes / atomic rate + tail bytes x SMs / bandwidth "
+                   "+ launch overhead",
         "waves": f"Triton launches: ceil(programs / ({gpu.num_sms} SMs x {PROGRAMS_PER_SM})) waves, wave factor "
                  "waves x slots / programs (a grid of 4 programs gets 4/132 of the peaks; 133 take 2 waves); "
                  "torch ops: 1",
@@ -110,11 +110,12 @@ def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
                    "x 4 into dA, plus 4 bytes per element for the last program's read and re-zeroing (one "
                    "atomic exchange with 0), at "
                    "atomic_bytes_per_s, added after the launch's main time (not overlapped)",
-        "waits": "a launch whose tiles wait for producer jobs beside them (the forward's shrink shares, the dX "
-                 "launch's dS jobs): one producer job's wait_bytes x SMs / bandwidth, less main time / waves "
-                 "where the tiles wait after their main loop (the forward's; the dX tiles' but with LoRA's "
-                 "dropout), the first wave only: all of it in a one-wave launch where a program waits, else x the "
-                 "share of the first wave's slots whose programs wait (after the plan's wait_lead producer jobs)",
+        "schedule": "a launch whose tiles wait for producer jobs of the same launch (the forward's shrink shares, "
+                    "the dX launch's dS jobs, with its dA / dB jobs): its programs in the kernel's ticket order, each "
+                    "on the first free slot (CUDA C++ Programming Guide, Hardware Implementation: as thread blocks "
+                    "terminate, new blocks are launched on the vacated multiprocessors); a producer or side job moves "
+                    "its bytes at hbm / SMs, the tiles share the rest of the evenly spread time; tiles and dA jobs "
+                    "wait for their producers as the kernel's counters make them",
         "tails": "a sum finished by the last program to arrive: the bytes that one program moves after the rest "
                  "of the launch (its columns' accumulator or partials, and the grad it stores), at hbm / SMs",
         "triton_efficiency": "e = 1 in the ideal table; triton_gemm_efficiency on the FLOP rate of Triton "
@@ -144,11 +145,7 @@ class ModeledLaunch:
     programs: int | None = None  # a Triton launch's grid size; None: a torch op, which fills the GPU
     atomic_bytes: int = 0  # fp32 atomic adds into L2 (the plan's atomic_bytes of a USE_ATOMICS launch)
     tail_bytes: int = 0  # moved by one last-to-arrive program after the rest of the launch (its sums' final pass)
-    wait_bytes: int = 0  # moved by one producer job the first wave's tiles may wait for (cost.wait_seconds)
-    wait_at_start: bool = False  # those tiles wait before their main loop
-    last_job_bytes: int = 0  # moved by one job of the last group beside that group's tiles (cost.last_job_seconds)
-    last_job_cover: int = 0  # those tiles
-    wait_lead: int = 0  # producer jobs ahead of the first program that waits, in ticket order
+    schedule: cost.Schedule | None = None  # producer jobs beside the tiles (cost.schedule_seconds)
 
     @property
     def is_triton(self) -> bool:
@@ -168,7 +165,11 @@ class ModeledLaunch:
         return 1.0 / self.wave_factor()
 
     def main_seconds(self, peak: float, gpu: Gpu = DEFAULT_GPU, triton_efficiency: float = 1.0) -> float:
+        """Over the wave factor, or the end of the launch's schedule where it has producer jobs."""
         rate = peak * (triton_efficiency if self.is_triton else 1.0)
+        if self.schedule is not None:
+            return cost.schedule_seconds(self.flops, self.bytes, self.schedule, peak=rate,
+                                         hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
         return cost.main_seconds(self.flops, self.bytes, self.programs, peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s,
                                  num_sms=gpu.num_sms)
 
@@ -182,8 +183,7 @@ class ModeledLaunch:
     def seconds(self, peak: float, gpu: Gpu = DEFAULT_GPU, triton_efficiency: float = 1.0) -> float:
         rate = peak * (triton_efficiency if self.is_triton else 1.0)
         return cost.launch_seconds(self.flops, self.bytes, self.programs, self.atomic_bytes, self.tail_bytes,
-                                   self.wait_bytes, self.wait_at_start, self.last_job_bytes, self.last_job_cover,
-                                   self.wait_lead, peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
+                                   self.schedule, peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
 
     def bound(self, peak: float, gpu: Gpu = DEFAULT_GPU) -> str:
         return "compute" if self.flops / peak >= self.bytes / gpu.hbm_bytes_per_s else "memory"
@@ -244,15 +244,13 @@ def _from_plan(launch) -> ModeledLaunch:
         grid += f" atomics={launch.atomic_bytes / 2**20:.3g} MiB"
     if launch.tail_bytes:
         grid += f" tail={launch.tail_bytes / 2**10:.3g} KiB"
-    if launch.wait_bytes:
-        grid += f" wait={launch.wait_bytes / 2**10:.3g} KiB after {launch.wait_lead} producer jobs"
-    if launch.last_job_bytes:
-        grid += f" last job={launch.last_job_bytes / 2**10:.3g} KiB beside {launch.last_job_cover} tiles"
+    if launch.schedule is not None:
+        plan = launch.schedule
+        grid += (f" schedule={plan.num_pid_m} row blocks x ({plan.parts} producer jobs of "
+                 f"{plan.part_bytes / 2**10:.3g} KiB + {plan.columns - plan.tiles} side jobs + {plan.tiles} tiles)")
     return ModeledLaunch(launch.kernel, launch.flops, launch.hbm_bytes, f"{ops}{grid}",
                          programs=launch.programs, atomic_bytes=launch.atomic_bytes, tail_bytes=launch.tail_bytes,
-                         wait_bytes=launch.wait_bytes, wait_at_start=launch.wait_at_start,
-                         last_job_bytes=launch.last_job_bytes, last_job_cover=launch.last_job_cover,
-                         wait_lead=launch.wait_lead)
+                         schedule=launch.schedule)
 
 
 def fused_launches(point: Point, direction: str, *, deterministic: bool = DETERMINISTIC,

@@ -2,13 +2,17 @@
 (plans.plan_lora_fwd: the shrink fused or not; plans.plan_lora_bwd: one launch or three) and the benchmark's roofline
 (fused_lora.benchmarks.roofline) prints, on an H100 SXM preset.
 
-time = max(flops / peak, bytes / bandwidth) x wave factor + atomic bytes / ATOMIC_BYTES_PER_S
-       + tail bytes x SMs / bandwidth + first-wave wait (wait_seconds) + last group's job (last_job_seconds)
-       + LAUNCH_OVERHEAD_S
+time = main + atomic bytes / ATOMIC_BYTES_PER_S + tail bytes x SMs / bandwidth + LAUNCH_OVERHEAD_S, where main is
+max(flops / peak, bytes / bandwidth) x wave factor, or for a launch whose tiles wait for producer jobs of their own
+launch the end of its programs' schedule in ticket order (schedule_seconds).
 
 Pure arithmetic on the plans' numbers: no torch, no CUDA.
 """
 from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Iterator
 
 # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: 1,979 TFLOPS bf16/fp16 with sparsity, i.e. 989 dense;
 # 3.35 TB/s HBM3; 132 SMs.
@@ -58,55 +62,115 @@ def tail_seconds(tail_bytes: int, *, hbm_bytes_per_s: float, num_sms: int) -> fl
     return tail_bytes * num_sms / hbm_bytes_per_s
 
 
-def wait_seconds(wait_bytes: int, main: float, programs: int | None, *, hbm_bytes_per_s: float,
-                 num_sms: int, at_start: bool = False, lead: int = 0) -> float:
-    """The first wave of a launch whose tiles wait for producer jobs started beside them (SHRINK_IN_LAUNCH,
-    DS_IN_LAUNCH): one producer job moves ``wait_bytes`` at one SM's share of the bandwidth (the tail rate). A tile
-    of the first wave waits for all of it when it waits before its main loop (``at_start``), else for what exceeds
-    its own share of the main time (``main`` / waves). Later producers run one group of row blocks ahead of their
-    tiles, so only the first wave waits.
-
-    Who waits in the first wave: its programs hold the first SMs x PROGRAMS_PER_SM tickets (_take_ticket: a
-    program's ticket is its place in the order programs started), of which the first ``lead`` are producer jobs,
-    which wait on nothing. In a one-wave launch any waiting program delays the end by the wait; in a longer one the
-    waiting programs' idle time is shared by all slots, as the wave factor shares the work."""
-    if not wait_bytes:
-        return 0.0
-    job = tail_seconds(wait_bytes, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
-    job = job if at_start else max(0.0, job - main / waves(programs or 1, num_sms))
-    slots = num_sms * PROGRAMS_PER_SM
-    waiting = max(0, min(slots, programs or 1) - lead)
-    if waves(programs or 1, num_sms) == 1:
-        return job if waiting else 0.0
-    return job * waiting / slots
+@dataclass(frozen=True)
+class SideJobs:
+    """Jobs a launch with producer jobs runs per row block ahead of its tiles, in the first columns of a group's
+    grouped order (the dX launch's dA and dB jobs)."""
+    per_row_block: int
+    bytes_by_group: tuple[int, ...]  # what one job of each group of row blocks moves (at the tail rate)
+    wait_for_parts: bool  # waits for its group's producer jobs before it starts
 
 
-def last_job_seconds(job_bytes: int, cover: int, main: float, programs: int | None, *, hbm_bytes_per_s: float,
+@dataclass(frozen=True)
+class Schedule:
+    """The programs of a launch whose tiles wait for producer jobs of the same launch (the forward's SHRINK_IN_LAUNCH
+    share jobs, the dX launch's DS_IN_LAUNCH dS jobs), in the kernel's ticket order (ticket_order): what
+    schedule_seconds simulates instead of a wave factor, which would count a short job as a tile."""
+    num_pid_m: int  # row blocks
+    group_m: int  # row blocks per group of the grouped order
+    parts: int  # producer jobs per row block
+    part_bytes: int  # what one producer job moves (with the sum the last of a row block's makes)
+    tiles: int  # tiles per row block: the launch's main work, which waits for its row block's parts
+    tiles_wait_at_start: bool  # before the main loop (else after it: the tile's end waits)
+    side_jobs: tuple[SideJobs, ...] = ()  # per row block, ahead of its tiles
+
+    @property
+    def columns(self) -> int:
+        """Jobs per row block after its producer jobs: side jobs and tiles, in the grouped order's columns."""
+        return sum(side.per_row_block for side in self.side_jobs) + self.tiles
+
+
+def ticket_order(num_pid_m: int, columns: int, parts: int, group_m: int) -> Iterator[tuple[bool, int, int]]:
+    """(is_part, row block, part or column) of each ticket of a launch with producer jobs, as
+    _common._producers_first_job deals them: the parts of the first group of group_m row blocks; then per group g,
+    the parts of group g + 1, followed by group g's jobs in grouped order (column by column, each over the group's
+    row blocks). plans.producers_first_order is this order by job index (the tests compare it with the kernel's)."""
+    group_m = max(1, group_m)
+    groups = -(-num_pid_m // group_m)
+
+    def parts_of(g):
+        for m in range(g * group_m, min(num_pid_m, (g + 1) * group_m)):
+            for p in range(parts):
+                yield True, m, p
+
+    yield from parts_of(0)
+    for g in range(groups):
+        if g + 1 < groups:
+            yield from parts_of(g + 1)
+        rows = range(g * group_m, min(num_pid_m, (g + 1) * group_m))
+        for col in range(columns):
+            for m in rows:
+                yield False, m, col
+
+
+def schedule_seconds(flops: int, nbytes: int, schedule: Schedule, *, peak: float, hbm_bytes_per_s: float,
                      num_sms: int) -> float:
-    """What one job of a launch's last group (DS_IN_LAUNCH's dA and dB jobs) adds beyond the ``cover`` programs that
-    run beside it: its ``job_bytes`` at the tail rate, less those programs' share of the main time."""
-    if not job_bytes:
-        return 0.0
-    job = tail_seconds(job_bytes, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
-    return max(0.0, job - main * cover / max(1, programs or 1))
+    """When the last program of a launch with producer jobs ends: its programs in ticket order (ticket_order), each
+    starting on the first free slot (SMs x PROGRAMS_PER_SM): "As thread blocks terminate, new blocks are launched on
+    the vacated multiprocessors" (CUDA C++ Programming Guide, Hardware Implementation).
+
+    A producer or side job moves its bytes at one SM's share of the bandwidth (the tail rate); the tiles share the
+    rest of the launch's evenly spread slot time, max(flops / peak, bytes / bandwidth) x slots less the jobs' (so,
+    as in the wave factor's model, a launch's memory-bound jobs still hide under its compute-bound tiles: the
+    schedule adds only idle slot time). A tile waits for its row block's parts before its main loop or, after it,
+    ends no sooner than they do; a side job that waits starts after its group's parts. Where every job is a tile
+    this is the wave factor's time (waves x one tile)."""
+    slots = num_sms * PROGRAMS_PER_SM
+    rate = hbm_bytes_per_s / num_sms
+    spread = max(flops / peak, nbytes / hbm_bytes_per_s) * slots
+    part = schedule.part_bytes / rate
+    group_m = max(1, schedule.group_m)
+    groups = -(-schedule.num_pid_m // group_m)
+    rows = [min(group_m, schedule.num_pid_m - g * group_m) for g in range(groups)]
+    jobs = schedule.num_pid_m * schedule.parts * part + sum(
+        rows[g] * side.per_row_block * side.bytes_by_group[g] / rate for side in schedule.side_jobs
+        for g in range(groups))
+    tiles = schedule.num_pid_m * schedule.tiles
+    tile = max(0.0, spread - jobs) / max(1, tiles)
+    # Per column of the grouped order: (duration by group, waits for: None / "group" / "row", waits at start).
+    kinds = [(tuple(b / rate for b in side.bytes_by_group), "group" if side.wait_for_parts else None, True)
+             for side in schedule.side_jobs for _ in range(side.per_row_block)]
+    kinds += [((tile,) * groups, "row", schedule.tiles_wait_at_start)] * schedule.tiles
+    free = [0.0] * slots  # a heap of the times the slots are free
+    ready = [0.0] * schedule.num_pid_m  # when a row block's parts are all done
+    for is_part, m, j in ticket_order(schedule.num_pid_m, schedule.columns, schedule.parts, group_m):
+        start = free[0]
+        if is_part:
+            end = start + part
+            ready[m] = max(ready[m], end)
+        else:
+            durations, waits_for, at_start = kinds[j]
+            g = m // group_m
+            after = 0.0 if waits_for is None else ready[m] if waits_for == "row" else \
+                max(ready[g * group_m:g * group_m + rows[g]])
+            end = max(start, after) + durations[g] if at_start else max(start + durations[g], after)
+        heapq.heapreplace(free, end)
+    return max(free)
 
 
 def launch_seconds(flops: int, nbytes: int, programs: int | None, atomic_bytes: int = 0, tail_bytes: int = 0,
-                   wait_bytes: int = 0, wait_at_start: bool = False, last_job_bytes: int = 0, last_job_cover: int = 0,
-                   wait_lead: int = 0, *, peak: float = H100_PEAK_FLOPS, hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S,
-                   num_sms: int = H100_NUM_SMS) -> float:
-    main = main_seconds(flops, nbytes, programs, peak=peak, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
+                   schedule: Schedule | None = None, *, peak: float = H100_PEAK_FLOPS,
+                   hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S, num_sms: int = H100_NUM_SMS) -> float:
+    if schedule is None:
+        main = main_seconds(flops, nbytes, programs, peak=peak, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
+    else:
+        main = schedule_seconds(flops, nbytes, schedule, peak=peak, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
     return (main + atomic_seconds(atomic_bytes) + tail_seconds(tail_bytes, hbm_bytes_per_s=hbm_bytes_per_s,
                                                                num_sms=num_sms)
-            + wait_seconds(wait_bytes, main, programs, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms,
-                           at_start=wait_at_start, lead=wait_lead)
-            + last_job_seconds(last_job_bytes, last_job_cover, main, programs, hbm_bytes_per_s=hbm_bytes_per_s,
-                               num_sms=num_sms)
             + LAUNCH_OVERHEAD_S)
 
 
 def plan_seconds(plan, num_sms: int = H100_NUM_SMS) -> float:
     """A plan's launches (plans.Launch) at the H100's rates with ``num_sms`` SMs."""
     return sum(launch_seconds(launch.flops, launch.hbm_bytes, launch.programs, launch.atomic_bytes, launch.tail_bytes,
-                              launch.wait_bytes, launch.wait_at_start, launch.last_job_bytes, launch.last_job_cover,
-                              launch.wait_lead, num_sms=num_sms) for launch in plan)
+                              launch.schedule, num_sms=num_sms) for launch in plan)

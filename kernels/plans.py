@@ -48,11 +48,7 @@ class Launch:
     flops: int = 0
     atomic_bytes: int = 0  # fp32 atomic adds into a zero-at-rest accumulator (resolved in L2)
     tail_bytes: int = 0  # bytes one last-to-arrive program moves after the other programs are done
-    wait_bytes: int = 0  # bytes one producer job moves while the first wave's tiles wait for it (cost.wait_seconds)
-    wait_at_start: bool = False  # the tiles wait before their main loop (else after it, beside their own work)
-    wait_lead: int = 0  # producer jobs ahead of the first program that waits, in ticket order (cost.wait_seconds)
-    last_job_bytes: int = 0  # bytes one job of the last group moves beside that group's tiles (cost.last_job_seconds)
-    last_job_cover: int = 0  # the programs that run beside that job: the last group's tiles
+    schedule: cost.Schedule | None = None  # producer jobs beside the tiles: the programs cost.schedule_seconds runs
 
     def __post_init__(self):
         if self.config is not None:
@@ -186,12 +182,14 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
                                                              to_consumer=sums_parts)
     s_parts = _s_partials(launches)
     grid_m, grid_n, k_tiles = _cdiv(M, cfg.BLOCK_M), _cdiv(N, cfg.BLOCK_N), _cdiv(K, cfg.BLOCK_K)
-    wait = 0
-    if in_launch:  # grid_m x shares jobs beside the tiles (SHRINK_IN_LAUNCH)
+    schedule = None
+    if in_launch:  # grid_m x shares jobs beside the tiles (SHRINK_IN_LAUNCH), which wait after their main loop
         shares, share_tiles = configs.in_launch_shrink_split(k_tiles)
         s_parts = Operand("S_partials", (shares, M, R), torch.float32)
-        wait = cfg.BLOCK_M * share_tiles * cfg.BLOCK_K * dtype.itemsize + R * share_tiles * cfg.BLOCK_K * \
+        job = cfg.BLOCK_M * share_tiles * cfg.BLOCK_K * dtype.itemsize + R * share_tiles * cfg.BLOCK_K * \
             dtype.itemsize + cfg.BLOCK_M * R * 4  # one job's x and A columns, and its share
+        schedule = cost.Schedule(num_pid_m=grid_m, group_m=cfg.GROUP_M, parts=shares, part_bytes=job, tiles=grid_n,
+                                 tiles_wait_at_start=False)
     Mp, Np, Kp = grid_m * cfg.BLOCK_M, grid_n * cfg.BLOCK_N, k_tiles * cfg.BLOCK_K
     flops = 2 * Mp * Np * Kp * (2 if two_products else 1) + 2 * Mp * Np * R  # x W^T (and x' W^T), S B^T
     if fuse:
@@ -231,33 +229,21 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
     if in_launch:
         grid = (grid_m * (grid_n + shares),)
         args["k_per_split"] = share_tiles * cfg.BLOCK_K  # the share jobs' columns (the tiles walk all of K)
-    lead = producers_ahead_of_tiles(grid_m, shares, cfg.GROUP_M) if in_launch else 0
     return launches + [Launch("_lora_fwd_kernel", grid, cfg, constexprs, args=args, reads=tuple(reads),
-                              writes=tuple(writes), flops=flops, tail_bytes=tail, wait_bytes=wait, wait_lead=lead)]
+                              writes=tuple(writes), flops=flops, tail_bytes=tail, schedule=schedule)]
 
 
 def producers_first_order(num_pid_m: int, num_pid_n: int, parts: int, group_m: int) -> list[tuple[str, int]]:
     """The job of each ticket of a launch with producer jobs (the forward's SHRINK_IN_LAUNCH, the dX launch's
     DS_IN_LAUNCH), as _common._producers_first_job computes it: ("part", row block x parts + split) or ("tile", index
-    in grouped order). The parts of the first group of group_m
-    row blocks; then per group g, the parts of group g + 1 followed by the tiles of group g."""
+    in grouped order, _common._grouped_tile_of). cost.ticket_order's order, which the model's schedule runs."""
     group_m = max(1, group_m)
-    groups = _cdiv(num_pid_m, group_m)
-
-    def rows(g):
-        return range(g * group_m, min(num_pid_m, (g + 1) * group_m))
-
-    order = [("part", m * parts + p) for m in rows(0) for p in range(parts)]
-    for g in range(groups):
-        order += [("part", m * parts + p) for m in (rows(g + 1) if g + 1 < groups else ()) for p in range(parts)]
-        first = g * group_m * num_pid_n
-        order += [("tile", first + i) for i in range(len(rows(g)) * num_pid_n)]
+    order = []
+    for is_part, m, j in cost.ticket_order(num_pid_m, num_pid_n, parts, group_m):
+        first = m // group_m * group_m
+        size = min(group_m, num_pid_m - first)
+        order.append(("part", m * parts + j) if is_part else ("tile", first * num_pid_n + j * size + m - first))
     return order
-
-
-def producers_ahead_of_tiles(num_pid_m: int, parts: int, group_m: int) -> int:
-    """The producer jobs before the first tile in producers_first_order: the parts of its first two groups."""
-    return parts * min(num_pid_m, 2 * max(1, group_m))
 
 
 def _s_partials(shrink: list[Launch]) -> Operand | None:
@@ -378,9 +364,9 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
                    reads=tuple(reads), writes=tuple(writes), flops=flops, atomic_bytes=atomic, tail_bytes=tail)]
 
 
-# The columns of N or K a DS_IN_LAUNCH dB or dA job sums at a time (over its group's rows): the last group's jobs
-# run beside its dX tiles, and at 4096 -> 1024 with 1024 tokens, r = 64 (bf16) 128 columns outlast them by 7.0 us in
-# the model (cost.last_job_seconds), 64 by 3.3 us.
+# The columns of N or K a DS_IN_LAUNCH dB or dA job sums at a time (over its group's rows): longer jobs hold a slot
+# longer, shorter ones re-read their rows' S or dS more often. The backward at 4096 -> 1024 with 1024 tokens, r = 64
+# (bf16) models 17.6 us with 64, 19.4 with 128, 21.2 with 32 (cost.schedule_seconds).
 JOB_COLS = 64
 # The rows a DS_IN_LAUNCH dS job sums at a time (the dm partials' rows with DoRA): 128-row dX tiles take two.
 DS_ROWS = 64
@@ -435,18 +421,22 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
         reads += (Operand("Z" if dropout else "Y", (M, N), dtype), *_dora_scale_operands(N, dtype))
         reads += (Operand("bias", (N,), dtype),) if bias else ()
         writes += (Operand("dm_parts", (m_blocks, N), torch.float32),)
-    # The last arrival's sum of a row block's dS (as plan_lora_bwd_dy's): part of what the first tiles wait for.
+    # The last arrival's sum of a row block's dS (as plan_lora_bwd_dy's): part of what its dS jobs take.
     ds_sum = min(M, DS_ROWS) * (R * 4 + r * dtype.itemsize)
-    # The last group's dA and dB jobs start with its dX tiles; the longer of the two (its reads over the group's rows
-    # and its chunks' final sums, which these jobs make as the last group to arrive) may outlast them
-    # (cost.last_job_seconds).
-    last_m = grid_m - (groups - 1) * group_m
-    last_rows = M - (groups - 1) * group_m * cfg.BLOCK_M
     # A lone group stores its sums as the grads (the kernel's LONE_GROUP_STORES): no atomics, no final read.
     lone = groups == 1 and (cfg.BLOCK_M == DS_ROWS or dora or not dropout)
     final_sum = JOB_COLS * r * ((0 if lone else 4) + dtype.itemsize)
-    da_job = _cdiv(k_chunks, da_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
-    db_job = _cdiv(n_chunks, db_slots * last_m) * (last_rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
+
+    def group_job_bytes(chunks: int, slots: int) -> tuple[int, ...]:
+        """What one dA or dB job of each group moves: its chunks of the group's rows, and their final sums (counted
+        in every group: the last to arrive at a chunk is not known ahead)."""
+        sizes = [min(group_m, grid_m - g * group_m) for g in range(groups)]
+        return tuple(_cdiv(chunks, slots * size) * (min(M - g * group_m * cfg.BLOCK_M, size * cfg.BLOCK_M)
+                                                    * (JOB_COLS + R) * dtype.itemsize + final_sum)
+                     for g, size in enumerate(sizes))
+
+    side_jobs = (cost.SideJobs(da_slots, group_job_bytes(k_chunks, da_slots), wait_for_parts=True),
+                 cost.SideJobs(db_slots, group_job_bytes(n_chunks, db_slots), wait_for_parts=False))
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora, DS_IN_LAUNCH=True,
                       DY_BLOCK_N=dy_cfg.BLOCK_N, DS_ROWS=DS_ROWS, JOB_COLS=JOB_COLS, HAS_BIAS=bias,
                       **_block_constexprs(cfg))
@@ -456,16 +446,17 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
         atomic = ((splits + 1) * M * R * 4  # dS over the N splits, and the last split's exchange with 0
                   + (0 if lone else groups + 1) * (N * r + r * K) * 4)  # dB and dA over the groups
         split_cols = min(N, per_split * dy_cfg.BLOCK_N)
-        # One dS job and its sum, which the first tiles wait for: before their main loop with LoRA's dropout
-        # (dropout'(dS A) seeds their accumulator), after it otherwise (_lora_bwd_dx_tile's DS_LATE).
-        wait = cfg.BLOCK_M * split_cols * dtype.itemsize + split_cols * r * dtype.itemsize + ds_sum
+        # One dS job (its dY columns, B's rows) and the sum the last of a row block's makes. The tiles wait for
+        # their row block's before their main loop with LoRA's dropout (dropout'(dS A) seeds their accumulator),
+        # after it otherwise (_lora_bwd_dx_tile's DS_LATE).
+        schedule = cost.Schedule(num_pid_m=grid_m, group_m=cfg.GROUP_M, parts=splits,
+                                 part_bytes=cfg.BLOCK_M * split_cols * dtype.itemsize
+                                 + split_cols * r * dtype.itemsize + ds_sum,
+                                 tiles=grid_k, tiles_wait_at_start=dropout and not dora, side_jobs=side_jobs)
         return Launch("_lora_bwd_dx_kernel", (grid_m * (splits + db_slots + grid_k + da_slots),), cfg, constexprs,
                       args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits, db_slots=db_slots,
                                 da_slots=da_slots),
-                      reads=reads, writes=writes, flops=flops, atomic_bytes=atomic, wait_bytes=wait,
-                      wait_at_start=dropout and not dora, last_job_bytes=max(da_job, db_job),
-                      last_job_cover=last_m * grid_k,
-                      wait_lead=producers_ahead_of_tiles(grid_m, splits, cfg.GROUP_M))
+                      reads=reads, writes=writes, flops=flops, atomic_bytes=atomic, schedule=schedule)
 
     # The N split of the dS jobs trades dS's atomics (one (M, R) fp32 add per split) against the first tiles' wait
     # (one job's columns) and the grid's waves: every split count is weighed by its modeled time.

@@ -11,7 +11,7 @@ from fused_lora.benchmarks import cli, roofline, runs, tables
 from fused_lora.benchmarks.progress import Progress
 from fused_lora.benchmarks.rows import HostOverhead, HostRow
 from fused_lora.benchmarks.sweep import Point
-from fused_lora.kernels import configs, plans
+from fused_lora.kernels import configs, cost, plans
 
 BIG = Point(4096, 4096, 8192, 16, 0.0, "bfloat16")
 
@@ -98,36 +98,88 @@ def test_133_programs_on_132_sms_take_two_waves():
     assert full_two.waves() == 2 and full_two.wave_factor() == 1.0
 
 
-# --- the first wave's wait for producer jobs ------------------------------------------------------
+# --- the schedule of a launch with producer jobs ---------------------------------------------------
 
-def test_only_first_wave_programs_after_the_producers_wait():
-    """The first wave's wait is one producer job (here all of it: before the main loop), charged in a one-wave launch
-    wherever a program of it waits; in a longer one by the share of the slots whose programs wait, the first
-    ``lead`` tickets being producer jobs; nothing once the producers alone fill the first wave."""
-    from fused_lora.kernels import cost
-    job = cost.tail_seconds(10**5, hbm_bytes_per_s=roofline.HBM_BYTES_PER_S, num_sms=132)
-    def wait(programs, lead):
-        return cost.wait_seconds(10**5, 1e-5, programs, hbm_bytes_per_s=roofline.HBM_BYTES_PER_S, num_sms=132,
-                                 at_start=True, lead=lead)
-    assert wait(100, 0) == wait(100, 99) == job and wait(100, 100) == 0.0
-    assert wait(1000, 0) == job and wait(1000, 32) == pytest.approx(job * 100 / 132)
-    assert wait(1000, 132) == wait(1000, 500) == 0.0
+HBM = roofline.HBM_BYTES_PER_S
+SM_RATE = HBM / 132  # one SM's share of the bandwidth: a producer or side job's rate
+
+
+def _schedule_seconds(nbytes, schedule):
+    """A memory-bound launch of ``nbytes`` (spread: nbytes / HBM) run as ``schedule`` on 132 slots."""
+    return cost.schedule_seconds(0, nbytes, schedule, peak=1e15, hbm_bytes_per_s=HBM, num_sms=132)
+
+
+@pytest.mark.parametrize("tiles", [1, 100, 132, 133, 264, 300])
+def test_a_schedule_of_tiles_alone_is_the_wave_factors_time(tiles):
+    alone = cost.Schedule(num_pid_m=1, group_m=8, parts=0, part_bytes=0, tiles=tiles, tiles_wait_at_start=False)
+    main = cost.main_seconds(0, 10**9, tiles, peak=1e15, hbm_bytes_per_s=HBM, num_sms=132)
+    assert _schedule_seconds(10**9, alone) == pytest.approx(main)
+
+
+def test_short_jobs_do_not_count_as_tiles():
+    """133 tiles and 131 short jobs: 264 programs are two full waves to the wave factor (the launch's evenly spread
+    time), but one slot runs two tiles one after the other: about twice that."""
+    job = 10**3
+    mixed = cost.Schedule(num_pid_m=1, group_m=8, parts=0, part_bytes=0, tiles=133, tiles_wait_at_start=False,
+                          side_jobs=(cost.SideJobs(131, (job,), wait_for_parts=False),))
+    spread = 10**9 / HBM
+    assert cost.main_seconds(0, 10**9, 264, peak=1e15, hbm_bytes_per_s=HBM, num_sms=132) == pytest.approx(spread)
+    tile = (spread * 132 - 131 * job / SM_RATE) / 133
+    assert _schedule_seconds(10**9, mixed) == pytest.approx(2 * tile)
+
+
+def test_tiles_wait_for_their_row_blocks_parts_before_or_after_their_main_loop():
+    """One row block: one long producer job, then 131 tiles. Waiting before the loop they end a tile after it;
+    waiting after it they end with it or with their own work, whichever is later."""
+    part = 10**6  # 39 us at one SM's share
+    def run(at_start, nbytes):
+        return _schedule_seconds(nbytes, cost.Schedule(num_pid_m=1, group_m=8, parts=1, part_bytes=part, tiles=131,
+                                                       tiles_wait_at_start=at_start))
+    for nbytes in (10**8, 10**9):  # tiles shorter, then longer than the part
+        tile = (nbytes / HBM * 132 - part / SM_RATE) / 131
+        assert run(True, nbytes) == pytest.approx(part / SM_RATE + tile)
+        assert run(False, nbytes) == pytest.approx(max(part / SM_RATE, tile))
+
+
+def test_side_jobs_that_wait_hold_their_slot_until_the_groups_parts_end():
+    """Two row blocks in one group, one part each; a waiting side job starts when both parts have ended, one that
+    does not wait at once."""
+    def run(waits):
+        return _schedule_seconds(10**6, cost.Schedule(
+            num_pid_m=2, group_m=8, parts=1, part_bytes=10**5 * (1 + 9 * waits), tiles=0, tiles_wait_at_start=False,
+            side_jobs=(cost.SideJobs(1, (10**5,), wait_for_parts=waits),)))
+    assert run(True) == pytest.approx((10**6 + 10**5) / SM_RATE)
+    assert run(False) == pytest.approx(10**5 / SM_RATE)
+
+
+def test_the_schedule_walks_the_kernels_ticket_order():
+    """cost.ticket_order, which the schedule walks, is plans.producers_first_order (which the interpreter checks
+    against _common._producers_first_job, tests/kernels/test_launchers.py) job by job."""
+    for num_pid_m, columns, parts, group_m in ((1, 3, 2, 8), (20, 5, 3, 8), (17, 4, 1, 16), (9, 2, 0, 4)):
+        order = plans.producers_first_order(num_pid_m, columns, parts, group_m)
+        walked = list(cost.ticket_order(num_pid_m, columns, parts, group_m))
+        assert len(order) == len(walked) == num_pid_m * (parts + columns)
+        assert [kind == "part" for kind, _ in order] == [is_part for is_part, _, _ in walked]
+        assert [i // parts for kind, i in order if kind == "part"] == [m for p, m, _ in walked if p]
 
 
 @pytest.mark.parametrize("M,N,r,dropout", [(1024, 1024, 64, False), (8192, 4096, 64, True), (300, 4096, 16, True)])
-def test_wait_lead_is_the_producers_ahead_of_the_first_tile(M, N, r, dropout):
-    """A plan's wait_lead is the number of producer jobs before the first job that waits in the kernel's ticket
-    order (plans.producers_first_order, _producers_first_job's twin): the forward's share jobs, the backward's dS
-    jobs (its dA jobs, first among a group's tiles, wait)."""
+def test_a_plans_schedule_is_its_grid(M, N, r, dropout):
+    """The forward's share jobs and tiles, the backward's dS, dA, dB jobs and dX tiles: as many as the launch has
+    programs, with the group size and the waits the kernel uses."""
     fwd = plans.plan_lora_fwd(M, N, 4096, r, torch.bfloat16, dropout=dropout, bias=False, shrink_in_launch=True)[-1]
-    grid_m, grid_n = -(-M // fwd.config.BLOCK_M), -(-N // fwd.config.BLOCK_N)
-    order = plans.producers_first_order(grid_m, grid_n, fwd.args["s_splits"], fwd.config.GROUP_M)
-    assert fwd.wait_lead == [kind for kind, _ in order].index("tile") > 0
+    plan = fwd.schedule
+    assert plan.num_pid_m * (plan.parts + plan.columns) == fwd.programs
+    assert (plan.parts, plan.tiles) == (fwd.args["s_splits"], -(-N // fwd.config.BLOCK_N))
+    assert plan.group_m == fwd.config.GROUP_M and not plan.tiles_wait_at_start and not plan.side_jobs
     bwd = plans.plan_lora_bwd_in_launch(M, N, 4096, r, torch.bfloat16, dropout=dropout, num_sms=132)[0]
-    grid_m, grid_k = -(-M // bwd.config.BLOCK_M), -(-4096 // bwd.config.BLOCK_K)
-    jobs = bwd.args["da_slots"] + bwd.args["db_slots"]
-    order = plans.producers_first_order(grid_m, jobs + grid_k, bwd.args["dy_splits"], bwd.config.GROUP_M)
-    assert bwd.wait_lead == [kind for kind, _ in order].index("tile") > 0
+    plan = bwd.schedule
+    assert plan.num_pid_m * (plan.parts + plan.columns) == bwd.programs
+    assert plan.parts == bwd.args["dy_splits"] and plan.tiles == -(-4096 // bwd.config.BLOCK_K)
+    da, db = plan.side_jobs
+    assert (da.per_row_block, da.wait_for_parts) == (bwd.args["da_slots"], True)
+    assert (db.per_row_block, db.wait_for_parts) == (bwd.args["db_slots"], False)
+    assert plan.tiles_wait_at_start == dropout  # LoRA's dropout: before the main loop (not DS_LATE)
 
 
 def test_torch_ops_have_no_waves():

@@ -252,7 +252,7 @@ def test_fwd_takes_the_shrink_into_its_launch_where_it_pays():
     plan = plans.plan_lora_fwd(8192, 4096, 4096, 16, torch.bfloat16, dropout=False, bias=False)
     assert [launch.kernel for launch in plan] == ["_lora_fwd_kernel"]
     assert plan[0].grid == (64 * (32 + 8),) and plan[0].constexprs["SHRINK_IN_LAUNCH"]
-    assert plan[0].wait_bytes > 0 and plan[0].args["k_per_split"] == 512
+    assert plan[0].schedule.parts == 8 and plan[0].schedule.tiles == 32 and plan[0].args["k_per_split"] == 512
     for kwargs in (dict(dtype=torch.float32), dict(dora=True), dict(fuse_shrink=False)):
         launches = plans.plan_lora_fwd(8192, 4096, 4096, 16, **{"dtype": torch.bfloat16, "dropout": False,
                                                                 "bias": False, **kwargs})
