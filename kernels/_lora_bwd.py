@@ -142,7 +142,7 @@ def _lora_bwd_dy_job(pid_m, pid_n, m_blocks, splits, dy_ptr, b_ptr, s_ptr, ds_pt
                 offs_n += BLOCK_N
 
 
-@triton.jit(do_not_specialize=["seed_ptr", "dy_splits", "db_slots", "da_slots"])
+@triton.jit(do_not_specialize=["seed_ptr", "dy_splits", "db_slots", "da_slots", "tiles_first"])
 def _lora_bwd_dx_kernel(
     dy_ptr,  # (M, N)
     w_ptr,  # (N, K)
@@ -181,6 +181,7 @@ def _lora_bwd_dx_kernel(
     dy_splits,  # with DS_IN_LAUNCH: dS jobs per row block (N splits)
     db_slots,  # with DS_IN_LAUNCH: dB jobs per row block (_lora_db_group_job), after its dA jobs
     da_slots,  # with DS_IN_LAUNCH: dA jobs per row block (_lora_da_group_job)
+    tiles_first,  # with DS_IN_LAUNCH on 64-row tiles: 1 puts a group's dX tiles before its dA and dB jobs, 0 after
     R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     APPLY_DROPOUT: tl.constexpr,
@@ -191,9 +192,9 @@ def _lora_bwd_dx_kernel(
     # The whole backward in this launch (_producers_first_job's order, per row block dy_splits parts and
     # da_slots + db_slots + cdiv(K, BLOCK_K) tiles): dS jobs (_lora_bwd_dy_job on DS_ROWS rows at a time and
     # DY_BLOCK_N columns, summed over the N splits by fp32 atomics) as the parts; dA jobs (_lora_da_group_job), then
-    # dB jobs (_lora_db_group_job) first among their group's tiles; a dX tile adds dropout'(dS A) once its row
-    # block's dS is stored. dB and dA are summed over the groups of GROUP_M row blocks by fp32 atomics, JOB_COLS
-    # columns a chunk. Only dS jobs run ahead of a group's tiles: nothing waits on dB.
+    # dB jobs (_lora_db_group_job), before or after (tiles_first) their group's dX tiles; a dX tile adds
+    # dropout'(dS A) once its row block's dS is stored. dB and dA are summed over the groups of GROUP_M row blocks by
+    # fp32 atomics, JOB_COLS columns a chunk. Only dS jobs run ahead of a group's tiles: nothing waits on dB.
     DS_IN_LAUNCH: tl.constexpr = False,
     DY_BLOCK_N: tl.constexpr = 64,
     DS_ROWS: tl.constexpr = 64,  # with DS_IN_LAUNCH: the rows a dS job sums at a time (dm's partials' rows with DORA)
@@ -223,6 +224,13 @@ def _lora_bwd_dx_kernel(
         # ready's arrivals: dS's count-ins (one per DS_ROWS rows), then each reader's count-out
         readers = DS_HALVES + num_pid_k + da_slots * group_size
         da_work_ptr = work_ptr + (tl.cast(N, tl.int64) * r + tl.cast(M, tl.int64) * R)
+        # A group's columns: its dA jobs, its dB jobs, then its dX tiles, or with tiles_first the tiles first, as the
+        # columns rotated by the jobs (either order waits only on lower tickets: the dS jobs, issued a group ahead).
+        # 64-row tiles only: on the 128-row tiles with LoRA's dropout (254-255 registers on sm_80) the rotation
+        # spilled 16-48 B, as did dB jobs ahead of dA jobs (kernel_report); plans.plan_lora_bwd_in_launch keeps
+        # tiles_first at 0 there.
+        if BLOCK_M == DS_ROWS:
+            col = (col + tiles_first * jobs) % (jobs + num_pid_k)
         if is_part:
             # DS_ROWS at a time: one (128, 64) fp32 dS accumulator beside the 128 x 128 tiles' code spilled 8-32 B
             # on sm_80 at R = 64 (kernel_report).
@@ -234,14 +242,14 @@ def _lora_bwd_dx_kernel(
                                  scaling, n_per_split, counters_ptr, ready_ptr + pid_m, readers, R, DS_ROWS,
                                  DY_BLOCK_N, True, False, True, DORA, HAS_BIAS, INPUT_PRECISION, True, False)
         elif col < da_slots:
-            _lora_da_group_job(pid_m - first_m, col, da_slots, first_m, group_size, num_groups, readers, ds_ptr,
-                               x_ptr, da_ptr, da_work_ptr, ready_ptr, da_counters_ptr, seed_ptr, M, K, r, stride_dsm,
-                               stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R, BLOCK_M, JOB_COLS,
-                               APPLY_DROPOUT, INPUT_PRECISION, DS_ROWS, LONE_GROUP_STORES)
+            _lora_da_group_job(pid_m - first_m, col, da_slots, first_m, group_size, num_groups,
+                               readers, ds_ptr, x_ptr, da_ptr, da_work_ptr, ready_ptr, da_counters_ptr, seed_ptr, M,
+                               K, r, stride_dsm, stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R,
+                               BLOCK_M, JOB_COLS, APPLY_DROPOUT, INPUT_PRECISION, DS_ROWS, LONE_GROUP_STORES)
         elif col < jobs:
-            _lora_db_group_job(pid_m - first_m, col - da_slots, db_slots, first_m, group_size, num_groups, dy_ptr,
-                               s_ptr, db_ptr, work_ptr, db_counters_ptr, mag_ptr, norm_ptr, M, N, r, stride_dym,
-                               stride_dyn, stride_sm, stride_sr, stride_mag_n, scaling, R, BLOCK_M, JOB_COLS, DORA,
+            _lora_db_group_job(pid_m - first_m, col - da_slots, db_slots, first_m, group_size, num_groups, dy_ptr, s_ptr,
+                               db_ptr, work_ptr, db_counters_ptr, mag_ptr, norm_ptr, M, N, r, stride_dym, stride_dyn,
+                               stride_sm, stride_sr, stride_mag_n, scaling, R, BLOCK_M, JOB_COLS, DORA,
                                INPUT_PRECISION, LONE_GROUP_STORES)
         else:
             _lora_bwd_dx_tile(pid_m, col - jobs, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr,
@@ -274,11 +282,12 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
     DORA_DROPOUT: tl.constexpr = DORA and APPLY_DROPOUT
     # The LoRA term dropout'(dS A) seeds the accumulator, so dX is written in one pass. DoRA with dropout masks
     # dS A + (g - 1) dY W, so that sum gets its own accumulator, masked after the loop.
-    # DS_LATE: dS A is added after the main loop into an accumulator the loop keeps anyway (dX's, or DoRA's masked
-    # one), so the first wave's tiles run their main loop while the dS jobs make dS. LoRA's dropout masks dS A
-    # alone: after the loop that took a second (BLOCK_M, BLOCK_K) fp32 accumulator beside dY W's, which spilled
-    # 8-504 B at 128 x 128 on sm_80 / sm_90 at every rank (kernel_report), so there it waits before the loop.
-    DS_LATE: tl.constexpr = DS_IN_LAUNCH and (DORA or not APPLY_DROPOUT)
+    # DS_LATE: dS A is added after the main loop, so the first wave's tiles run their main loop while the dS jobs
+    # make dS: into an accumulator the loop keeps anyway (dX's, or DoRA's masked one), or with LoRA's dropout, which
+    # masks dS A alone, into a second (BLOCK_M, BLOCK_K) fp32 accumulator after the loop. That one spilled 8-504 B on
+    # the 128 x 128 tiles on sm_80 / sm_90 at every rank (kernel_report), so there the tiles wait before the loop;
+    # plans.plan_lora_bwd_in_launch's tiles_wait_at_start is this condition's twin.
+    DS_LATE: tl.constexpr = DS_IN_LAUNCH and (DORA or not APPLY_DROPOUT or BLOCK_M == DS_ROWS)
     if DS_LATE:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     elif DS_IN_LAUNCH:
@@ -293,7 +302,7 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
     if DORA_DROPOUT:
         acc_kept = acc
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    elif APPLY_DROPOUT:
+    elif APPLY_DROPOUT and not DS_LATE:
         seed = tl.load(seed_ptr)
         acc = _dropped(acc, seed, offs_m, offs_k, drop_threshold) * keep_scale
 
@@ -323,6 +332,11 @@ def _lora_bwd_dx_tile(pid_m, pid_k, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_p
         if DORA_DROPOUT:
             acc_kept = _rank_chunked_dot(acc_kept, ds_ptr, a_ptr, offs_m, offs_k, stride_dsm, stride_dsr, stride_ar,
                                          stride_ak, M, K, r, R, R_CHUNK, INPUT_PRECISION, ".cg")
+        elif APPLY_DROPOUT:
+            lora = _rank_chunked_dot(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), ds_ptr, a_ptr, offs_m, offs_k,
+                                     stride_dsm, stride_dsr, stride_ar, stride_ak, M, K, r, R, R_CHUNK,
+                                     INPUT_PRECISION, ".cg")
+            acc += _dropped(lora, tl.load(seed_ptr), offs_m, offs_k, drop_threshold) * keep_scale
         else:
             acc = _rank_chunked_dot(acc, ds_ptr, a_ptr, offs_m, offs_k, stride_dsm, stride_dsr, stride_ar, stride_ak,
                                     M, K, r, R, R_CHUNK, INPUT_PRECISION, ".cg")

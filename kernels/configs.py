@@ -6,7 +6,7 @@ ahead-of-time report enumerates the plans.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -28,6 +28,11 @@ FUSE_SHRINK_MAX_RANK = 32
 # row slabs of dY and 132 / GROUP_M column slabs of W, 24.5 at 8 and 24.25 at 16 (the least is 2 sqrt(132) = 23);
 # 32 would read 36.
 IN_LAUNCH_GROUP_M = (8, 16)
+# The orders of a group's jobs in that launch the plan weighs on 64-row tiles (the kernel's tiles_first): the dA
+# and dB jobs ahead of the group's dX tiles (False) or after them (True). Ahead, the first group's dA jobs hold their
+# slots while its dS jobs run; after, the last group's jobs end the launch. 4096 -> 1024 at 256 tokens, r = 64
+# (bf16, one group): 10.85 us ahead, 9.34 after; 1024 tokens: 17.62 ahead, 19.06 after (cost.schedule_seconds).
+IN_LAUNCH_TILES_FIRST = (False, True)
 # The one-launch backward (_lora_bwd_dx_da_db_kernel) re-reads B (N x R) in every program to recompute dS: R /
 # BLOCK_K of the program's W bytes from L2, which the roofline does not count. With one row block's 32-column K
 # slices that is at most 2x at R = 64, the same as the program's re-read of dY at 64 tokens, which the separate dX
@@ -351,11 +356,27 @@ def fwd_shrink_in_launch(M: int, R: int, dtype: torch.dtype, dora: bool) -> bool
     return fwd_sums_shrink_parts(M, dtype) and R <= 128 and not dora
 
 
-def in_launch_shrink_split(k_tiles: int) -> tuple[int, int]:
-    """(splits over K, K tiles per split) of the forward's in-launch share jobs: parts of SHRINK_MIN_TILES_PER_PART
-    K tiles, so that one job (64-128 rows x 512 columns of x) is short beside a tile's main loop."""
-    per_split = min(k_tiles, SHRINK_MIN_TILES_PER_PART)
+# K tiles per share job of the forward's in-launch shrink (SHRINK_IN_LAUNCH), weighed by the plan: a short job
+# delays the first tiles' epilogue less, more jobs take more of the launch's slots and fp32 shares. 4096 -> 1024 at 256
+# tokens, r = 64 (bf16): 9.3 us in 64 x 64 tiles with jobs of 4 K tiles, 9.8 with 8 (cost.schedule_seconds).
+IN_LAUNCH_SHARE_TILES = (4, SHRINK_MIN_TILES_PER_PART)
+
+
+def in_launch_shrink_split(k_tiles: int, per_split: int) -> tuple[int, int]:
+    """(splits over K, K tiles per split) of the forward's in-launch share jobs of ``per_split`` K tiles each (one
+    job, 64-128 rows x 256-512 columns of x, is short beside a tile's main loop)."""
+    per_split = min(k_tiles, per_split)
     return -(-k_tiles // per_split), per_split
+
+
+def fwd_in_launch_tiles(cfg: TileConfig) -> tuple[TileConfig, ...]:
+    """The forward tiles the plan weighs with the shares made in its launch: the unfused config, and twice as wide
+    where that stays within 128 columns (the share jobs fill the slots the fewer tiles leave: 4096 -> 1024 at 256
+    tokens, r = 64 (bf16), 64 tiles of 64 columns and 64 jobs of 4 K tiles model 9.3 us, 128 tiles of 32 columns
+    with the same jobs 9.9, cost.schedule_seconds)."""
+    if cfg.BLOCK_N * 2 > 128:
+        return cfg,
+    return cfg, replace(cfg, BLOCK_N=2 * cfg.BLOCK_N)
 
 
 def shrink_split(m_blocks: int, k_tiles: int, num_sms: int, to_consumer: bool = False) -> tuple[int, int]:

@@ -82,7 +82,8 @@ class Schedule:
     part_bytes: int  # what one producer job moves (with the sum the last of a row block's makes)
     tiles: int  # tiles per row block: the launch's main work, which waits for its row block's parts
     tiles_wait_at_start: bool  # before the main loop (else after it: the tile's end waits)
-    side_jobs: tuple[SideJobs, ...] = ()  # per row block, ahead of its tiles
+    side_jobs: tuple[SideJobs, ...] = ()  # per row block, in this order
+    tiles_first: bool = False  # the side jobs after the tiles in a group's grouped order (else ahead of them)
 
     @property
     def columns(self) -> int:
@@ -140,7 +141,8 @@ def schedule_seconds(flops: int, nbytes: int, schedule: Schedule, *, peak: float
     # Per column of the grouped order: (duration by group, waits for: None / "group" / "row", waits at start).
     kinds = [(tuple(b / rate for b in side.bytes_by_group), "group" if side.wait_for_parts else None, True)
              for side in schedule.side_jobs for _ in range(side.per_row_block)]
-    kinds += [((tile,) * groups, "row", schedule.tiles_wait_at_start)] * schedule.tiles
+    tile_kinds = [((tile,) * groups, "row", schedule.tiles_wait_at_start)] * schedule.tiles
+    kinds = tile_kinds + kinds if schedule.tiles_first else kinds + tile_kinds
     free = [0.0] * slots  # a heap of the times the slots are free
     ready = [0.0] * schedule.num_pid_m  # when a row block's parts are all done
     for is_part, m, j in ticket_order(schedule.num_pid_m, schedule.columns, schedule.parts, group_m):

@@ -490,8 +490,8 @@ def _bwd_dx(ready, dy, weight, ds, lora_A, dropout_p, seed, magnitude=None, norm
     _lora_bwd_dx_kernel[ready.launch.grid](
         dy, weight, ds, lora_A, dx, _seed_arg(seed, dropout_p, dy.device), *_dora_ptrs(magnitude, norm, dx),
         *(dx,) * 10, M, N, K, r, *dy.stride(), *weight.stride(), *ds.stride(), *lora_A.stride(), *dx.stride(),
-        magnitude.stride(0) if magnitude is not None else 0, *(0,) * 9, *_dropout_scalars(dropout_p), 1.0, 0, 1, 0, 0,
-        **ready.kwargs)
+        magnitude.stride(0) if magnitude is not None else 0, *(0,) * 9, *_dropout_scalars(dropout_p), 1.0,
+        0, 1, 0, 0, 0, **ready.kwargs)  # n_per_split, dy_splits, db_slots, da_slots, tiles_first: DS_IN_LAUNCH's
     return dx
 
 

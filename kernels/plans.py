@@ -164,15 +164,24 @@ def fwd_alternatives(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, drop
         picked = [choice for choice in choices if choice[1] == fuse_shrink]
         choices = picked[:1] or [(choices[0][0], fuse_shrink)]
     places = (True,) if shrink_in_launch else (False, True) if in_launch else (False,)
-    return [_fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, dropout=dropout, bias=bias, dora=dora, num_sms=num_sms,
-                      in_launch=place)
-            for cfg, fuse in choices
-            for splits in configs.fwd_k_splits(M, _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N),
-                                               _cdiv(K, cfg.BLOCK_K), dora, dropout)
-            for place in places if not (place and (fuse or splits > 1))]
+    plans = []
+    for cfg, fuse in choices:
+        for splits in configs.fwd_k_splits(M, _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N), _cdiv(K, cfg.BLOCK_K),
+                                           dora, dropout):
+            if False in places or fuse or splits > 1:
+                plans.append(_fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, dropout=dropout, bias=bias, dora=dora,
+                                       num_sms=num_sms))
+            if True in places and not fuse and splits == 1:
+                plans += [_fwd_plan(M, N, K, r, dtype, tiles, False, 1, dropout=dropout, bias=bias, dora=dora,
+                                    num_sms=num_sms, share_tiles=share_tiles)
+                          for tiles in configs.fwd_in_launch_tiles(cfg)
+                          for share_tiles in configs.IN_LAUNCH_SHARE_TILES]
+    return plans
 
 
-def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_sms, in_launch=False) -> list[Launch]:
+def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_sms, share_tiles=0) -> list[Launch]:
+    """``share_tiles``: the shares made by jobs of the launch itself (SHRINK_IN_LAUNCH), of that many K tiles each."""
+    in_launch = share_tiles > 0
     R = configs.padded_rank(r)
     two_products = dora and dropout
     if M == 0 or N == 0:
@@ -184,7 +193,7 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
     grid_m, grid_n, k_tiles = _cdiv(M, cfg.BLOCK_M), _cdiv(N, cfg.BLOCK_N), _cdiv(K, cfg.BLOCK_K)
     schedule = None
     if in_launch:  # grid_m x shares jobs beside the tiles (SHRINK_IN_LAUNCH), which wait after their main loop
-        shares, share_tiles = configs.in_launch_shrink_split(k_tiles)
+        shares, share_tiles = configs.in_launch_shrink_split(k_tiles, share_tiles)
         s_parts = Operand("S_partials", (shares, M, R), torch.float32)
         job = cfg.BLOCK_M * share_tiles * cfg.BLOCK_K * dtype.itemsize + R * share_tiles * cfg.BLOCK_K * \
             dtype.itemsize + cfg.BLOCK_M * R * 4  # one job's x and A columns, and its share
@@ -377,15 +386,16 @@ def plan_lora_bwd_in_launch(M: int, N: int, K: int, r: int, dtype: torch.dtype, 
                             group_m: int | None = None) -> list[Launch]:
     """The backward as one _lora_bwd_dx_kernel launch with DS_IN_LAUNCH (configs.bwd_ds_in_launch). Per row block of
     the dX tiles: dS jobs (plan_lora_bwd_dy's pass without dB, summed over the N splits by fp32 atomics), which take
-    lower tickets than the group's tiles (_common._producers_first_job); first among the tiles dA jobs, which wait
-    for their group's dS, then dB jobs, then the dX tiles, which wait for their row block's dS and add
-    dropout'(dS A). A dB or dA job sums a group of GROUP_M row blocks in registers (JOB_COLS columns of N or K at a
-    time): dB = s dY^T S and dA = dS^T dropout(x) are summed over the groups by fp32 atomics, and the last group to
-    arrive at a chunk stores it (a lone group stores its sums). The dX tiles wait for dS after their main loop but
-    with LoRA's dropout (_lora_bwd_dx_tile's DS_LATE). ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with
-    the magnitude's partials (plan_lora_bwd_dy's), the tiles' dX as plan_lora_bwd_dx's; plan_dora_magnitude_grad follows with block_m =
-    DS_ROWS. Of every group size of configs.IN_LAUNCH_GROUP_M (``group_m`` forces one) and every N split of the dS
-    jobs, the lowest modeled time (kernels/cost.py) at ``num_sms``."""
+    lower tickets than the group's tiles (_common._producers_first_job); then per group dA jobs, which wait for
+    their group's dS, and dB jobs, before or after (64-row tiles: configs.IN_LAUNCH_TILES_FIRST) the dX tiles, which
+    wait for their row block's dS and add dropout'(dS A). A dB or dA job sums a group of GROUP_M row blocks in
+    registers (JOB_COLS columns of N or K at a time): dB = s dY^T S and dA = dS^T dropout(x) are summed over the
+    groups by fp32 atomics, and the last group to arrive at a chunk stores it (a lone group stores its sums). The dX
+    tiles wait for dS after their main loop but with LoRA's dropout on 128-row tiles (_lora_bwd_dx_tile's DS_LATE).
+    ``dora``: the dS / dB jobs from dZ = g dY, the dS jobs with the magnitude's partials (plan_lora_bwd_dy's), the
+    tiles' dX as plan_lora_bwd_dx's; plan_dora_magnitude_grad follows with block_m = DS_ROWS. Of every group size of
+    configs.IN_LAUNCH_GROUP_M (``group_m`` forces one), job order and N split of the dS jobs, the lowest modeled time
+    (kernels/cost.py, its schedule) at ``num_sms``."""
     cfg = configs.bwd_dx_config(M, dtype, dora and dropout, dora)
     sizes = configs.IN_LAUNCH_GROUP_M if group_m is None else (group_m,)
     return min((_in_launch_plan(M, N, K, r, dtype, replace(cfg, GROUP_M=size), dropout=dropout, num_sms=num_sms,
@@ -441,27 +451,30 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
                       DY_BLOCK_N=dy_cfg.BLOCK_N, DS_ROWS=DS_ROWS, JOB_COLS=JOB_COLS, HAS_BIAS=bias,
                       **_block_constexprs(cfg))
 
-    def launch(per_split: int) -> Launch:
+    def launch(per_split: int, tiles_first: bool) -> Launch:
         splits = _cdiv(n_tiles, per_split)
         atomic = ((splits + 1) * M * R * 4  # dS over the N splits, and the last split's exchange with 0
                   + (0 if lone else groups + 1) * (N * r + r * K) * 4)  # dB and dA over the groups
         split_cols = min(N, per_split * dy_cfg.BLOCK_N)
         # One dS job (its dY columns, B's rows) and the sum the last of a row block's makes. The tiles wait for
-        # their row block's before their main loop with LoRA's dropout (dropout'(dS A) seeds their accumulator),
-        # after it otherwise (_lora_bwd_dx_tile's DS_LATE).
+        # their row block's after their main loop, but with LoRA's dropout on 128-row tiles before it
+        # (dropout'(dS A) seeds their accumulator): _lora_bwd_dx_tile's DS_LATE.
         schedule = cost.Schedule(num_pid_m=grid_m, group_m=cfg.GROUP_M, parts=splits,
                                  part_bytes=cfg.BLOCK_M * split_cols * dtype.itemsize
                                  + split_cols * r * dtype.itemsize + ds_sum,
-                                 tiles=grid_k, tiles_wait_at_start=dropout and not dora, side_jobs=side_jobs)
+                                 tiles=grid_k, tiles_wait_at_start=dropout and not dora and cfg.BLOCK_M != DS_ROWS,
+                                 side_jobs=side_jobs,
+                                 tiles_first=tiles_first)
         return Launch("_lora_bwd_dx_kernel", (grid_m * (splits + db_slots + grid_k + da_slots),), cfg, constexprs,
                       args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits, db_slots=db_slots,
-                                da_slots=da_slots),
+                                da_slots=da_slots, tiles_first=int(tiles_first)),
                       reads=reads, writes=writes, flops=flops, atomic_bytes=atomic, schedule=schedule)
 
     # The N split of the dS jobs trades dS's atomics (one (M, R) fp32 add per split) against the first tiles' wait
     # (one job's columns) and the grid's waves: every split count is weighed by its modeled time.
     candidates = {_cdiv(n_tiles, splits) for splits in range(1, n_tiles + 1)}
-    return [min((launch(per_split) for per_split in sorted(candidates)),
+    return [min((launch(per_split, tiles_first) for per_split in sorted(candidates)
+                 for tiles_first in (configs.IN_LAUNCH_TILES_FIRST if cfg.BLOCK_M == DS_ROWS else (False,))),
                 key=lambda planned: cost.plan_seconds([planned], num_sms))]
 
 

@@ -177,9 +177,10 @@ def test_a_plans_schedule_is_its_grid(M, N, r, dropout):
     assert plan.num_pid_m * (plan.parts + plan.columns) == bwd.programs
     assert plan.parts == bwd.args["dy_splits"] and plan.tiles == -(-4096 // bwd.config.BLOCK_K)
     da, db = plan.side_jobs
+    assert plan.tiles_first == bwd.args["tiles_first"]
     assert (da.per_row_block, da.wait_for_parts) == (bwd.args["da_slots"], True)
     assert (db.per_row_block, db.wait_for_parts) == (bwd.args["db_slots"], False)
-    assert plan.tiles_wait_at_start == dropout  # LoRA's dropout: before the main loop (not DS_LATE)
+    assert plan.tiles_wait_at_start == (dropout and bwd.config.BLOCK_M == 128)  # LoRA dropout, 128 rows: not DS_LATE
 
 
 def test_torch_ops_have_no_waves():

@@ -182,20 +182,30 @@ def _in_launch_fwd(M, N, K, r, dtype, p=0.0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)  # fp32 keeps the shrink launch's sum
-# K = 1100: 18 K tiles of 64 give 3 share jobs of 8 tiles per row block, the last of 2 tiles, partial; N = 45: one
-# column tile (its tiles store S), N = 200: 2 of 128 (fp16 70 tokens: a wait for another tile's shares). 600 tokens:
-# 10 row blocks of 64, a first group of 8 and a last of 2 (the job order's irregular end); r = 100 pads to 128, the
-# largest rank configs.fwd_shrink_in_launch allows.
-@pytest.mark.parametrize("M,N,r,p", [(66, 45, 1, 0.0), (70, 200, 33, 0.2), (130, 45, 100, 0.0), (600, 200, 7, 0.2)])
-def test_fwd_makes_the_shrinks_shares_in_its_launch(dtype, M, N, r, p):
+# K = 1100: 18 K tiles of 64 give 3 share jobs of 8 tiles per row block, the last of 2 tiles, partial (5 of 4, the last
+# of 2); N = 45: one column tile (its tiles store S), N = 200: 2 of 128 (fp16 70 tokens: a wait for another tile's
+# shares). 600 tokens: 10 row blocks of 64, a first group of 8 and a last of 2 (the job order's irregular end);
+# r = 100 pads to 128, the largest rank configs.fwd_shrink_in_launch allows. Each case forces a share size of
+# configs.IN_LAUNCH_SHARE_TILES and a tile width of configs.fwd_in_launch_tiles.
+@pytest.mark.parametrize("M,N,r,p,share_tiles,wide", [(66, 45, 1, 0.0, 8, False), (70, 200, 33, 0.2, 4, True),
+                                                      (130, 45, 100, 0.0, 4, False), (600, 200, 7, 0.2, 8, True),
+                                                      (70, 200, 33, 0.0, 8, False)])
+def test_fwd_makes_the_shrinks_shares_in_its_launch(monkeypatch, request, dtype, M, N, r, p, share_tiles, wide):
     """SHRINK_IN_LAUNCH: share jobs inside the forward launch store S's K-split fp32 shares, the tiles wait for their
     row block's and sum them in split order: S and y within torch's error, the same bits on a second run, the
     counters (row blocks and tickets) back at zero."""
     K = 1100
+    narrow = configs.fwd_in_launch_tiles
+    monkeypatch.setattr(configs, "IN_LAUNCH_SHARE_TILES", (share_tiles,))
+    monkeypatch.setattr(configs, "fwd_in_launch_tiles", lambda cfg: narrow(cfg)[-1:] if wide else narrow(cfg)[:1])
+    launchers._fwd_ready.cache_clear()
+    request.addfinalizer(launchers._fwd_ready.cache_clear)  # no forced plan left for later tests
     launch = _in_launch_fwd(M, N, K, r, dtype, p)
     shares = launch.args["s_splits"]
     tiles = -(-M // launch.config.BLOCK_M) * -(-N // launch.config.BLOCK_N)
-    assert shares == 3 and launch.grid == (tiles + -(-M // launch.config.BLOCK_M) * shares,)
+    base = configs.fwd_choices(M, N, configs.padded_rank(r), dtype, False, p > 0)[0][0].BLOCK_N
+    assert launch.config.BLOCK_N == (2 * base if wide else base)
+    assert shares == -(-18 // share_tiles) and launch.grid == (tiles + -(-M // launch.config.BLOCK_M) * shares,)
     assert launch.constexprs["SHRINK_IN_LAUNCH"] and launch.constexprs["S_FROM_PARTS"]
     _check_fwd_twice(M, N, K, r, dtype, p, None, given_s=True, in_launch=True)
 
@@ -247,12 +257,15 @@ def test_producers_first_job_is_the_plans_order():
 
 def test_fwd_takes_the_shrink_into_its_launch_where_it_pays():
     """16-bit forwards above FEW_TOKENS weigh the shares made in the GEMM launch (one launch) against a shrink launch:
-    at 8192 tokens (4096 -> 4096, r = 16: 64 row blocks of 128, 32 column tiles, 8 share jobs each) one launch;
+    at 8192 tokens (4096 -> 4096, r = 16: 64 row blocks of 128, 32 column tiles, 16 share jobs of 4 K tiles each
+    or 8 of 8, configs.IN_LAUNCH_SHARE_TILES) one launch;
     fp32, DoRA and fuse_shrink=False keep the shrink launch; 1-64 tokens have no shares."""
     plan = plans.plan_lora_fwd(8192, 4096, 4096, 16, torch.bfloat16, dropout=False, bias=False)
     assert [launch.kernel for launch in plan] == ["_lora_fwd_kernel"]
-    assert plan[0].grid == (64 * (32 + 8),) and plan[0].constexprs["SHRINK_IN_LAUNCH"]
-    assert plan[0].schedule.parts == 8 and plan[0].schedule.tiles == 32 and plan[0].args["k_per_split"] == 512
+    shares = plan[0].args["s_splits"]
+    assert plan[0].grid == (64 * (32 + shares),) and plan[0].constexprs["SHRINK_IN_LAUNCH"]
+    assert (shares, plan[0].args["k_per_split"]) in ((16, 256), (8, 512))
+    assert plan[0].schedule.parts == shares and plan[0].schedule.tiles == 32
     for kwargs in (dict(dtype=torch.float32), dict(dora=True), dict(fuse_shrink=False)):
         launches = plans.plan_lora_fwd(8192, 4096, 4096, 16, **{"dtype": torch.bfloat16, "dropout": False,
                                                                 "bias": False, **kwargs})
@@ -505,19 +518,23 @@ def test_bwd_in_launch(dtype, M, r, N, K, p):
     _check_bwd_in_launch(dtype, M, r, N, K, p)
 
 
+@pytest.mark.parametrize("tiles_first", [False, True])
 @pytest.mark.parametrize("group_m,M", [(8, 600), (16, 600), (16, 1100)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_bwd_in_launch_at_each_group_size(monkeypatch, request, group_m, M, p):
-    """The in-launch backward at each group size the plan weighs (configs.IN_LAUNCH_GROUP_M), forced: 600 tokens
-    (10 row blocks of 64: groups of 8 and 2, or one lone group, whose dA and dB jobs store their sums without
-    atomics) and 1100 (18: groups of 16 and 2); bf16, r = 33, N = 70, K = 200: test_bwd_in_launch's checks."""
+def test_bwd_in_launch_at_each_group_size_and_order(monkeypatch, request, group_m, M, p, tiles_first):
+    """The in-launch backward at each group size and job order the plan weighs (configs.IN_LAUNCH_GROUP_M,
+    IN_LAUNCH_TILES_FIRST), forced: 600 tokens (10 row blocks of 64: groups of 8 and 2, or one lone group, whose dA
+    and dB jobs store their sums without atomics) and 1100 (18: groups of 16 and 2); a group's dB and dA jobs before
+    its dX tiles or after them; bf16, r = 33, N = 70, K = 200: test_bwd_in_launch's checks."""
     monkeypatch.setattr(configs, "IN_LAUNCH_GROUP_M", (group_m,))
+    monkeypatch.setattr(configs, "IN_LAUNCH_TILES_FIRST", (tiles_first,))
     launchers._in_launch_ready.cache_clear()
     request.addfinalizer(launchers._in_launch_ready.cache_clear)  # no forced plan left for later tests
     r, N, K, dtype = 33, 70, 200, torch.bfloat16
     launch = plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=p > 0,
                                            num_sms=launchers._num_sms(torch.device("cpu")))[0]
-    assert launch.config.GROUP_M == group_m
+    assert launch.config.GROUP_M == group_m and launch.args["tiles_first"] == tiles_first
+    assert launch.schedule.tiles_first == tiles_first and not launch.schedule.tiles_wait_at_start  # DS_LATE
     lone = -(-M // 64) <= group_m
     assert (launch.atomic_bytes == (launch.args["dy_splits"] + 1) * M * 64 * 4) == lone  # dS's atomics alone
     _check_bwd_in_launch(dtype, M, r, N, K, p)
@@ -570,13 +587,14 @@ def test_bwd_in_launch_keeps_inf_of_dy_in_its_rows():
 def test_bwd_takes_the_ds_jobs_into_the_dx_launch_where_it_pays():
     """At 8192 tokens (4096 -> 4096, r = 16, bf16): one dX launch of 64 row blocks x (32 K tiles + the dS jobs' N
     splits + 64 / G dB jobs + 64 / G dA jobs: 64 chunks of 64 columns of N and of K over groups of G = 8 or 16 row
-    blocks), none of the dS / dB or dA launches, its group size and N split the fastest modeled ones (no slower
-    than the dS / dB launch's own split); deterministic mode, fp32 and an input without grad keep other plans;
+    blocks), none of the dS / dB or dA launches, its group size, job order and N split the fastest modeled ones (no
+    slower than the dS / dB launch's own split); deterministic mode, fp32 and an input without grad keep other plans;
     1-64 tokens and fp32 cannot take it."""
     plan = plans.plan_lora_bwd(8192, 4096, 4096, 16, torch.bfloat16, dropout=False, deterministic=False, num_sms=132)
     splits, slots = plan[0].args["dy_splits"], 64 // plan[0].config.GROUP_M
     assert [(l.kernel, l.grid) for l in plan] == [("_lora_bwd_dx_kernel", (64 * (32 + splits + 2 * slots),))]
-    assert plan[0].args == dict(n_per_split=-(-64 // splits) * 64, dy_splits=splits, db_slots=slots, da_slots=slots)
+    assert plan[0].args == dict(n_per_split=-(-64 // splits) * 64, dy_splits=splits, db_slots=slots, da_slots=slots,
+                                tiles_first=plan[0].args["tiles_first"])
     default_splits = configs.dy_split(128, 64, 132, 64, 8192)[0]  # 128 dS row blocks of 64, 64 N tiles of 64
     spy = []
     real = plans.Launch
@@ -588,6 +606,7 @@ def test_bwd_takes_the_ds_jobs_into_the_dx_launch_where_it_pays():
         plans.plan_lora_bwd_in_launch(8192, 4096, 4096, 16, torch.bfloat16, dropout=False, num_sms=132)
     assert {launch.args["dy_splits"] for launch in spy} >= {1, default_splits, 64}
     assert {launch.config.GROUP_M for launch in spy} == set(configs.IN_LAUNCH_GROUP_M)
+    assert {launch.args["tiles_first"] for launch in spy} == {0}  # 128-row tiles: the jobs before the tiles
     assert cost.plan_seconds(plan) == min(cost.plan_seconds([launch]) for launch in spy)
     assert plan[0].constexprs["DS_IN_LAUNCH"] and plan[0].atomic_bytes > 0
     assert {op.name for op in plan[0].writes} == {"dX", "dS", "dA", "dB"}
