@@ -242,14 +242,14 @@ def _lora_bwd_dx_kernel(
                                  scaling, n_per_split, counters_ptr, ready_ptr + pid_m, readers, R, DS_ROWS,
                                  DY_BLOCK_N, True, False, True, DORA, HAS_BIAS, INPUT_PRECISION, True, False)
         elif col < da_slots:
-            _lora_da_group_job(pid_m - first_m, col, da_slots, first_m, group_size, num_groups,
-                               readers, ds_ptr, x_ptr, da_ptr, da_work_ptr, ready_ptr, da_counters_ptr, seed_ptr, M,
-                               K, r, stride_dsm, stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R,
-                               BLOCK_M, JOB_COLS, APPLY_DROPOUT, INPUT_PRECISION, DS_ROWS, LONE_GROUP_STORES)
+            _lora_da_group_job(pid_m - first_m, col, da_slots, first_m, group_size, num_groups, readers, ds_ptr,
+                               x_ptr, da_ptr, da_work_ptr, ready_ptr, da_counters_ptr, seed_ptr, M, K, r, stride_dsm,
+                               stride_dsr, stride_xm, stride_xk, drop_threshold, keep_scale, R, BLOCK_M, JOB_COLS,
+                               APPLY_DROPOUT, INPUT_PRECISION, DS_ROWS, LONE_GROUP_STORES)
         elif col < jobs:
-            _lora_db_group_job(pid_m - first_m, col - da_slots, db_slots, first_m, group_size, num_groups, dy_ptr, s_ptr,
-                               db_ptr, work_ptr, db_counters_ptr, mag_ptr, norm_ptr, M, N, r, stride_dym, stride_dyn,
-                               stride_sm, stride_sr, stride_mag_n, scaling, R, BLOCK_M, JOB_COLS, DORA,
+            _lora_db_group_job(pid_m - first_m, col - da_slots, db_slots, first_m, group_size, num_groups, dy_ptr,
+                               s_ptr, db_ptr, work_ptr, db_counters_ptr, mag_ptr, norm_ptr, M, N, r, stride_dym,
+                               stride_dyn, stride_sm, stride_sr, stride_mag_n, scaling, R, BLOCK_M, JOB_COLS, DORA,
                                INPUT_PRECISION, LONE_GROUP_STORES)
         else:
             _lora_bwd_dx_tile(pid_m, col - jobs, dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, mag_ptr,

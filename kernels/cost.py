@@ -64,8 +64,8 @@ def tail_seconds(tail_bytes: int, *, hbm_bytes_per_s: float, num_sms: int) -> fl
 
 @dataclass(frozen=True)
 class SideJobs:
-    """Jobs a launch with producer jobs runs per row block ahead of its tiles, in the first columns of a group's
-    grouped order (the dX launch's dA and dB jobs)."""
+    """Jobs a launch with producer jobs runs per row block beside its tiles, in columns of a group's grouped order
+    before or after the tiles' (Schedule.tiles_first): the dX launch's dA and dB jobs."""
     per_row_block: int
     bytes_by_group: tuple[int, ...]  # what one job of each group of row blocks moves (at the tail rate)
     wait_for_parts: bool  # waits for its group's producer jobs before it starts

@@ -183,10 +183,10 @@ def _in_launch_fwd(M, N, K, r, dtype, p=0.0):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)  # fp32 keeps the shrink launch's sum
 # K = 1100: 18 K tiles of 64 give 3 share jobs of 8 tiles per row block, the last of 2 tiles, partial (5 of 4, the last
-# of 2); N = 45: one column tile (its tiles store S), N = 200: 2 of 128 (fp16 70 tokens: a wait for another tile's
-# shares). 600 tokens: 10 row blocks of 64, a first group of 8 and a last of 2 (the job order's irregular end);
-# r = 100 pads to 128, the largest rank configs.fwd_shrink_in_launch allows. Each case forces a share size of
-# configs.IN_LAUNCH_SHARE_TILES and a tile width of configs.fwd_in_launch_tiles.
+# of 2); N = 45: one column tile (its tiles store S), N = 200: 7 of 32 columns, or 4 of 64 when wide (several tiles
+# wait on one row block's shares). 600 tokens: 10 row blocks of 64, a first group of 8 and a last of 2 (the job
+# order's irregular end); r = 100 pads to 128, the largest rank configs.fwd_shrink_in_launch allows. Each case forces
+# a share size of configs.IN_LAUNCH_SHARE_TILES and a tile width of configs.fwd_in_launch_tiles.
 @pytest.mark.parametrize("M,N,r,p,share_tiles,wide", [(66, 45, 1, 0.0, 8, False), (70, 200, 33, 0.2, 4, True),
                                                       (130, 45, 100, 0.0, 4, False), (600, 200, 7, 0.2, 8, True),
                                                       (70, 200, 33, 0.0, 8, False)])
