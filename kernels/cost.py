@@ -120,15 +120,19 @@ def schedule_seconds(flops: int, nbytes: int, schedule: Schedule, *, peak: float
     starting on the first free slot (SMs x PROGRAMS_PER_SM): "As thread blocks terminate, new blocks are launched on
     the vacated multiprocessors" (CUDA C++ Programming Guide, Hardware Implementation).
 
-    A producer or side job moves its bytes at one SM's share of the bandwidth (the tail rate); the tiles share the
-    rest of the launch's evenly spread slot time, max(flops / peak, bytes / bandwidth) x slots less the jobs' (so,
-    as in the wave factor's model, a launch's memory-bound jobs still hide under its compute-bound tiles: the
-    schedule adds only idle slot time). A tile waits for its row block's parts before its main loop or, after it,
-    ends no sooner than they do; a side job that waits starts after its group's parts. Where every job is a tile
-    this is the wave factor's time (waves x one tile)."""
+    A producer or side job moves its bytes at one SM's share of the bandwidth, scaled by the bandwidth the launch
+    leaves idle (spread / memory, see `rate`); the tiles share the rest of the launch's evenly spread slot time,
+    max(flops / peak, bytes / bandwidth) x slots less the jobs', but no less than the FLOPs' time at one SM's share
+    of the peak: where the tiles are bound by FLOPs, the slots that run jobs add to the launch. A tile waits for its
+    row block's parts before its main loop or, after it, ends no sooner than they do; a side job that waits starts
+    after its group's parts. Where every job is a tile this is the wave factor's time (waves x one tile)."""
     slots = num_sms * PROGRAMS_PER_SM
-    rate = hbm_bytes_per_s / num_sms
-    spread = max(flops / peak, nbytes / hbm_bytes_per_s) * slots
+    compute, memory = flops / peak, nbytes / hbm_bytes_per_s
+    # HBM is one pool, as in max(flops / peak, bytes / bandwidth): the launch's bytes take `memory` of its evenly
+    # spread time, so a job that streams gets one SM's share of the bandwidth times spread / memory (1 where the
+    # launch is bound by its bytes, more where its tiles leave bandwidth idle).
+    rate = hbm_bytes_per_s / num_sms * (max(compute, memory) / memory if memory else 1.0)
+    spread = max(compute, memory) * slots
     part = schedule.part_bytes / rate
     group_m = max(1, schedule.group_m)
     groups = -(-schedule.num_pid_m // group_m)
@@ -137,7 +141,8 @@ def schedule_seconds(flops: int, nbytes: int, schedule: Schedule, *, peak: float
         rows[g] * side.per_row_block * side.bytes_by_group[g] / rate for side in schedule.side_jobs
         for g in range(groups))
     tiles = schedule.num_pid_m * schedule.tiles
-    tile = max(0.0, spread - jobs) / max(1, tiles)
+    # A slot running a job computes no tile, and a tile computes at most at one SM's share of the peak.
+    tile = max(spread - jobs, compute * slots) / max(1, tiles)
     # Per column of the grouped order: (duration by group, waits for: None / "group" / "row", waits at start).
     kinds = [(tuple(b / rate for b in side.bytes_by_group), "group" if side.wait_for_parts else None, True)
              for side in schedule.side_jobs for _ in range(side.per_row_block)]

@@ -374,8 +374,9 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
 
 
 # The columns of N or K a DS_IN_LAUNCH dB or dA job sums at a time (over its group's rows): longer jobs hold a slot
-# longer, shorter ones re-read their rows' S or dS more often. The backward at 4096 -> 1024 with 1024 tokens, r = 64
-# (bf16) models 17.6 us with 64, 19.4 with 128, 21.2 with 32 (cost.schedule_seconds).
+# longer, shorter ones re-read their rows' S or dS more often. The backward at 4096 -> 1024, r = 64 (bf16) models
+# 9.7 us at 256 tokens with 64 (11.0 with 32 or 128), 24.3 at 1024 tokens (23.2 with 128, 27.0 with 32) and 133.3 at
+# 8192 (127.8 with 128, 149.4 with 32; cost.schedule_seconds): 64 is kept, as a constexpr one value compiles once.
 JOB_COLS = 64
 # The rows a DS_IN_LAUNCH dS job sums at a time (the dm partials' rows with DoRA): 128-row dX tiles take two.
 DS_ROWS = 64

@@ -152,6 +152,20 @@ def test_side_jobs_that_wait_hold_their_slot_until_the_groups_parts_end():
     assert run(False) == pytest.approx(10**5 / SM_RATE)
 
 
+def test_a_compute_bound_launchs_jobs_add_their_slots_at_the_idle_bandwidth():
+    """132 tiles bound by FLOPs (twice the bytes' time) and 132 short jobs ahead of them: a tile takes its FLOPs at
+    one SM's share of the peak (no less, though the jobs' slot time came out of the spread), and a job streams at one
+    SM's share of the bandwidth times spread / memory (2: half the launch's bandwidth is idle)."""
+    peak, nbytes, job = 1e15, 10**9, 10**5
+    memory = nbytes / HBM
+    flops = 2 * memory * peak
+    mixed = cost.Schedule(num_pid_m=1, group_m=8, parts=0, part_bytes=0, tiles=132, tiles_wait_at_start=False,
+                          side_jobs=(cost.SideJobs(132, (job,), wait_for_parts=False),))
+    end = cost.schedule_seconds(flops, nbytes, mixed, peak=peak, hbm_bytes_per_s=HBM, num_sms=132)
+    assert end == pytest.approx(job / (2 * SM_RATE) + flops / peak)
+    assert end > cost.main_seconds(flops, nbytes, 264, peak=peak, hbm_bytes_per_s=HBM, num_sms=132)  # 2 waves
+
+
 def test_the_schedule_walks_the_kernels_ticket_order():
     """cost.ticket_order, which the schedule walks, is plans.producers_first_order (which the interpreter checks
     against _common._producers_first_job, tests/kernels/test_launchers.py) job by job."""
