@@ -233,8 +233,12 @@ def test_fused_model_follows_the_tile_config(monkeypatch):
 
     monkeypatch.setattr(configs, "fwd_choices", wider)
     after = {l.name: l for l in roofline.fused_launches(point, "fwd")}["_lora_fwd_kernel"]
-    # 64 row blocks x (32 column tiles + 8 share jobs) -> x (16 + 8)
-    assert "grid=(2560,)" in before.detail and "grid=(1536,)" in after.detail
+    # 64 row blocks x (32 column tiles + the share jobs) -> x (16 + the share jobs): 8 or 16 of them per row block,
+    # as the plan weighs them (configs.IN_LAUNCH_SHARE_TILES)
+    assert (before.schedule.tiles, after.schedule.tiles) == (32, 16)
+    for launch in (before, after):
+        shares = launch.schedule.parts
+        assert shares in (8, 16) and f"grid=({64 * (launch.schedule.tiles + shares)},)" in launch.detail
 
 
 def test_fused_model_follows_determinism():
