@@ -150,7 +150,8 @@ def fwd_alternatives(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, drop
                      shrink_in_launch: bool | None = None) -> list[list[Launch]]:
     """Every forward plan plan_lora_fwd weighs: each (config, shrink fused or not) of configs.fwd_choices, at each K
     split count of configs.fwd_k_splits; an unfused one also with its shares made in the GEMM launch where
-    configs.fwd_shrink_in_launch allows. ``fuse_shrink=False`` means a shrink launch: not fused, not in the GEMM
+    configs.fwd_shrink_in_launch allows, at each width of configs.fwd_in_launch_tiles and share size of
+    configs.IN_LAUNCH_SHARE_TILES. ``fuse_shrink=False`` means a shrink launch: not fused, not in the GEMM
     launch; ``shrink_in_launch=True`` forces the in-launch shares (not fused)."""
     in_launch = (configs.fwd_shrink_in_launch(M, configs.padded_rank(r), dtype, dora) and K > 0
                  and fuse_shrink is None and shrink_in_launch is not False)
@@ -164,19 +165,20 @@ def fwd_alternatives(M: int, N: int, K: int, r: int, dtype: torch.dtype, *, drop
         picked = [choice for choice in choices if choice[1] == fuse_shrink]
         choices = picked[:1] or [(choices[0][0], fuse_shrink)]
     places = (True,) if shrink_in_launch else (False, True) if in_launch else (False,)
-    plans = []
+    alternatives = []
     for cfg, fuse in choices:
         for splits in configs.fwd_k_splits(M, _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N), _cdiv(K, cfg.BLOCK_K),
                                            dora, dropout):
-            if False in places or fuse or splits > 1:
-                plans.append(_fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, dropout=dropout, bias=bias, dora=dora,
-                                       num_sms=num_sms))
-            if True in places and not fuse and splits == 1:
-                plans += [_fwd_plan(M, N, K, r, dtype, tiles, False, 1, dropout=dropout, bias=bias, dora=dora,
-                                    num_sms=num_sms, share_tiles=share_tiles)
-                          for tiles in configs.fwd_in_launch_tiles(cfg)
-                          for share_tiles in configs.IN_LAUNCH_SHARE_TILES]
-    return plans
+            for place in places:
+                if not place:
+                    alternatives.append(_fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, dropout=dropout, bias=bias,
+                                                  dora=dora, num_sms=num_sms))
+                elif not fuse and splits == 1:  # the shares in the launch: each tile width and share size
+                    alternatives += [_fwd_plan(M, N, K, r, dtype, tiles, False, 1, dropout=dropout, bias=bias,
+                                               dora=dora, num_sms=num_sms, share_tiles=share_tiles)
+                                     for tiles in configs.fwd_in_launch_tiles(cfg)
+                                     for share_tiles in configs.IN_LAUNCH_SHARE_TILES]
+    return alternatives
 
 
 def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_sms, share_tiles=0) -> list[Launch]:
@@ -472,7 +474,8 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
                       reads=reads, writes=writes, flops=flops, atomic_bytes=atomic, schedule=schedule)
 
     # The N split of the dS jobs trades dS's atomics (one (M, R) fp32 add per split) against the first tiles' wait
-    # (one job's columns) and the grid's waves: every split count is weighed by its modeled time.
+    # (one job's columns) and the slots the jobs take: every split count, with each job order, is weighed by its
+    # modeled time (its schedule).
     candidates = {_cdiv(n_tiles, splits) for splits in range(1, n_tiles + 1)}
     return [min((launch(per_split, tiles_first) for per_split in sorted(candidates)
                  for tiles_first in (configs.IN_LAUNCH_TILES_FIRST if cfg.BLOCK_M == DS_ROWS else (False,))),
