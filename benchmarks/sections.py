@@ -98,17 +98,20 @@ def print_modeled(modeled: list[ModeledRow], model_points: list[Point], detail: 
                f"{gpu.peak_flops['bfloat16'] / 1e12:g} TFLOP/s, compulsory bytes / {gpu.hbm_bytes_per_s / 1e12:g} "
                f"TB/s) x wave factor + fp32 atomic bytes / {roofline.ATOMIC_BYTES_PER_S / 1e12:g} TB/s (assumed) "
                f"+ tail bytes / ({gpu.hbm_bytes_per_s / 1e12:g} TB/s / {gpu.num_sms} SMs) (assumed) "
-               f"+ first-wave wait: max(0, one producer job's bytes at that per-SM rate - main time / waves) "
                f"+ {roofline.LAUNCH_OVERHEAD_S * 1e6:g} us assumed GPU-side launch overhead, summed over launches. "
                f"Wave factor of a Triton launch of G programs: ceil(G / {gpu.num_sms * roofline.PROGRAMS_PER_SM}) "
                f"waves x {gpu.num_sms * roofline.PROGRAMS_PER_SM} / G ({roofline.PROGRAMS_PER_SM} program per SM "
-               f"assumed; below one wave: {gpu.num_sms} / G); 1 for a torch op."))
+               f"assumed; below one wave: {gpu.num_sms} / G); 1 for a torch op. A launch with producer jobs in it "
+               f"(the forward's shrink shares, the dX launch's dS, dB and dA jobs) is timed instead by its schedule: "
+               f"its programs in the kernel's ticket order on the first free slot, a job streaming at one SM's share "
+               f"of the bandwidth times spread / memory, the tiles no faster than their FLOPs at one SM's share of "
+               f"the peak, each waiting for its producers as the kernel makes it (assumed)."))
     print(wrap("fused: launches from the launchers' plans (grids, tiles, passes; FLOPs of whole tiles and the padded "
                "rank; the sums across programs finished in the kernels: fp32 atomics (m_blocks x N x r x 4 bytes into "
                "dB, splits x M x R x 4 into dS, SPLIT_M x r x K x 4 into dA) or partials written and read back, and "
-               "the tail: what the last program to arrive moves alone; the forward's shrink shares made inside its launch by "
-               "producer jobs its tiles wait for); others: aten ops traced on meta tensors "
-               "(FLOPs of the real rank).", "  "))
+               "the tail: what the last program to arrive moves alone; the producer jobs inside a launch its tiles "
+               "wait for: the forward's shrink shares, the dX launch's dS jobs); others: aten ops traced on meta "
+               "tensors (FLOPs of the real rank).", "  "))
     for point in detail:
         sel = [r for r in modeled if r.point == point]
         print(f"  modeled at {point.shape}, {point.tokens} tokens, r={point.r}, dropout {point.dropout}, "
