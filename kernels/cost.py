@@ -10,6 +10,7 @@ Pure arithmetic on the plans' numbers: no torch, no CUDA.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass
 from typing import Iterator
@@ -114,6 +115,7 @@ def ticket_order(num_pid_m: int, columns: int, parts: int, group_m: int) -> Iter
                 yield False, m, col
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the plans weigh the same schedule more than once (5 ms at 4000 programs)
 def schedule_seconds(flops: int, nbytes: int, schedule: Schedule, *, peak: float, hbm_bytes_per_s: float,
                      num_sms: int) -> float:
     """When the last program of a launch with producer jobs ends: its programs in ticket order (ticket_order), each
