@@ -169,11 +169,8 @@ class ModeledLaunch:
     def main_seconds(self, peak: float, gpu: Gpu = DEFAULT_GPU, triton_efficiency: float = 1.0) -> float:
         """Over the wave factor, or the end of the launch's schedule where it has producer jobs."""
         rate = peak * (triton_efficiency if self.is_triton else 1.0)
-        if self.schedule is not None:
-            return cost.schedule_seconds(self.flops, self.bytes, self.schedule, peak=rate,
-                                         hbm_bytes_per_s=gpu.hbm_bytes_per_s, num_sms=gpu.num_sms)
         return cost.main_seconds(self.flops, self.bytes, self.programs, peak=rate, hbm_bytes_per_s=gpu.hbm_bytes_per_s,
-                                 num_sms=gpu.num_sms)
+                                 num_sms=gpu.num_sms, schedule=self.schedule)
 
     def atomic_seconds(self) -> float:
         return cost.atomic_seconds(self.atomic_bytes)

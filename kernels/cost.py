@@ -50,7 +50,11 @@ def wave_factor(programs: int | None, num_sms: int) -> float:
 
 
 def main_seconds(flops: int, nbytes: int, programs: int | None, *, peak: float, hbm_bytes_per_s: float,
-                 num_sms: int) -> float:
+                 num_sms: int, schedule: Schedule | None = None) -> float:
+    """max(flops / peak, bytes / bandwidth) x wave factor; for a launch with producer jobs (``schedule``) the end of
+    its schedule (schedule_seconds) instead."""
+    if schedule is not None:
+        return schedule_seconds(flops, nbytes, schedule, peak=peak, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
     return max(flops / peak, nbytes / hbm_bytes_per_s) * wave_factor(programs, num_sms)
 
 
@@ -170,10 +174,8 @@ def schedule_seconds(flops: int, nbytes: int, schedule: Schedule, *, peak: float
 def launch_seconds(flops: int, nbytes: int, programs: int | None, atomic_bytes: int = 0, tail_bytes: int = 0,
                    schedule: Schedule | None = None, *, peak: float = H100_PEAK_FLOPS,
                    hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S, num_sms: int = H100_NUM_SMS) -> float:
-    if schedule is None:
-        main = main_seconds(flops, nbytes, programs, peak=peak, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
-    else:
-        main = schedule_seconds(flops, nbytes, schedule, peak=peak, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms)
+    main = main_seconds(flops, nbytes, programs, peak=peak, hbm_bytes_per_s=hbm_bytes_per_s, num_sms=num_sms,
+                        schedule=schedule)
     return (main + atomic_seconds(atomic_bytes) + tail_seconds(tail_bytes, hbm_bytes_per_s=hbm_bytes_per_s,
                                                                num_sms=num_sms)
             + LAUNCH_OVERHEAD_S)

@@ -235,7 +235,8 @@ def launch_config(launch) -> dict:
 
     A DoRA launch keeps its APPLY_DROPOUT: with DORA on, dropout selects another loop (two base products) and
     another tile config, so each value is its own launch. So does the dX launch with the dS jobs inside
-    (DS_IN_LAUNCH): without LoRA's dropout its tiles add dS A after the main loop, with it before (DS_LATE).
+    (DS_IN_LAUNCH): LoRA's dropout masks dS A alone, in a second accumulator after the main loop on 64-row tiles
+    and seeding the accumulator before it on 128-row tiles (DS_LATE); without dropout dS A joins dX's accumulator.
     Its group size is not a job of its own: GROUP_M enters only the ticket-to-job integer arithmetic, and 8 and 16
     compiled to the same registers, spills, shared memory and MMA kind at all 64 fp16 / bf16 DS_IN_LAUNCH configs on
     sm_80 and sm_90 (aligned), so each is compiled once at the first of configs.IN_LAUNCH_GROUP_M.
@@ -640,8 +641,8 @@ def describe_config(config: dict) -> str:
         rest.append("sharejobs")
     if config.get("DS_IN_LAUNCH"):
         rest.append("dsjobs")
-        if not config.get("DORA"):  # LoRA's dropout keeps its tiles' wait before the main loop (DS_LATE off)
-            rest.append("dropout" if config.get("APPLY_DROPOUT") else "dslate")
+        if not config.get("DORA"):  # LoRA's dropout takes its own path for dS A (DS_LATE in _lora_bwd_dx_tile)
+            rest.append("dropout" if config.get("APPLY_DROPOUT") else "nodropout")
     if config.get("DORA"):
         rest.append("dora-dropout" if config.get("APPLY_DROPOUT") else "dora")
     if config.get("FROM_Z"):
