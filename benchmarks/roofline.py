@@ -17,8 +17,9 @@ summed over the launches, where
 - schedule (kernels/cost.py schedule_seconds): where a launch's tiles wait for producer jobs of the same launch
   (the forward's shrink shares, SHRINK_IN_LAUNCH; the dS jobs of the dX launch, DS_IN_LAUNCH, with its dA / dB
   jobs), its programs in the kernel's ticket order, each on the first free slot: producer and side jobs move their
-  bytes at one SM's share of the bandwidth times spread / memory (the bandwidth the launch leaves idle), the tiles
-  share the rest of the launch's evenly spread time but take no less than their FLOPs at one SM's share of the peak,
+  bytes at one SM's share of the bandwidth times spread / memory (the bandwidth the launch leaves idle) or compute
+  their FLOPs at one SM's share of the peak, whichever takes longer; the tiles share the rest of the launch's evenly
+  spread time but take no less than their own FLOPs (the launch's less the jobs') at one SM's share of the peak,
   and the tiles and dA jobs wait for their row block's or group's producer jobs as the kernel makes them wait. This
   replaces the wave factor, which counted a short job as a program as long as a tile.
 
@@ -115,8 +116,9 @@ def assumptions(gpu: Gpu = DEFAULT_GPU) -> dict:
                     "the dX launch's dS jobs, with its dA / dB jobs): its programs in the kernel's ticket order, each "
                     "on the first free slot (CUDA C++ Programming Guide, Hardware Implementation: as thread blocks "
                     "terminate, new blocks are launched on the vacated multiprocessors); a producer or side job moves "
-                    "its bytes at hbm / SMs x spread / memory (HBM one pool), the tiles share the rest of the evenly "
-                    "spread time but take no less than their FLOPs at peak / SMs; tiles and dA jobs wait for their "
+                    "its bytes at hbm / SMs x spread / memory (HBM one pool) or its FLOPs at peak / SMs, whichever "
+                    "takes longer; the tiles share the rest of the evenly spread time but take no less than their own "
+                    "FLOPs (the launch's less the jobs') at peak / SMs; tiles and dA jobs wait for their "
                     "producers as the kernel's counters make them",
         "tails": "a sum finished by the last program to arrive: the bytes that one program moves after the rest "
                  "of the launch (its columns' accumulator or partials, and the grad it stores), at hbm / SMs",

@@ -31,7 +31,7 @@ IN_LAUNCH_GROUP_M = (8, 16)
 # The orders of a group's jobs in that launch the plan weighs on 64-row tiles (the kernel's tiles_first): the dA
 # and dB jobs ahead of the group's dX tiles (False) or after them (True). Ahead, the first group's dA jobs hold their
 # slots while its dS jobs run; after, the last group's jobs end the launch. 4096 -> 1024 at 256 tokens, r = 64
-# (bf16, one group): 11.44 us ahead, 9.67 after; 1024 tokens: 24.34 ahead, 25.22 after (cost.schedule_seconds).
+# (bf16, one group): 11.23 us ahead, 9.46 after; 1024 tokens: 23.44 ahead, 24.59 after (cost.schedule_seconds).
 IN_LAUNCH_TILES_FIRST = (False, True)
 # The one-launch backward (_lora_bwd_dx_da_db_kernel) re-reads B (N x R) in every program to recompute dS: R /
 # BLOCK_K of the program's W bytes from L2, which the roofline does not count. With one row block's 32-column K

@@ -74,6 +74,7 @@ class SideJobs:
     per_row_block: int
     bytes_by_group: tuple[int, ...]  # what one job of each group of row blocks moves (at the tail rate)
     wait_for_parts: bool  # waits for its group's producer jobs before it starts
+    flops_by_group: tuple[int, ...] = ()  # what one job of each group computes (none: 0)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Schedule:
     tiles_wait_at_start: bool  # before the main loop (else after it: the tile's end waits)
     side_jobs: tuple[SideJobs, ...] = ()  # per row block, in this order
     tiles_first: bool = False  # the side jobs after the tiles in a group's grouped order (else ahead of them)
+    part_flops: int = 0  # what one producer job computes: its slot's time is the longer of its bytes and its FLOPs
 
     @property
     def columns(self) -> int:
@@ -127,31 +129,41 @@ def schedule_seconds(flops: int, nbytes: int, schedule: Schedule, *, peak: float
     the vacated multiprocessors" (CUDA C++ Programming Guide, Hardware Implementation).
 
     A producer or side job moves its bytes at one SM's share of the bandwidth, scaled by the bandwidth the launch
-    leaves idle (spread / memory, see `rate`); the tiles share the rest of the launch's evenly spread slot time,
-    max(flops / peak, bytes / bandwidth) x slots less the jobs', but no less than the FLOPs' time at one SM's share
-    of the peak: where the tiles are bound by FLOPs, the slots that run jobs add to the launch. A tile waits for its
-    row block's parts before its main loop or, after it, ends no sooner than they do; a side job that waits starts
-    after its group's parts. Where every job is a tile this is the wave factor's time (waves x one tile)."""
+    leaves idle (spread / memory, see `rate`), and computes its FLOPs at one SM's share of the peak: it takes the
+    longer of the two. The tiles share the rest of the launch's evenly spread slot time, max(flops / peak, bytes /
+    bandwidth) x slots less the jobs', but no less than their own FLOPs' time (the launch's less the jobs') at one
+    SM's share of the peak: where the tiles are bound by FLOPs, the slots that run jobs add to the launch. A tile
+    waits for its row block's parts before its main loop or, after it, ends no sooner than they do; a side job that
+    waits starts after its group's parts. Where every job is a tile this is the wave factor's time (waves x one
+    tile)."""
     slots = num_sms * PROGRAMS_PER_SM
     compute, memory = flops / peak, nbytes / hbm_bytes_per_s
     # HBM is one pool, as in max(flops / peak, bytes / bandwidth): the launch's bytes take `memory` of its evenly
     # spread time, so a job that streams gets one SM's share of the bandwidth times spread / memory (1 where the
     # launch is bound by its bytes, more where its tiles leave bandwidth idle).
     rate = hbm_bytes_per_s / num_sms * (max(compute, memory) / memory if memory else 1.0)
+    slot_peak = peak / slots  # one SM's share of the peak (one program per SM)
     spread = max(compute, memory) * slots
-    part = schedule.part_bytes / rate
+    part = max(schedule.part_bytes / rate, schedule.part_flops / slot_peak)
     group_m = max(1, schedule.group_m)
     groups = -(-schedule.num_pid_m // group_m)
     rows = [min(group_m, schedule.num_pid_m - g * group_m) for g in range(groups)]
+    side_durations = [tuple(max(side.bytes_by_group[g] / rate,
+                                (side.flops_by_group[g] if side.flops_by_group else 0) / slot_peak)
+                            for g in range(groups)) for side in schedule.side_jobs]
     jobs = schedule.num_pid_m * schedule.parts * part + sum(
-        rows[g] * side.per_row_block * side.bytes_by_group[g] / rate for side in schedule.side_jobs
+        rows[g] * side.per_row_block * durations[g] for side, durations in zip(schedule.side_jobs, side_durations)
+        for g in range(groups))
+    job_flops = schedule.num_pid_m * schedule.parts * schedule.part_flops + sum(
+        rows[g] * side.per_row_block * side.flops_by_group[g] for side in schedule.side_jobs if side.flops_by_group
         for g in range(groups))
     tiles = schedule.num_pid_m * schedule.tiles
-    # A slot running a job computes no tile, and a tile computes at most at one SM's share of the peak.
-    tile = max(spread - jobs, compute * slots) / max(1, tiles)
+    # A slot running a job computes no tile, and a tile computes at most at one SM's share of the peak; the jobs'
+    # FLOPs are the jobs' (counted in their slots above), not the tiles'.
+    tile = max(spread - jobs, max(0, flops - job_flops) / slot_peak) / max(1, tiles)
     # Per column of the grouped order: (duration by group, waits for: None / "group" / "row", waits at start).
-    kinds = [(tuple(b / rate for b in side.bytes_by_group), "group" if side.wait_for_parts else None, True)
-             for side in schedule.side_jobs for _ in range(side.per_row_block)]
+    kinds = [(durations, "group" if side.wait_for_parts else None, True)
+             for side, durations in zip(schedule.side_jobs, side_durations) for _ in range(side.per_row_block)]
     tile_kinds = [((tile,) * groups, "row", schedule.tiles_wait_at_start)] * schedule.tiles
     kinds = tile_kinds + kinds if schedule.tiles_first else kinds + tile_kinds
     free = [0.0] * slots  # a heap of the times the slots are free

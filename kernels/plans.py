@@ -200,7 +200,8 @@ def _fwd_plan(M, N, K, r, dtype, cfg, fuse, splits, *, dropout, bias, dora, num_
         job = cfg.BLOCK_M * share_tiles * cfg.BLOCK_K * dtype.itemsize + R * share_tiles * cfg.BLOCK_K * \
             dtype.itemsize + cfg.BLOCK_M * R * 4  # one job's x and A columns, and its share
         schedule = cost.Schedule(num_pid_m=grid_m, group_m=cfg.GROUP_M, parts=shares, part_bytes=job, tiles=grid_n,
-                                 tiles_wait_at_start=False)
+                                 tiles_wait_at_start=False,
+                                 part_flops=2 * cfg.BLOCK_M * share_tiles * cfg.BLOCK_K * R)  # its x' A^T
     Mp, Np, Kp = grid_m * cfg.BLOCK_M, grid_n * cfg.BLOCK_N, k_tiles * cfg.BLOCK_K
     flops = 2 * Mp * Np * Kp * (2 if two_products else 1) + 2 * Mp * Np * R  # x W^T (and x' W^T), S B^T
     if fuse:
@@ -377,8 +378,8 @@ def plan_lora_bwd_da(M: int, K: int, r: int, dtype: torch.dtype, *, dropout: boo
 
 # The columns of N or K a DS_IN_LAUNCH dB or dA job sums at a time (over its group's rows): longer jobs hold a slot
 # longer, shorter ones re-read their rows' S or dS more often. The backward at 4096 -> 1024, r = 64 (bf16) models
-# 9.7 us at 256 tokens with 64 (11.0 with 32 or 128), 24.3 at 1024 tokens (23.2 with 128, 27.0 with 32) and 133.3 at
-# 8192 (127.8 with 128, 149.4 with 32; cost.schedule_seconds): 64 is kept, as a constexpr one value compiles once.
+# 9.5 us at 256 tokens with 64 (10.8 with 32 or 128), 23.4 at 1024 tokens (22.5 with 128, 26.0 with 32) and 126.8 at
+# 8192 (121.5 with 128, 142.9 with 32; cost.schedule_seconds): 64 is kept, as a constexpr one value compiles once.
 JOB_COLS = 64
 # The rows a DS_IN_LAUNCH dS job sums at a time (the dm partials' rows with DoRA): 128-row dX tiles take two.
 DS_ROWS = 64
@@ -440,16 +441,19 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
     lone = groups == 1 and (cfg.BLOCK_M == DS_ROWS or dora or not dropout)
     final_sum = JOB_COLS * r * ((0 if lone else 4) + dtype.itemsize)
 
-    def group_job_bytes(chunks: int, slots: int) -> tuple[int, ...]:
-        """What one dA or dB job of each group moves: its chunks of the group's rows, and their final sums (counted
-        in every group: the last to arrive at a chunk is not known ahead)."""
-        sizes = [min(group_m, grid_m - g * group_m) for g in range(groups)]
-        return tuple(_cdiv(chunks, slots * size) * (min(M - g * group_m * cfg.BLOCK_M, size * cfg.BLOCK_M)
-                                                    * (JOB_COLS + R) * dtype.itemsize + final_sum)
-                     for g, size in enumerate(sizes))
+    sizes = [min(group_m, grid_m - g * group_m) for g in range(groups)]
+    group_rows = [min(M - g * group_m * cfg.BLOCK_M, size * cfg.BLOCK_M) for g, size in enumerate(sizes)]
 
-    side_jobs = (cost.SideJobs(da_slots, group_job_bytes(k_chunks, da_slots), wait_for_parts=True),
-                 cost.SideJobs(db_slots, group_job_bytes(n_chunks, db_slots), wait_for_parts=False))
+    def side_jobs(chunks: int, slots: int, wait_for_parts: bool) -> cost.SideJobs:
+        """The dA or dB jobs: what one job of each group moves (its chunks of the group's rows, and their final sums,
+        counted in every group: the last to arrive at a chunk is not known ahead) and computes (in 64-row slices)."""
+        per_job = [_cdiv(chunks, slots * size) for size in sizes]
+        return cost.SideJobs(slots, tuple(n * (rows * (JOB_COLS + R) * dtype.itemsize + final_sum)
+                                          for n, rows in zip(per_job, group_rows)), wait_for_parts=wait_for_parts,
+                             flops_by_group=tuple(2 * n * _cdiv(rows, 64) * 64 * JOB_COLS * R
+                                                  for n, rows in zip(per_job, group_rows)))
+
+    side_jobs = (side_jobs(k_chunks, da_slots, wait_for_parts=True), side_jobs(n_chunks, db_slots, False))
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora, DS_IN_LAUNCH=True,
                       DY_BLOCK_N=dy_cfg.BLOCK_N, DS_ROWS=DS_ROWS, JOB_COLS=JOB_COLS, HAS_BIAS=bias,
                       **_block_constexprs(cfg))
@@ -466,8 +470,8 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
                                  part_bytes=cfg.BLOCK_M * split_cols * dtype.itemsize
                                  + split_cols * r * dtype.itemsize + ds_sum,
                                  tiles=grid_k, tiles_wait_at_start=dropout and not dora and cfg.BLOCK_M != DS_ROWS,
-                                 side_jobs=side_jobs,
-                                 tiles_first=tiles_first)
+                                 side_jobs=side_jobs, tiles_first=tiles_first,
+                                 part_flops=2 * cfg.BLOCK_M * split_cols * R)  # its dY B
         return Launch("_lora_bwd_dx_kernel", (grid_m * (splits + db_slots + grid_k + da_slots),), cfg, constexprs,
                       args=dict(n_per_split=per_split * dy_cfg.BLOCK_N, dy_splits=splits, db_slots=db_slots,
                                 da_slots=da_slots, tiles_first=int(tiles_first)),

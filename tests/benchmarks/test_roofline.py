@@ -166,6 +166,30 @@ def test_a_compute_bound_launchs_jobs_add_their_slots_at_the_idle_bandwidth():
     assert end > cost.main_seconds(flops, nbytes, 264, peak=peak, hbm_bytes_per_s=HBM, num_sms=132)  # 2 waves
 
 
+def test_a_jobs_flops_are_its_slots_not_the_tiles():
+    """The same compute-bound launch, the jobs now carrying half the launch's FLOPs: the tiles' floor is their own
+    half; a job takes the longer of its bytes at the rate above and its FLOPs at one SM's share of the peak."""
+    peak, nbytes = 1e15, 10**9
+    flops = 2 * nbytes / HBM * peak
+    def run(job_flops, job_bytes=10**5):
+        return cost.schedule_seconds(flops, nbytes, cost.Schedule(
+            num_pid_m=1, group_m=8, parts=0, part_bytes=0, tiles=132, tiles_wait_at_start=False,
+            side_jobs=(cost.SideJobs(132, (job_bytes,), wait_for_parts=False, flops_by_group=(job_flops,)),)),
+            peak=peak, hbm_bytes_per_s=HBM, num_sms=132)
+    half = flops // 2 // 132  # one job's share: FLOP-bound (longer than its bytes at 2x one SM's share)
+    assert run(half) == pytest.approx(half / (peak / 132) + (flops - 132 * half) / peak)
+    assert run(half, job_bytes=10**8) == pytest.approx(10**8 / (2 * SM_RATE) + (flops - 132 * half) / peak)
+    lone = cost.Schedule(num_pid_m=1, group_m=8, parts=0, part_bytes=0, tiles=131, tiles_wait_at_start=False,
+                         side_jobs=(cost.SideJobs(1, (10**5,), wait_for_parts=False, flops_by_group=(flops // 2,)),))
+    assert cost.schedule_seconds(flops, nbytes, lone, peak=peak, hbm_bytes_per_s=HBM, num_sms=132) == \
+        pytest.approx(flops // 2 / (peak / 132))  # one job with half the FLOPs: longer than any tile
+    # One FLOP-bound producer job, then 131 tiles that wait for it before their main loop.
+    part = cost.Schedule(num_pid_m=1, group_m=8, parts=1, part_bytes=10**5, tiles=131, tiles_wait_at_start=True,
+                         part_flops=half)
+    assert cost.schedule_seconds(flops, nbytes, part, peak=peak, hbm_bytes_per_s=HBM, num_sms=132) == \
+        pytest.approx(half / (peak / 132) + (flops - half) / (peak / 132) / 131)
+
+
 def test_the_schedule_walks_the_kernels_ticket_order():
     """cost.ticket_order, which the schedule walks, is plans.producers_first_order (which the interpreter checks
     against _common._producers_first_job, tests/kernels/test_launchers.py) job by job."""
@@ -195,6 +219,17 @@ def test_a_plans_schedule_is_its_grid(M, N, r, dropout):
     assert (da.per_row_block, da.wait_for_parts) == (bwd.args["da_slots"], True)
     assert (db.per_row_block, db.wait_for_parts) == (bwd.args["db_slots"], False)
     assert plan.tiles_wait_at_start == (dropout and bwd.config.BLOCK_M == 128)  # LoRA dropout, 128 rows: not DS_LATE
+    # The jobs' FLOPs (dY B, dY^T S, dropout(x)^T dS) are the launch's less the tiles' (dY W and dS A, padded).
+    groups = -(-plan.num_pid_m // plan.group_m)
+    sizes = [min(plan.group_m, plan.num_pid_m - g * plan.group_m) for g in range(groups)]
+    job_flops = plan.num_pid_m * plan.parts * plan.part_flops + sum(
+        size * side.per_row_block * side.flops_by_group[g] for side in (da, db) for g, size in enumerate(sizes))
+    cfg, R = bwd.config, bwd.constexprs["R"]
+    Mp, Kp = plan.num_pid_m * cfg.BLOCK_M, plan.tiles * cfg.BLOCK_K
+    tiles = 2 * Mp * Kp * (-(-N // cfg.BLOCK_N) * cfg.BLOCK_N + R)
+    assert job_flops == pytest.approx(bwd.flops - tiles, rel=0.05)
+    fwd_jobs = fwd.schedule.num_pid_m * fwd.schedule.parts * fwd.schedule.part_flops
+    assert fwd_jobs == pytest.approx(2 * fwd.schedule.num_pid_m * fwd.config.BLOCK_M * 4096 * R, rel=0.05)
 
 
 def test_torch_ops_have_no_waves():
