@@ -540,6 +540,22 @@ def test_bwd_in_launch_at_each_group_size_and_order(monkeypatch, request, group_
     _check_bwd_in_launch(dtype, M, r, N, K, p)
 
 
+@pytest.mark.parametrize("tiles_first", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bwd_in_launch_orders_at_rank_1_in_fp16(monkeypatch, request, p, tiles_first):
+    """Both job orders forced at r = 1 (R = 16) in fp16: 330 tokens (6 row blocks of 64 in groups of 4 and 2),
+    N = 70, K = 200; test_bwd_in_launch's checks."""
+    monkeypatch.setattr(configs, "IN_LAUNCH_GROUP_M", (4,))
+    monkeypatch.setattr(configs, "IN_LAUNCH_TILES_FIRST", (tiles_first,))
+    launchers._in_launch_ready.cache_clear()
+    request.addfinalizer(launchers._in_launch_ready.cache_clear)  # no forced plan left for later tests
+    M, r, N, K, dtype = 330, 1, 70, 200, torch.float16
+    launch = plans.plan_lora_bwd_in_launch(M, N, K, r, dtype, dropout=p > 0,
+                                           num_sms=launchers._num_sms(torch.device("cpu")))[0]
+    assert launch.config.GROUP_M == 4 and launch.args["tiles_first"] == tiles_first
+    _check_bwd_in_launch(dtype, M, r, N, K, p)
+
+
 def _check_bwd_in_launch(dtype, M, r, N, K, p):
     x, w, _, a, bb = make_inputs((M,), K, N, r, dtype)
     g = torch.Generator().manual_seed(6)
