@@ -444,7 +444,7 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
     sizes = [min(group_m, grid_m - g * group_m) for g in range(groups)]
     group_rows = [min(M - g * group_m * cfg.BLOCK_M, size * cfg.BLOCK_M) for g, size in enumerate(sizes)]
 
-    def side_jobs(chunks: int, slots: int, wait_for_parts: bool) -> cost.SideJobs:
+    def group_jobs(chunks: int, slots: int, wait_for_parts: bool) -> cost.SideJobs:
         """The dA or dB jobs: what one job of each group moves (its chunks of the group's rows, and their final sums,
         counted in every group: the last to arrive at a chunk is not known ahead) and computes (in 64-row slices)."""
         per_job = [_cdiv(chunks, slots * size) for size in sizes]
@@ -453,7 +453,7 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
                              flops_by_group=tuple(2 * n * _cdiv(rows, 64) * 64 * JOB_COLS * R
                                                   for n, rows in zip(per_job, group_rows)))
 
-    side_jobs = (side_jobs(k_chunks, da_slots, wait_for_parts=True), side_jobs(n_chunks, db_slots, False))
+    side_jobs = (group_jobs(k_chunks, da_slots, wait_for_parts=True), group_jobs(n_chunks, db_slots, False))
     constexprs = dict(R=R, R_CHUNK=configs.rank_chunk(R), APPLY_DROPOUT=dropout, DORA=dora, DS_IN_LAUNCH=True,
                       DY_BLOCK_N=dy_cfg.BLOCK_N, DS_ROWS=DS_ROWS, JOB_COLS=JOB_COLS, HAS_BIAS=bias,
                       **_block_constexprs(cfg))
