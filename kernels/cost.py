@@ -76,6 +76,9 @@ class SideJobs:
     wait_for_parts: bool  # waits for its group's producer jobs before it starts
     flops_by_group: tuple[int, ...] = ()  # what one job of each group computes (none: 0)
 
+    def flops(self, group: int) -> int:
+        return self.flops_by_group[group] if self.flops_by_group else 0
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -96,6 +99,19 @@ class Schedule:
     def columns(self) -> int:
         """Jobs per row block after its producer jobs: side jobs and tiles, in the grouped order's columns."""
         return sum(side.per_row_block for side in self.side_jobs) + self.tiles
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Row blocks in each group of group_m (the last one may be short)."""
+        group_m = max(1, self.group_m)
+        return tuple(min(group_m, self.num_pid_m - first) for first in range(0, self.num_pid_m, group_m))
+
+    @property
+    def job_flops(self) -> int:
+        """What the producer and side jobs compute: the launch's FLOPs less its tiles'."""
+        return self.num_pid_m * self.parts * self.part_flops + sum(
+            size * side.per_row_block * side.flops(g) for side in self.side_jobs
+            for g, size in enumerate(self.group_sizes))
 
 
 def ticket_order(num_pid_m: int, columns: int, parts: int, group_m: int) -> Iterator[tuple[bool, int, int]]:
@@ -146,21 +162,17 @@ def schedule_seconds(flops: int, nbytes: int, schedule: Schedule, *, peak: float
     spread = max(compute, memory) * slots
     part = max(schedule.part_bytes / rate, schedule.part_flops / slot_peak)
     group_m = max(1, schedule.group_m)
-    groups = -(-schedule.num_pid_m // group_m)
-    rows = [min(group_m, schedule.num_pid_m - g * group_m) for g in range(groups)]
-    side_durations = [tuple(max(side.bytes_by_group[g] / rate,
-                                (side.flops_by_group[g] if side.flops_by_group else 0) / slot_peak)
-                            for g in range(groups)) for side in schedule.side_jobs]
+    rows = schedule.group_sizes
+    groups = len(rows)
+    side_durations = [tuple(max(side.bytes_by_group[g] / rate, side.flops(g) / slot_peak) for g in range(groups))
+                      for side in schedule.side_jobs]
     jobs = schedule.num_pid_m * schedule.parts * part + sum(
         rows[g] * side.per_row_block * durations[g] for side, durations in zip(schedule.side_jobs, side_durations)
-        for g in range(groups))
-    job_flops = schedule.num_pid_m * schedule.parts * schedule.part_flops + sum(
-        rows[g] * side.per_row_block * side.flops_by_group[g] for side in schedule.side_jobs if side.flops_by_group
         for g in range(groups))
     tiles = schedule.num_pid_m * schedule.tiles
     # A slot running a job computes no tile, and a tile computes at most at one SM's share of the peak; the jobs'
     # FLOPs are the jobs' (counted in their slots above), not the tiles'.
-    tile = max(spread - jobs, max(0, flops - job_flops) / slot_peak) / max(1, tiles)
+    tile = max(spread - jobs, max(0, flops - schedule.job_flops) / slot_peak) / max(1, tiles)
     # Per column of the grouped order: (duration by group, waits for: None / "group" / "row", waits at start).
     kinds = [(durations, "group" if side.wait_for_parts else None, True)
              for side, durations in zip(schedule.side_jobs, side_durations) for _ in range(side.per_row_block)]

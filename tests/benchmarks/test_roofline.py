@@ -220,16 +220,14 @@ def test_a_plans_schedule_is_its_grid(M, N, r, dropout):
     assert (db.per_row_block, db.wait_for_parts) == (bwd.args["db_slots"], False)
     assert plan.tiles_wait_at_start == (dropout and bwd.config.BLOCK_M == 128)  # LoRA dropout, 128 rows: not DS_LATE
     # The jobs' FLOPs (dY B, dY^T S, dropout(x)^T dS) are the launch's less the tiles' (dY W and dS A, padded).
-    groups = -(-plan.num_pid_m // plan.group_m)
-    sizes = [min(plan.group_m, plan.num_pid_m - g * plan.group_m) for g in range(groups)]
-    job_flops = plan.num_pid_m * plan.parts * plan.part_flops + sum(
-        size * side.per_row_block * side.flops_by_group[g] for side in (da, db) for g, size in enumerate(sizes))
+    assert sum(plan.group_sizes) == plan.num_pid_m and max(plan.group_sizes) <= plan.group_m
     cfg, R = bwd.config, bwd.constexprs["R"]
     Mp, Kp = plan.num_pid_m * cfg.BLOCK_M, plan.tiles * cfg.BLOCK_K
     tiles = 2 * Mp * Kp * (-(-N // cfg.BLOCK_N) * cfg.BLOCK_N + R)
-    assert job_flops == pytest.approx(bwd.flops - tiles, rel=0.05)
-    fwd_jobs = fwd.schedule.num_pid_m * fwd.schedule.parts * fwd.schedule.part_flops
-    assert fwd_jobs == pytest.approx(2 * fwd.schedule.num_pid_m * fwd.config.BLOCK_M * 4096 * R, rel=0.05)
+    assert plan.job_flops == pytest.approx(bwd.flops - tiles, rel=0.05)
+    assert all(len(side.flops_by_group) == len(plan.group_sizes) for side in (da, db))
+    assert fwd.schedule.job_flops == pytest.approx(2 * fwd.schedule.num_pid_m * fwd.config.BLOCK_M * 4096 * R,
+                                                   rel=0.05)
 
 
 def test_torch_ops_have_no_waves():
