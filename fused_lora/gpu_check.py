@@ -11,6 +11,10 @@ one hung or crashed part is recorded and the others still run:
   tests: it only compiles, on the CPU);
 * benchmark: ``fused-lora-bench`` (``python -m fused_lora.benchmarks``) with fused, eager, addmm and
   gemm at 4096x4096 and 4096x14336, 1 / 256 / 8192 tokens, r = 16, bf16, dropout 0 and 0.1;
+* model_check: ``fused-lora-bench`` with fused and gemm at the points where the modeled table misses the
+  fused / gemm targets (4096x1024 at 1024 and 8192 tokens, 4096x4096 at 8192 tokens, r = 64 and 16) and
+  the met points beside them, bf16, dropout 0; its measured times, and the benchmark part's, are set
+  against the modeled ones of the same points (the H100 or H200 preset, whichever this GPU is);
 * host: ``fused-lora-bench --host-only --device cuda``: fused_lora's host time per tiny layer with
   its kernels stubbed out, against eager torch.
 
@@ -38,14 +42,21 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-PARTS = ("gpu_tests", "kernel_report", "benchmark", "host")
+PARTS = ("gpu_tests", "kernel_report", "benchmark", "model_check", "host")
 # Seconds each part may run (timeout). gpu_tests and kernel_report run at the same time, then benchmark,
-# then host: at most 270 + 130 + 40 = 440 s of parts, under the 8 minutes the check must fit on one
-# H100 / H200. The test suite gets the most: it JIT-compiles every kernel variant its cases reach.
-TIMEOUT_S = {"gpu_tests": 270, "kernel_report": 270, "benchmark": 130, "host": 40}
+# model_check and host: at most 270 + 130 + 90 + 40 = 530 s of parts, under the 10 minutes one command may
+# hold a lent H100 / H200. The test suite gets the most: it JIT-compiles every kernel variant its cases reach.
+# model_check times 8 points x 2 providers x 3 directions (48 do_bench calls of about 0.15 s) after
+# JIT-compiling the fused forward and backward configs of its 8 points.
+TIMEOUT_S = {"gpu_tests": 270, "kernel_report": 270, "benchmark": 130, "model_check": 90, "host": 40}
 BENCH_ARGS = ["--shapes", "4096x4096,4096x14336", "--tokens", "1,256,8192", "--ranks", "16", "--dtypes", "bf16",
               "--dropout", "0,0.1", "--providers", "fused,eager,addmm,gemm"]
 BENCH_PROVIDERS = ("fused", "eager", "addmm", "gemm")
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd")  # benchmarks.sweep's (this module imports only the standard library)
+# The points of the modeled table's fused / gemm misses (4096->1024 at 1024 tokens, r = 64; 4096->1024 at 8192,
+# r = 16 and 64; 4096->4096 at 8192, r = 64) and the met points of the same shapes and token counts.
+MODEL_CHECK_ARGS = ["--shapes", "4096x4096,4096x1024", "--tokens", "1024,8192", "--ranks", "16,64", "--dtypes", "bf16",
+                    "--dropout", "0", "--providers", "fused,gemm", "--no-host"]
 OUTPUT_TAIL = 4000  # characters of each part's stdout / stderr kept in the JSON
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,9 +212,16 @@ def _kernel_summary(records: list[dict]) -> list[dict]:
     return rows
 
 
-def check_benchmark(out: Path, timeout: float) -> dict:
-    bench_out = out / "benchmark"
-    run = run_command([sys.executable, "-m", "fused_lora.benchmarks", "--device", "cuda", *BENCH_ARGS,
+def model_gpu(device_name: str) -> str:
+    """The modeled table's preset (benchmarks.roofline.GPUS key) for this GPU: h200 on an H200, else h100."""
+    return "h200" if "H200" in device_name.upper() else "h100"
+
+
+def check_benchmark(out: Path, timeout: float, gpu: str = "h100", *, part: str = "benchmark",
+                    args: list[str] = BENCH_ARGS) -> dict:
+    """``fused-lora-bench --device cuda`` with ``args``, its modeled rows on the ``gpu`` preset."""
+    bench_out = out / part
+    run = run_command([sys.executable, "-m", "fused_lora.benchmarks", "--device", "cuda", *args, "--gpu", gpu,
                        "--out", str(bench_out), "--no-plots", "--quiet"], timeout=timeout)
     reason = _not_run(run)
     points = bench_out / "points.json"
@@ -218,6 +236,11 @@ def check_benchmark(out: Path, timeout: float) -> dict:
                  "points_json": str(points), "measured": measured, "saved_bytes": data.get("saved_bytes", []),
                  "modeled": data.get("modeled", []), "bench_metadata": data.get("metadata", {}),
                  "warnings": data.get("warnings", [])}, run)
+
+
+def check_model(out: Path, timeout: float, gpu: str = "h100") -> dict:
+    """The benchmark at MODEL_CHECK_ARGS: fused and gemm measured where the modeled table misses its targets."""
+    return check_benchmark(out, timeout, gpu, part="model_check", args=MODEL_CHECK_ARGS)
 
 
 def check_host(out: Path, timeout: float) -> dict:
@@ -270,7 +293,7 @@ def benchmark_markdown(measured: list[dict]) -> str:
     rows, mem = [], []
     for _, _, shape, tokens, p in keys:
         at = {prov: by.get((shape, tokens, p, prov), {}) for prov in BENCH_PROVIDERS}
-        for d in ("fwd", "bwd", "fwd+bwd"):
+        for d in DIRECTIONS:
             t = {prov: at[prov].get(f"{d}_ms") for prov in BENCH_PROVIDERS}
             fused = at["fused"]
             spread = (f"{_ms(fused[f'{d}_ms_p20'])}-{_ms(fused[f'{d}_ms_p80'])}"
@@ -285,6 +308,61 @@ def benchmark_markdown(measured: list[dict]) -> str:
                       + ["fused saved MiB", "eager saved MiB"], mem)
     return (times + "\n\nPeak memory of one fwd+bwd above inputs and parameters, and the activations saved "
             "for backward:\n\n" + peaks)
+
+
+def fused_over_gemm_target(tokens: int) -> float | None:
+    """The modeled targets of fused / gemm, fwd+bwd: at most 1.30 at 1-1024 tokens, 1.08 from 8192 (none between)."""
+    return 1.30 if tokens <= 1024 else 1.08 if tokens >= 8192 else None
+
+
+def model_comparison(measured: list[dict], modeled: list[dict]) -> list[dict]:
+    """Per point and direction where fused and gemm were both measured and modeled: each one's measured and modeled
+    microseconds, and fused / gemm measured and modeled (with its target on the fwd+bwd rows)."""
+    def key(r):
+        return r["in_features"], r["out_features"], r["tokens"], r["r"], r["dropout"], r["dtype"]
+
+    modeled_us = {(key(r), r["provider"], r["direction"]): r.get("modeled_us") for r in modeled}
+    measured_by = {(key(r), r["provider"]): r for r in measured if not r.get("error")}
+    rows = []
+    for point in sorted({key(r) for r in measured}):
+        for d in DIRECTIONS:
+            ms = {p: measured_by.get((point, p), {}).get(f"{d}_ms") for p in ("fused", "gemm")}
+            us = {p: modeled_us.get((point, p, d)) for p in ("fused", "gemm")}
+            if None in (*ms.values(), *us.values()) or not (ms["gemm"] and us["gemm"]):
+                continue
+            K, N, tokens, r, p, dtype = point
+            target = fused_over_gemm_target(tokens) if d == "fwd+bwd" else None
+            rows.append({"shape": f"{K}->{N}", "tokens": tokens, "r": r, "dropout": p, "dtype": dtype, "direction": d,
+                         "fused_us": ms["fused"] * 1e3, "fused_modeled_us": us["fused"],
+                         "gemm_us": ms["gemm"] * 1e3, "gemm_modeled_us": us["gemm"],
+                         "ratio": ms["fused"] / ms["gemm"], "modeled_ratio": us["fused"] / us["gemm"],
+                         "target": target})
+    return rows
+
+
+def model_markdown(rows: list[dict], preset: str) -> str:
+    """The comparison table, the spread of measured / modeled per provider, and the targets met both ways."""
+    def met(ratio, target):
+        return None if target is None else ("yes" if ratio <= target else "no")
+
+    table = _md_table(
+        ["shape", "tokens", "r", "dropout", "direction", "fused us", "modeled", "measured / modeled", "gemm us",
+         "modeled", "measured / modeled", "fused / gemm", "modeled", "target", "met", "met modeled"],
+        [[r["shape"], r["tokens"], r["r"], r["dropout"], r["direction"], f"{r['fused_us']:.1f}",
+          f"{r['fused_modeled_us']:.1f}", f"{r['fused_us'] / r['fused_modeled_us']:.2f}", f"{r['gemm_us']:.1f}",
+          f"{r['gemm_modeled_us']:.1f}", f"{r['gemm_us'] / r['gemm_modeled_us']:.2f}", f"{r['ratio']:.3f}",
+          f"{r['modeled_ratio']:.3f}", None if r["target"] is None else f"{r['target']:.2f}",
+          met(r["ratio"], r["target"]), met(r["modeled_ratio"], r["target"])] for r in rows])
+    lines = [table, ""]
+    for provider in ("fused", "gemm"):
+        q = sorted(r[f"{provider}_us"] / r[f"{provider}_modeled_us"] for r in rows)
+        lines.append(f"- {provider} measured / modeled ({preset}): median {q[len(q) // 2]:.2f}, "
+                     f"{q[0]:.2f}-{q[-1]:.2f} over {len(q)} rows.")
+    targets = [r for r in rows if r["target"] is not None]
+    lines.append(f"- fused / gemm targets (fwd+bwd) met: measured {sum(r['ratio'] <= r['target'] for r in targets)}"
+                 f" of {len(targets)}, modeled {sum(r['modeled_ratio'] <= r['target'] for r in targets)} of "
+                 f"{len(targets)}.")
+    return "\n".join(lines)
 
 
 def markdown(report: dict) -> str:
@@ -317,6 +395,18 @@ def markdown(report: dict) -> str:
                 f"`{' '.join(['fused-lora-bench', '--device', 'cuda', *BENCH_ARGS])}`: triton.testing.do_bench "
                 "median ms, r = 16, bf16; ratios above 1 in the eager / fused and addmm / fused columns mean fused "
                 "is faster.", "", benchmark_markdown(bench["measured"]), ""]
+    checked = [part for part in (bench, parts.get("model_check", {})) if part.get("measured")]
+    rows = [row for part in checked for row in model_comparison(part["measured"], part.get("modeled", []))]
+    if rows:
+        preset = next((r.get("modeled_gpu") for part in checked for r in part.get("modeled", [])), None) or "H100 SXM"
+        out += ["### Measured against the model", "",
+                "The benchmark part's points and "
+                f"`{' '.join(['fused-lora-bench', '--device', 'cuda', *MODEL_CHECK_ARGS])}` (the points where the "
+                "modeled table misses a fused / gemm target, and met ones beside them): "
+                f"triton.testing.do_bench median against the modeled time of the same point on the {preset} preset "
+                "(the ideal table: Triton efficiency 1.0, 4 us per launch). A measured / modeled above 1 means the "
+                "model is optimistic there. Targets: fused / gemm fwd+bwd at most 1.30 at 1-1024 tokens, 1.08 at "
+                "8192.", "", model_markdown(rows, preset), ""]
     host = parts.get("host", {})
     if host.get("rows"):
         out += ["### Host overhead", "",
@@ -364,8 +454,9 @@ def _write(out: Path, report: dict) -> None:
         f.write("\n")
 
 
-def run_parts(out: Path, arch: int, parts: tuple[str, ...], on_done) -> dict:
-    """{part: result}: gpu_tests and kernel_report side by side, then benchmark, then host."""
+def run_parts(out: Path, arch: int, parts: tuple[str, ...], on_done, gpu: str = "h100") -> dict:
+    """{part: result}: gpu_tests and kernel_report side by side, then benchmark, model_check and host; ``gpu``: the
+    modeled preset of the benchmarks (model_gpu)."""
     results: dict = {}
 
     def guarded(name, fn, *args):
@@ -383,7 +474,9 @@ def run_parts(out: Path, arch: int, parts: tuple[str, ...], on_done) -> dict:
         for future in [pool.submit(guarded, n, f, *a) for n, f, a in first]:
             future.result()
     if "benchmark" in parts:
-        guarded("benchmark", check_benchmark, out, TIMEOUT_S["benchmark"])
+        guarded("benchmark", check_benchmark, out, TIMEOUT_S["benchmark"], gpu)
+    if "model_check" in parts:
+        guarded("model_check", check_model, out, TIMEOUT_S["model_check"], gpu)
     if "host" in parts:
         guarded("host", check_host, out, TIMEOUT_S["host"])
     return {name: results[name] for name in PARTS if name in results}
@@ -423,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
             _write(out, report)  # after each part: a check cut short still leaves what it had
 
-    report["parts"] = run_parts(out, meta["arch"], args.parts, on_done)
+    report["parts"] = run_parts(out, meta["arch"], args.parts, on_done, model_gpu(meta["device"]))
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["exit_status"] = exit_status(report["parts"])
     _write(out, report)

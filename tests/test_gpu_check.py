@@ -62,6 +62,32 @@ def _measured_rows() -> list[dict]:
     return rows
 
 
+MODEL_CHECK_POINTS = [Point(4096, N, M, r, 0.0, "bfloat16") for N in (4096, 1024) for M in (1024, 8192)
+                      for r in (16, 64)]
+
+
+def _model_check_points_json(gpu: str) -> dict:
+    """What the model_check part's points.json holds: fused and gemm measured (fused / gemm 1.2 everywhere, gemm at
+    1.1 x its modeled time) and the real modeled rows of the same points on the ``gpu`` preset."""
+    from fused_lora.benchmarks import progress, roofline
+
+    modeled = runs.run_modeled(MODEL_CHECK_POINTS, ("fused", "gemm"), progress.Progress(0, enabled=False), [],
+                               roofline.GPUS[gpu])
+    gemm_us = {(row.point, row.direction): row.us for row in modeled if row.provider == "gemm"}
+    measured = []
+    for point in MODEL_CHECK_POINTS:
+        by = {}
+        for provider, factor in (("fused", 1.2 * 1.1), ("gemm", 1.1)):
+            row = by[provider] = MeasuredRow("measured-gpu", point, provider)
+            for d in ("fwd", "bwd", "fwd+bwd"):
+                ms = factor * gemm_us[(point, d)] / 1e3
+                runs._store_time(row, point, d, (ms, ms, ms), None)
+        runs.add_time_ratios(by)
+        measured += [row.as_record() for row in by.values()]
+    return {"metadata": {"device": "NVIDIA H200"}, "warnings": [], "measured": measured, "saved_bytes": [],
+            "modeled": [row.as_record() for row in modeled]}
+
+
 class FakeRunner:
     """Stands in for gpu_check.run_command: answers each part's command as the real tool would."""
 
@@ -71,7 +97,7 @@ class FakeRunner:
 
     def __call__(self, cmd, *, timeout, cwd=None):
         part = ("gpu_tests" if "pytest" in cmd else "kernel_report" if "fused_lora.kernel_report" in cmd
-                else "host" if "--host-only" in cmd else "benchmark")
+                else "host" if "--host-only" in cmd else Path(_flag(cmd, "--out")).name)
         self.calls.append((part, cmd, timeout))
         stdout = ""
         if part == self.timeout_part:
@@ -87,6 +113,10 @@ class FakeRunner:
             out.mkdir(parents=True, exist_ok=True)
             writers.write_json(out / "points.json", {"metadata": {"device": "NVIDIA H200"}, "warnings": [],
                                                     "measured": _measured_rows(), "saved_bytes": [], "modeled": []})
+        elif part == "model_check":
+            out = Path(_flag(cmd, "--out"))
+            out.mkdir(parents=True, exist_ok=True)
+            writers.write_json(out / "points.json", _model_check_points_json(_flag(cmd, "--gpu")))
         else:  # the real host part, on CPU tensors
             assert _flag(cmd, "--device") == "cuda"
             argv = cmd[cmd.index("--host-only"):]
@@ -139,6 +169,55 @@ def test_everything_passing_writes_json_and_markdown(fake_gpu, monkeypatch, tmp_
     bench = commands["benchmark"]
     assert _flag(bench, "--shapes") == "4096x4096,4096x14336" and _flag(bench, "--tokens") == "1,256,8192"
     assert _flag(bench, "--providers") == "fused,eager,addmm,gemm" and _flag(bench, "--dtypes") == "bf16"
+    assert _flag(bench, "--gpu") == "h200"  # the fake device is an H200: its modeled rows on that preset
+
+
+def test_the_model_check_sets_measured_times_against_the_modeled_ones(fake_gpu, monkeypatch, tmp_path, capsys):
+    runner = FakeRunner()
+    status, _ = _run(monkeypatch, tmp_path, capsys, runner)
+    assert status == 0
+    cmd = {part: cmd for part, cmd, _ in runner.calls}["model_check"]
+    assert (_flag(cmd, "--shapes"), _flag(cmd, "--tokens"), _flag(cmd, "--ranks")) == ("4096x4096,4096x1024",
+                                                                                       "1024,8192", "16,64")
+    assert _flag(cmd, "--providers") == "fused,gemm" and _flag(cmd, "--dropout") == "0" and "--no-host" in cmd
+    assert _flag(cmd, "--gpu") == "h200" and _flag(cmd, "--device") == "cuda"
+    part = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["model_check"]
+    assert part["status"] == "passed" and len(part["measured"]) == 8 * 2
+    modeled = {(r["shape"], r["tokens"], r["r"], r["provider"], r["direction"]): r["modeled_us"]
+               for r in part["modeled"]}
+    assert {r["modeled_gpu"] for r in part["modeled"]} == {"H200 SXM"}
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "### Measured against the model" in md and "on the H200 SXM preset" in md
+    # 4096->1024 at 1024 tokens, r = 64, fwd+bwd: fused measured 1.32 x gemm's modeled time, gemm 1.1 x.
+    f, g = modeled[("4096->1024", 1024, 64, "fused", "fwd+bwd")], modeled[("4096->1024", 1024, 64, "gemm", "fwd+bwd")]
+    met_modeled = "yes" if f / g <= 1.30 else "no"
+    row = (f"| 4096->1024 | 1024 | 64 | 0.0 | fwd+bwd | {1.32 * g:.1f} | {f:.1f} | {1.32 * g / f:.2f} | {1.1 * g:.1f} "
+           f"| {g:.1f} | 1.10 | 1.200 | {f / g:.3f} | 1.30 | yes | {met_modeled} |")
+    assert row in md
+    assert "| 4096->1024 | 1024 | 64 | 0.0 | fwd | " in md and "| 4096->4096 | 8192 | 16 | 0.0 | bwd | " in md
+    assert "- gemm measured / modeled (H200 SXM): median 1.10, 1.10-1.10 over 24 rows." in md
+    met = sum(modeled[(s, m, r, "fused", "fwd+bwd")] / modeled[(s, m, r, "gemm", "fwd+bwd")]
+              <= (1.30 if m <= 1024 else 1.08) for s in ("4096->4096", "4096->1024") for m in (1024, 8192)
+              for r in (16, 64))
+    assert f"targets (fwd+bwd) met: measured 4 of 8, modeled {met} of 8." in md  # 1.2: met at 1024, not at 8192
+
+
+def test_model_comparison_skips_what_was_not_measured():
+    point = dict(in_features=4096, out_features=1024, tokens=1024, r=64, dropout=0.0, dtype="bfloat16")
+    measured = [{**point, "provider": "fused", "fwd_ms": 0.02, "bwd_ms": 0.03},  # gemm's bwd not measured
+                {**point, "provider": "gemm", "fwd_ms": 0.01}]
+    modeled = [{**point, "provider": p, "direction": d, "modeled_us": 10.0} for p in ("fused", "gemm")
+               for d in ("fwd", "bwd", "fwd+bwd")]
+    rows = gpu_check.model_comparison(measured, modeled)
+    assert [(r["direction"], r["ratio"], r["modeled_ratio"], r["target"]) for r in rows] == [("fwd", 2.0, 1.0, None)]
+    errored = [{**measured[0], "error": "OutOfMemoryError"}, measured[1]]
+    assert gpu_check.model_comparison(errored, modeled) == []
+
+
+@pytest.mark.parametrize("name, preset", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                          ("NVIDIA A100-SXM4-80GB", "h100")])
+def test_the_modeled_preset_follows_the_gpu(name, preset):
+    assert gpu_check.model_gpu(name) == preset
 
 
 def test_a_failing_gpu_test_fails_the_check(fake_gpu, monkeypatch, tmp_path, capsys):
@@ -189,7 +268,8 @@ def test_without_cuda_it_says_so_and_fails(monkeypatch, tmp_path, capsys):
 
 def test_parts_fit_the_time_limit():
     t = gpu_check.TIMEOUT_S
-    assert max(t["gpu_tests"], t["kernel_report"]) + t["benchmark"] + t["host"] < 8 * 60
+    # One lent GPU command may run 10 minutes; a minute is left for the imports and the report.
+    assert max(t["gpu_tests"], t["kernel_report"]) + t["benchmark"] + t["model_check"] + t["host"] <= 9 * 60
 
 
 def test_children_run_without_the_interpreter(monkeypatch):
