@@ -404,9 +404,10 @@ def markdown(report: dict) -> str:
                 f"`{' '.join(['fused-lora-bench', '--device', 'cuda', *MODEL_CHECK_ARGS])}` (the points where the "
                 "modeled table misses a fused / gemm target, and met ones beside them): "
                 f"triton.testing.do_bench median against the modeled time of the same point on the {preset} preset "
-                "(the ideal table: Triton efficiency 1.0, 4 us per launch). A measured / modeled above 1 means the "
-                "model is optimistic there. Targets: fused / gemm fwd+bwd at most 1.30 at 1-1024 tokens, 1.08 at "
-                "8192.", "", model_markdown(rows, preset), ""]
+                f"(the ideal table: Triton efficiency 1.0; this GPU: {meta['device']}). A measured / modeled above 1 "
+                "means the model is optimistic there. Targets: fused / gemm fwd+bwd at most "
+                f"{fused_over_gemm_target(1024):.2f} at 1-1024 tokens, {fused_over_gemm_target(8192):.2f} at 8192.",
+                "", model_markdown(rows, preset), ""]
     host = parts.get("host", {})
     if host.get("rows"):
         out += ["### Host overhead", "",
