@@ -136,9 +136,15 @@ def _workspace(device: torch.device, counters: int, accumulator: int) -> _Worksp
     kernels leave both at zero, so they are zeroed once, when made or grown, not per launch.
 
     One per device and stream: launches on one stream run one after another, while two streams could run two
-    backward passes at once. Inside CUDA graph capture a missing or small one is made for the call and not
-    cached (its zeroing is captured with the graph, and replays leave it at zero too).
+    backward passes at once. Inside CUDA graph capture every call makes its own, not cached: its zeroing is
+    captured with the graph (each replay starts from zero, whatever used that memory since), and it comes from the
+    graph's private pool, which lives as long as the graph. A cached one reused there would be freed under the
+    graph when a later eager call on that stream grew it, and shared by the graph's replays with eager calls and
+    other graphs on that stream.
     """
+    if _capturing(device):
+        return _Workspace(torch.zeros(max(counters, 1), device=device, dtype=torch.int32),
+                          torch.zeros(max(accumulator, 1), device=device, dtype=torch.float32))
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     found = _workspaces.get(key)
@@ -146,11 +152,14 @@ def _workspace(device: torch.device, counters: int, accumulator: int) -> _Worksp
         return found
     if found is not None:
         counters, accumulator = max(counters, found.counters.numel()), max(accumulator, found.accumulator.numel())
-    made = _Workspace(torch.zeros(max(counters, 1), device=device, dtype=torch.int32),
-                      torch.zeros(max(accumulator, 1), device=device, dtype=torch.float32))
-    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-        _workspaces[key] = made
+    made = _workspaces[key] = _Workspace(torch.zeros(max(counters, 1), device=device, dtype=torch.int32),
+                                         torch.zeros(max(accumulator, 1), device=device, dtype=torch.float32))
     return made
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -121,6 +121,36 @@ def test_dropout_mask_is_redrawn_on_each_cuda_graph_replay(cuda):
     assert not torch.equal(first, out)
 
 
+def test_a_graph_captured_after_eager_calls_keeps_its_own_workspace(cuda):
+    """A graph captured on a stream whose eager calls cached a workspace (launchers._workspace) gets its own: a later
+    eager call that grows the stream's workspace frees the old one, and other tensors take that memory. The forward
+    with its shrink's shares made in the launch (a ticket counter and a counter per row block) replays the eager
+    call's bits."""
+    from fused_lora.kernels import launchers
+
+    dtype = torch.bfloat16
+    x, w, b, a, bb = make_inputs((130,), 4096, 1024, 16, dtype, device=cuda)
+    big = make_inputs((8192,), 4096, 1024, 16, dtype, device=cuda)  # 64 more row blocks' counters
+    fwd = lambda: launchers.lora_fwd(x, w, b, a, bb, 0.5, shrink_in_launch=True)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = fwd()
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fwd()
+    with torch.cuda.stream(stream):
+        launchers.lora_fwd(*big, 0.5, shrink_in_launch=True)
+        taken = [torch.full((4,), 7, device=cuda, dtype=torch.int32) for _ in range(256)]
+    stream.synchronize()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+    assert all(t.eq(7).all() for t in taken)
+
+
 def test_tensors_on_a_device_that_is_not_current(cuda):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
