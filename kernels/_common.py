@@ -107,7 +107,10 @@ def _last_to_arrive(counter_ptr, parts):
 
     The barrier orders every thread's writes before the one acq_rel atomic (release: other programs that see the
     count see those writes; acquire: the last program sees everyone's), the pattern of CUDA's threadFenceReduction
-    sample. Reads of other programs' data after it go through L2 (atomics or .cg loads), never a stale L1 line.
+    sample. Reads of other programs' data after it are atomics or .cg loads. Where Triton pipelines a .cg load into
+    cp.async.ca (it keeps .cg only on 16-byte copies: dS and S at r = 16, bf16, sm_90), the acquire still keeps
+    stale lines out: in the SASS the acq_rel / acquire atomic is followed by an L1 invalidate (CCTL.IVALL), and no
+    program touches a row block's dS or S lines before they are ready.
     """
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
