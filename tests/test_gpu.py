@@ -130,7 +130,7 @@ def test_a_graph_captured_after_eager_calls_keeps_its_own_workspace(cuda):
 
     dtype = torch.bfloat16
     x, w, b, a, bb = make_inputs((130,), 4096, 1024, 16, dtype, device=cuda)
-X
+    big = make_inputs((8192,), 4096, 1024, 16, dtype, device=cuda)  # 65 counters against 130 tokens' 4
     fwd = lambda: launchers.lora_fwd(x, w, b, a, bb, 0.5, shrink_in_launch=True)  # noqa: E731
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
