@@ -105,7 +105,8 @@ def print_modeled(modeled: list[ModeledRow], model_points: list[Point], detail: 
                f"(the forward's shrink shares, the dX launch's dS, dB and dA jobs) is timed instead by its schedule: "
                f"its programs in the kernel's ticket order on the first free slot, a job streaming at one SM's share "
                f"of the bandwidth times spread / memory (its FLOPs at one SM's share of the peak where longer), "
-               f"the tiles no faster than their own FLOPs at one SM's share of the peak, each waiting for its producers as the kernel makes it (assumed)."))
+               f"the tiles no faster than their own FLOPs at one SM's share of the peak, each waiting for its "
+               f"producers as the kernel makes it (assumed)."))
     print(wrap("fused: launches from the launchers' plans (grids, tiles, passes; FLOPs of whole tiles and the padded "
                "rank; the sums across programs finished in the kernels: fp32 atomics (m_blocks x N x r x 4 bytes into "
                "dB, splits x M x R x 4 into dS, SPLIT_M x r x K x 4 into dA) or partials written and read back, and "

@@ -67,6 +67,12 @@ def tail_seconds(tail_bytes: int, *, hbm_bytes_per_s: float, num_sms: int) -> fl
     return tail_bytes * num_sms / hbm_bytes_per_s
 
 
+def group_sizes(num_pid_m: int, group_m: int) -> tuple[int, ...]:
+    """Row blocks in each group of group_m of a grouped order over num_pid_m row blocks (the last may be short)."""
+    group_m = max(1, group_m)
+    return tuple(min(group_m, num_pid_m - first) for first in range(0, num_pid_m, group_m))
+
+
 @dataclass(frozen=True)
 class SideJobs:
     """Jobs a launch with producer jobs runs per row block beside its tiles, in columns of a group's grouped order
@@ -102,9 +108,7 @@ class Schedule:
 
     @property
     def group_sizes(self) -> tuple[int, ...]:
-        """Row blocks in each group of group_m (the last one may be short)."""
-        group_m = max(1, self.group_m)
-        return tuple(min(group_m, self.num_pid_m - first) for first in range(0, self.num_pid_m, group_m))
+        return group_sizes(self.num_pid_m, self.group_m)
 
     @property
     def job_flops(self) -> int:

@@ -143,8 +143,7 @@ def _workspace(device: torch.device, counters: int, accumulator: int) -> _Worksp
     other graphs on that stream.
     """
     if _capturing(device):
-        return _Workspace(torch.zeros(max(counters, 1), device=device, dtype=torch.int32),
-                          torch.zeros(max(accumulator, 1), device=device, dtype=torch.float32))
+        return _zeroed_workspace(device, counters, accumulator)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     found = _workspaces.get(key)
@@ -152,9 +151,13 @@ def _workspace(device: torch.device, counters: int, accumulator: int) -> _Worksp
         return found
     if found is not None:
         counters, accumulator = max(counters, found.counters.numel()), max(accumulator, found.accumulator.numel())
-    made = _workspaces[key] = _Workspace(torch.zeros(max(counters, 1), device=device, dtype=torch.int32),
-                                         torch.zeros(max(accumulator, 1), device=device, dtype=torch.float32))
+    made = _workspaces[key] = _zeroed_workspace(device, counters, accumulator)
     return made
+
+
+def _zeroed_workspace(device: torch.device, counters: int, accumulator: int) -> _Workspace:
+    return _Workspace(torch.zeros(max(counters, 1), device=device, dtype=torch.int32),
+                      torch.zeros(max(accumulator, 1), device=device, dtype=torch.float32))
 
 
 def _capturing(device: torch.device) -> bool:

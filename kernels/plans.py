@@ -441,7 +441,7 @@ def _in_launch_plan(M, N, K, r, dtype, cfg, *, dropout, num_sms, dora, bias) -> 
     lone = groups == 1 and (cfg.BLOCK_M == DS_ROWS or dora or not dropout)
     final_sum = JOB_COLS * r * ((0 if lone else 4) + dtype.itemsize)
 
-    sizes = [min(group_m, grid_m - g * group_m) for g in range(groups)]
+    sizes = cost.group_sizes(grid_m, cfg.GROUP_M)  # the schedule's (cost.Schedule.group_sizes)
     group_rows = [min(M - g * group_m * cfg.BLOCK_M, size * cfg.BLOCK_M) for g, size in enumerate(sizes)]
 
     def group_jobs(chunks: int, slots: int, wait_for_parts: bool) -> cost.SideJobs:
